@@ -1,0 +1,1 @@
+"""Weight-free quality metrics: overlap PSNR, panorama seams, texture coverage."""

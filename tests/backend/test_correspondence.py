@@ -109,7 +109,8 @@ def test_overlap_matrix_is_one_on_the_diagonal_and_zero_for_opposite_views():
 
 def test_level_correspondences_cover_every_stride_and_neighbour():
     cam_i, cam_j = two_cameras()
-    result = level_correspondences([cam_i, cam_j], [plane_depth(cam_i), plane_depth(cam_j)], [[1], [0]], strides=(8, 16))
+    depths = [plane_depth(cam_i), plane_depth(cam_j)]
+    result = level_correspondences([cam_i, cam_j], depths, [[1], [0]], strides=(8, 16))
     assert sorted(result) == [8, 16]
     assert result[8][0][0].xy.shape == (HEIGHT // 8, WIDTH // 8, 2)
 

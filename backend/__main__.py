@@ -1,0 +1,34 @@
+"""Command line: ``python -m backend COMMAND``.
+
+Commands import their heavy dependencies lazily, so ``--help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+from .validation import InputError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m backend", description="MVDiffusion texturing backend")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    from . import bench, demo
+
+    bench.add_arguments(commands.add_parser("bench", help="run a benchmark", description=bench.__doc__))
+    demo.add_arguments(commands.add_parser("demo", help="run the offline demo", description=demo.__doc__))
+    args = parser.parse_args(argv)
+    handlers = {"bench": bench.run, "demo": demo.run}
+    try:
+        return handlers[args.command](args)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

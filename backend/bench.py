@@ -1,0 +1,98 @@
+"""Benchmarks: ``python -m backend bench NAME [--json]``.
+
+Each benchmark prints a readable summary, and with ``--json`` one JSON object on its last line
+so scripts and docs/benchmarks.md can take the figures as they are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from collections.abc import Callable
+
+import torch
+
+BENCHMARKS: dict[str, Callable[[argparse.Namespace], dict]] = {}
+
+
+def benchmark(name: str):
+    def register(fn):
+        BENCHMARKS[name] = fn
+        return fn
+
+    return register
+
+
+def machine() -> dict:
+    """Where a figure came from, so a number in the docs can be traced to its hardware."""
+    info = {
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@benchmark("bake")
+def bench_bake(args: argparse.Namespace) -> dict:
+    """Bake the demo room's ground truth from rendered views; PSNR at held-out poses."""
+    from .eval.bake_roundtrip import bake_roundtrip
+    from .geometry.bake import BakeSettings
+
+    run = bake_roundtrip(args.size, args.views, args.heldout, args.width, args.height, BakeSettings(mode=args.mode))
+    return {
+        "benchmark": "bake",
+        "psnr_db": round(run.psnr_db, 3),
+        "psnr_min_view_db": round(min(run.psnr_per_view), 3),
+        "coverage": round(run.coverage, 5),
+        "bake_seconds": round(run.seconds["bake"], 3),
+        "atlas_seconds": round(run.seconds["atlas"], 3),
+        "render_seconds": round(run.seconds["render"], 3),
+        "texture_size": args.size,
+        "views": args.views,
+        "heldout_views": len(run.heldout),
+        "view_size": [args.width, args.height],
+        "mode": args.mode,
+        "triangles": int(len(run.room.atlas.mesh.triangles)),
+        "seen_share": round(float(run.result.seen.sum() / run.room.surface.covered.sum()), 4),
+        "machine": machine(),
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark to run")
+    parser.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    parser.add_argument("--size", type=int, default=1024, help="texture size (bake)")
+    parser.add_argument("--views", type=int, default=24, help="number of views (bake)")
+    parser.add_argument("--heldout", type=int, default=8, help="held-out poses for PSNR (bake)")
+    parser.add_argument("--width", type=int, default=256, help="view width in pixels")
+    parser.add_argument("--height", type=int, default=192, help="view height in pixels")
+    parser.add_argument("--mode", choices=("blend", "best"), default="blend", help="bake blending (bake)")
+
+
+def run(args: argparse.Namespace) -> int:
+    result = BENCHMARKS[args.name](args)
+    for key, value in result.items():
+        if key != "machine":
+            print(f"{key:>20}: {value}", file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps(result))
+    return 0

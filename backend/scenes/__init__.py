@@ -1,0 +1,1 @@
+"""Procedural scenes with known ground truth, for the demo, tests, benchmarks and training data."""

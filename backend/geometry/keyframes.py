@@ -4,8 +4,8 @@ MVDiffusion generates keyframes jointly, then fills each window between two cons
 keyframes with the interpolation module, conditioned on both. Keyframes must overlap enough for
 correspondence-aware attention to tie them together (the released code links views above 0.3
 overlap) but not so much that the trajectory needs many of them (its test sequences sit around
-0.6). We walk the trajectory greedily and take the farthest frame that still overlaps the last
-keyframe by the target amount.
+0.6). We walk the trajectory greedily and take, among the frames that still overlap the last
+keyframe enough, the one whose overlap is closest to the middle of the range.
 """
 
 from __future__ import annotations
@@ -36,11 +36,12 @@ class KeyframePlan:
 def select_keyframes(overlap: np.ndarray, min_overlap: float = 0.3, max_overlap: float = 0.6) -> KeyframePlan:
     """Choose keyframes along a trajectory from its overlap matrix (see correspondence.overlap_matrix).
 
-    From the current keyframe, the next one is the farthest later frame whose symmetric overlap
-    (the smaller of both directions) with it is at least the middle of [min_overlap,
-    max_overlap]; if none reaches it, the farthest one that reaches ``min_overlap``; if even the
-    next frame falls short, the next frame (recorded as a weak link). Aiming at the middle
-    keeps pairs inside the range on smooth trajectories, with margin on both sides.
+    Candidates for the next keyframe are the later frames whose symmetric overlap (the smaller
+    of both directions) with the current one stays at least ``min_overlap``, up to the first
+    frame that falls below it. Among the candidates within the range, the one closest to its
+    middle wins (the farther one on a tie); if all candidates overlap more than
+    ``max_overlap`` (the trajectory ends), the farthest; if even the next frame falls short,
+    the next frame, recorded as a weak link. Aiming at the middle leaves margin on both sides.
     """
     overlap = as_array("overlap", overlap, dtype=np.float64)
     if overlap.ndim != 2 or overlap.shape[0] != overlap.shape[1] or overlap.shape[0] == 0:
@@ -56,12 +57,18 @@ def select_keyframes(overlap: np.ndarray, min_overlap: float = 0.3, max_overlap:
     current = 0
     while current < count - 1:
         later = symmetric[current, current + 1 :]
-        chosen = _farthest_at_least(later, target)
-        if chosen is None:
-            chosen = _farthest_at_least(later, min_overlap)
-        if chosen is None:
+        run = _leading_run(later, min_overlap)
+        if run == 0:
             chosen = 0
             weak.append((current, current + 1))
+        else:
+            candidates = later[:run]
+            within = np.flatnonzero(candidates <= max_overlap)
+            if within.size:
+                distance = np.abs(candidates[within] - target)
+                chosen = int(within[np.flatnonzero(distance == distance.min())[-1]])
+            else:
+                chosen = run - 1
         nxt = current + 1 + chosen
         keyframes.append(nxt)
         pair_overlap.append(float(symmetric[current, nxt]))
@@ -70,12 +77,11 @@ def select_keyframes(overlap: np.ndarray, min_overlap: float = 0.3, max_overlap:
     return KeyframePlan(keyframes, windows, pair_overlap, weak)
 
 
-def _farthest_at_least(values: np.ndarray, threshold: float) -> int | None:
-    """Index of the last entry of the leading run of values >= threshold, else None.
+def _leading_run(values: np.ndarray, threshold: float) -> int:
+    """Length of the leading run of values >= threshold.
 
     Only the leading run counts: a frame far ahead that happens to look back at the same wall
     must not let the walk skip the frames in between that see something else.
     """
     below = np.flatnonzero(values < threshold)
-    run = len(values) if below.size == 0 else int(below[0])
-    return run - 1 if run > 0 else None
+    return len(values) if below.size == 0 else int(below[0])

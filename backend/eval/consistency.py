@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..geometry.cameras import Camera
-from ..geometry.correspondence import bilinear_sample, depth_correspondences
+from ..geometry.correspondence import depth_correspondences
+from ..geometry.sampling import sample_bilinear
 from ..validation import InputError, depth_map, in_range, rgb_image
 from .image_metrics import psnr
 
@@ -83,7 +84,7 @@ def depth_overlap_psnr(
         valid, xy = _agreeing_pixels(cameras[i], depths[i], cameras[j], depths[j], max_depth_error)
         valid_share[(i, j)] = float(valid.mean())
         if valid.any():
-            warped = bilinear_sample(views[j].astype(np.float32) / np.float32(255.0), xy)
+            warped = sample_bilinear(views[j].astype(np.float32) / np.float32(255.0), xy[..., 0], xy[..., 1])
             per_pair[(i, j)] = psnr(views[i], warped, valid)
     mean = float(np.mean(list(per_pair.values()))) if per_pair else math.nan
     return OverlapScore(mean, per_pair, valid_share)

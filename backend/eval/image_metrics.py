@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..geometry.equirect import image_to_float
+from ..geometry.sampling import image_to_float
 from ..validation import InputError, as_array
 
 

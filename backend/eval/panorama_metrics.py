@@ -11,8 +11,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..geometry.cameras import Camera
-from ..geometry.equirect import image_to_float, sample_bilinear, validated_views
+from ..geometry.equirect import validated_views
 from ..geometry.panorama import rotation_correspondences
+from ..geometry.sampling import image_to_float, sample_bilinear
 from ..validation import InputError
 from .image_metrics import psnr
 

@@ -69,22 +69,6 @@ def inside(xy: np.ndarray, width: int, height: int) -> np.ndarray:
     return (xy[..., 0] >= -0.5) & (xy[..., 0] <= width - 0.5) & (xy[..., 1] >= -0.5) & (xy[..., 1] <= height - 0.5)
 
 
-def bilinear_sample(image: np.ndarray, xy: np.ndarray) -> np.ndarray:
-    """Sample ``image`` (H, W, ...) at pixel coordinates ``xy`` (..., 2), clamping at the borders."""
-    height, width = image.shape[:2]
-    x = np.clip(xy[..., 0], 0.0, width - 1.0)
-    y = np.clip(xy[..., 1], 0.0, height - 1.0)
-    x0 = np.minimum(np.floor(x).astype(np.int64), width - 2) if width > 1 else np.zeros_like(x, np.int64)
-    y0 = np.minimum(np.floor(y).astype(np.int64), height - 2) if height > 1 else np.zeros_like(y, np.int64)
-    x1, y1 = np.minimum(x0 + 1, width - 1), np.minimum(y0 + 1, height - 1)
-    fx, fy = x - x0, y - y0
-    if image.ndim == 3:
-        fx, fy = fx[..., None], fy[..., None]
-    top = image[y0, x0] * (1 - fx) + image[y0, x1] * fx
-    bottom = image[y1, x0] * (1 - fx) + image[y1, x1] * fx
-    return top * (1 - fy) + bottom * fy
-
-
 def depth_correspondences(
     cam_i: Camera,
     depth_i: np.ndarray,

@@ -228,12 +228,13 @@ def _sample_view(texels: torch.Tensor, chunks: TexelChunks, image, camera: Camer
     x = (K[0, 0] * p[:, 0] + K[0, 1] * p[:, 1]) * inv_z + K[0, 2]
     y = K[1, 1] * p[:, 1] * inv_z + K[1, 2]
     width, height = camera.width, camera.height
+    # Compact after each cheap test: many texels of a chunk that touches the frustum miss it.
+    ok = (z > NEAR) & (x >= -0.5) & (x <= width - 0.5) & (y >= -0.5) & (y <= height - 0.5)
+    keep = ok.nonzero().squeeze(1)
+    texels, position, z, x, y = (t.index_select(0, keep) for t in (texels, position, z, x, y))
     ray = position - torch.from_numpy(camera.center.astype(np.float32))
     cos = -(ray * chunks.normal.index_select(0, texels)).sum(dim=1) / ray.norm(dim=1).clamp_min(1e-9)
-    ok = (z > NEAR) & (x >= -0.5) & (x <= width - 0.5) & (y >= -0.5) & (y <= height - 0.5)
-    ok &= cos >= settings.min_cos
-    # Compact once the cheap tests are done: most texels of a frustum chunk fail them.
-    keep = ok.nonzero().squeeze(1)
+    keep = (cos >= settings.min_cos).nonzero().squeeze(1)
     texels, z, x, y, cos = (t.index_select(0, keep) for t in (texels, z, x, y, cos))
 
     x, y = x.clamp(0, width - 1), y.clamp(0, height - 1)

@@ -77,10 +77,46 @@ def bench_bake(args: argparse.Namespace) -> dict:
     }
 
 
+@benchmark("panorama")
+def bench_panorama(args: argparse.Namespace) -> dict:
+    """Cut a known equirect into the panorama layout (poles included) and stitch it back."""
+    import time
+
+    from .eval.image_metrics import psnr
+    from .eval.panorama_metrics import seam_discontinuity
+    from .geometry.equirect import equirect_directions, equirect_to_perspective, stitch_equirect
+    from .geometry.panorama import panorama_layout
+    from .scenes.sky import sphere_pattern
+
+    height = args.size // 2
+    truth = sphere_pattern(equirect_directions(height, args.size))
+    cameras = panorama_layout(size=args.view_size)
+    start = time.perf_counter()
+    views = [equirect_to_perspective(truth, camera) for camera in cameras]
+    cut_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    stitched, weight = stitch_equirect(views, cameras, height=height)
+    stitch_seconds = time.perf_counter() - start
+    return {
+        "benchmark": "panorama",
+        "psnr_db": round(psnr(truth, stitched), 3),
+        "seam_score": round(seam_discontinuity(stitched).score, 5),
+        "seam_score_truth": round(seam_discontinuity(truth).score, 5),
+        "covered": round(float((weight > 0).mean()), 6),
+        "stitch_seconds": round(stitch_seconds, 3),
+        "cut_seconds": round(cut_seconds, 3),
+        "views": len(cameras),
+        "view_size": args.view_size,
+        "equirect": [args.size, height],
+        "machine": machine(),
+    }
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark to run")
     parser.add_argument("--json", action="store_true", help="print one JSON object on the last line")
-    parser.add_argument("--size", type=int, default=1024, help="texture size (bake)")
+    parser.add_argument("--size", type=int, default=1024, help="texture size (bake), equirect width (panorama)")
+    parser.add_argument("--view-size", type=int, default=512, help="panorama view size in pixels (panorama)")
     parser.add_argument("--views", type=int, default=24, help="number of views (bake)")
     parser.add_argument("--heldout", type=int, default=8, help="held-out poses for PSNR (bake)")
     parser.add_argument("--width", type=int, default=256, help="view width in pixels")

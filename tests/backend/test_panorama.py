@@ -25,24 +25,8 @@ from backend.geometry.panorama import (
     ring_latitude_limit,
     rotation_correspondences,
 )
+from backend.scenes.sky import sphere_pattern
 from backend.validation import InputError
-
-
-def sphere_pattern(dirs: np.ndarray, seed: int = 7) -> np.ndarray:
-    """RGB in [0.05, 0.95] that is smooth on the sphere, so continuous across u = 0 / 1 and the poles.
-
-    Plane waves of 20-40 cycles per radian (wavelengths of 26-51 px at 512 rows): fine enough
-    that a half-pixel misregistration costs ~25 dB, smooth enough for bilinear resampling.
-    """
-    rng = np.random.default_rng(seed)
-    image = np.full(dirs.shape[:-1] + (3,), 0.5)
-    for channel in range(3):
-        for _ in range(3):
-            normal = rng.normal(size=3)
-            normal /= np.linalg.norm(normal)
-            frequency, phase = rng.uniform(20.0, 40.0), rng.uniform(0.0, 2.0 * np.pi)
-            image[..., channel] += 0.15 * np.cos(frequency * (dirs @ normal) + phase)
-    return image.astype(np.float32)
 
 
 def latitude_deg(dirs: np.ndarray) -> np.ndarray:
@@ -237,7 +221,8 @@ def test_round_trip_through_the_layout_recovers_the_whole_sphere():
     assert value >= 55.0  # measured ~65; shifting every view by half a pixel drops it to ~40
     seam_truth, seam_round_trip = seam_discontinuity(truth).score, seam_discontinuity(stitched).score
     print(f"seam score: ground truth {seam_truth:.4f}, round trip {seam_round_trip:.4f}")
-    assert seam_round_trip <= seam_truth + 0.01
+    # Resampling moves the score by ~1e-4 either way; a real seam multiplies it (see the seam tests).
+    assert seam_round_trip <= seam_truth * 1.001
 
 
 def test_stitch_blends_views_with_weights_that_vanish_at_their_borders():

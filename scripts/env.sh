@@ -18,6 +18,18 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; 
     echo "$want" > "$STAMP"
 fi
 
+# The bpy wheel links against X11/GL client libraries that a bare machine may lack.
+bpy_lib="$(ls "$VENV"/lib/python3*/site-packages/bpy/__init__.so 2>/dev/null | head -n 1)"
+if [ -n "$bpy_lib" ] && ldd "$bpy_lib" 2>/dev/null | grep -q "not found"; then
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+        echo "Installing the system libraries bpy needs..." >&2
+        apt-get update -qq && apt-get install -y -qq libgl1 libx11-6 libxi6 libxkbcommon0 libxrender1 \
+            libxfixes3 libxext6 libsm6 >/dev/null
+    else
+        echo "bpy is missing system libraries (see 'ldd $bpy_lib'); install them with your package manager." >&2
+    fi
+fi
+
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
 export TRANSFORMERS_OFFLINE="${TRANSFORMERS_OFFLINE:-1}"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"

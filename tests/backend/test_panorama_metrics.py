@@ -11,22 +11,15 @@ from backend.eval.image_metrics import psnr
 from backend.eval.panorama_metrics import panorama_overlap_psnr, ring_pairs, seam_discontinuity
 from backend.geometry.equirect import equirect_directions, equirect_to_perspective
 from backend.geometry.panorama import neighbour_views, panorama_layout
+from backend.scenes import sky
 from backend.validation import InputError
 
 HEIGHT = 256
 
 
 def sphere_pattern(dirs: np.ndarray, seed: int = 7) -> np.ndarray:
-    """RGB in [0.05, 0.95], smooth on the sphere (hence across u = 0 / 1) with 10-20 cycles per radian."""
-    rng = np.random.default_rng(seed)
-    image = np.full(dirs.shape[:-1] + (3,), 0.5)
-    for channel in range(3):
-        for _ in range(3):
-            normal = rng.normal(size=3)
-            normal /= np.linalg.norm(normal)
-            frequency, phase = rng.uniform(10.0, 20.0), rng.uniform(0.0, 2.0 * np.pi)
-            image[..., channel] += 0.15 * np.cos(frequency * (dirs @ normal) + phase)
-    return image.astype(np.float32)
+    """Smooth on the sphere (hence across u = 0 / 1), 10-20 cycles per radian for 256-row panoramas."""
+    return sky.sphere_pattern(dirs, seed, cycles=(10.0, 20.0))
 
 
 def about_z(angle: float) -> np.ndarray:

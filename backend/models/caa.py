@@ -150,7 +150,8 @@ class CorrespondenceAttention(nn.Module):
             stop = min(start + chunk, total * pixels)
             rows = torch.arange(start, stop, device=hidden.device)
             output[start:stop] = self._attend(tokens, rows, per_sample, geometry)
-        return output.view(total, height, width, channels).permute(0, 3, 1, 2)
+        # Same memory layout as the input: downstream kernels then run exactly as without CAA.
+        return torch.empty_like(hidden).copy_(output.view(total, height, width, channels).permute(0, 3, 1, 2))
 
     def _attend(self, tokens: torch.Tensor, rows: torch.Tensor, per_sample: int, geometry: LevelGeometry):
         sample, local = rows // per_sample, rows % per_sample  # local = view * P + pixel

@@ -132,3 +132,31 @@ def _check_neighbours(neighbours: list[list[int]], count: int) -> None:
         for j in row:
             if not 0 <= j < count or j == i:
                 raise InputError(f"neighbours[{i}]", f"invalid neighbour index {j}")
+
+
+def unet_strides(levels: int = 4) -> list[int]:
+    """Image-pixel strides of the UNet levels: the VAE's 8, then halved resolution per level."""
+    return [8 * 2**k for k in range(levels)]
+
+
+def depth_geometry(
+    cameras: list[Camera], depths: list[np.ndarray], neighbours: list[list[int]], levels: int = 4,
+    tolerance: float = 0.05,
+) -> dict[tuple[int, int], LevelGeometry]:
+    """Geometry for every UNet level of the depth task, keyed by the level's (h, w)."""
+    out = {}
+    for stride in unet_strides(levels):
+        level = depth_level_geometry(cameras, depths, neighbours, stride, tolerance)
+        out[(level.height, level.width)] = level
+    return out
+
+
+def panorama_geometry(
+    cameras: list[Camera], neighbours: list[list[int]], levels: int = 4, kernel: int = 3
+) -> dict[tuple[int, int], LevelGeometry]:
+    """Geometry for every UNet level of a panorama, keyed by the level's (h, w)."""
+    out = {}
+    for stride in unet_strides(levels):
+        level = panorama_level_geometry(cameras, neighbours, stride, kernel)
+        out[(level.height, level.width)] = level
+    return out

@@ -1,0 +1,153 @@
+"""A diffusers ``UNet2DConditionModel`` with MVDiffusion's blocks around its own blocks.
+
+The UNet itself is untouched: the added modules run from forward hooks at the places the
+released design uses, so any SD 2 checkpoint diffusers can load works here, and with every
+added block at its zero initialisation each view's prediction is the plain UNet's.
+
+Placement (nine CAA blocks):
+
+* each down block: after its last resnet/attention, before its downsampler. The skips its layers
+  stored keep the pre-CAA tensors; the downsampler output (post-CAA) is the level's last skip.
+  The last down block has no downsampler: its CAA output only continues to the mid block.
+* mid block: panoramas after ``resnets[0]`` (before the mid attention), the depth task after the
+  whole mid block.
+* each up block: before its upsampler; the last up block at its output.
+
+The depth task follows every CAA block with a zero-initialised ResNet, and the interpolation
+module adds an image-condition branch (keyframe latents and mask) before each down, mid and up
+block (:mod:`condition`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextlib import contextmanager
+from typing import Literal
+
+import torch
+from diffusers import UNet2DConditionModel
+from torch import nn
+
+from .caa import CAABlock, LevelGeometry
+
+Task = Literal["panorama", "depth"]
+
+
+class MultiViewUNet(nn.Module):
+    """Runs all views of a batch through the UNet together, exchanging information through CAA.
+
+    Inputs are flattened views: ``sample`` (B * V, C, h, w) with the V views of each sample
+    consecutive. ``geometry`` maps a level's latent size (h, w) to its :class:`LevelGeometry`;
+    without it (or with one view) the CAA blocks are skipped and this is the plain UNet.
+    """
+
+    def __init__(self, unet: UNet2DConditionModel, task: Task, mask_invalid: bool = True):
+        super().__init__()
+        if task not in ("panorama", "depth"):
+            raise ValueError(f"task must be 'panorama' or 'depth', got {task!r}")
+        self.unet, self.task = unet, task
+        channels = list(unet.config.block_out_channels)
+        encoding_inputs = 2 if task == "panorama" else 1
+        with_resnet = task == "depth"
+
+        def block(dim: int) -> CAABlock:
+            return CAABlock(dim, encoding_inputs, with_resnet, mask_invalid)
+
+        self.caa_down = nn.ModuleList(block(dim) for dim in channels)
+        self.caa_mid = block(channels[-1])
+        self.caa_up = nn.ModuleList(block(dim) for dim in reversed(channels))
+        self._geometry: Mapping[tuple[int, int], LevelGeometry] | None = None
+        self._hooks = self._install_hooks()
+
+    # ------------------------------------------------------------------ hooks
+    def _install_hooks(self) -> list:
+        unet, hooks = self.unet, []
+        for down, caa in zip(unet.down_blocks, self.caa_down, strict=True):
+            if down.downsamplers:
+                hooks.append(down.downsamplers[0].register_forward_pre_hook(self._pre_hook(caa)))
+            else:
+                hooks.append(down.register_forward_hook(self._down_output_hook(caa)))
+        if self.task == "panorama" and getattr(unet.mid_block, "attentions", None):
+            hooks.append(unet.mid_block.attentions[0].register_forward_pre_hook(self._pre_hook(self.caa_mid)))
+        else:
+            hooks.append(unet.mid_block.register_forward_hook(self._output_hook(self.caa_mid)))
+        for up, caa in zip(unet.up_blocks, self.caa_up, strict=True):
+            if up.upsamplers:
+                hooks.append(up.upsamplers[0].register_forward_pre_hook(self._pre_hook(caa)))
+            else:
+                hooks.append(up.register_forward_hook(self._output_hook(caa)))
+        return hooks
+
+    def _run_caa(self, caa: CAABlock, hidden: torch.Tensor) -> torch.Tensor:
+        geometry = self._geometry
+        if not geometry:
+            return hidden
+        level = geometry.get(tuple(hidden.shape[-2:]))
+        if level is None:
+            raise ValueError(f"no CAA geometry for a {tuple(hidden.shape[-2:])} feature map; have {sorted(geometry)}")
+        return caa(hidden, level)
+
+    def _pre_hook(self, caa: CAABlock):
+        def hook(module, args):
+            return (self._run_caa(caa, args[0]),) + tuple(args[1:])
+
+        return hook
+
+    def _output_hook(self, caa: CAABlock):
+        def hook(module, args, output):
+            return self._run_caa(caa, output)
+
+        return hook
+
+    def _down_output_hook(self, caa: CAABlock):
+        def hook(module, args, output):
+            hidden, skips = output
+            return self._run_caa(caa, hidden), skips
+
+        return hook
+
+    # ------------------------------------------------------------------ running
+    @contextmanager
+    def views(self, geometry: Mapping[tuple[int, int], LevelGeometry] | None):
+        """Make the UNet's calls inside the block multi-view with this geometry."""
+        previous, self._geometry = self._geometry, geometry
+        try:
+            yield self
+        finally:
+            self._geometry = previous
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor,
+        geometry: Mapping[tuple[int, int], LevelGeometry] | None = None,
+    ) -> torch.Tensor:
+        """Noise prediction for every view; ``geometry`` None runs the plain UNet."""
+        with self.views(geometry):
+            return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+    def added_modules(self) -> dict[str, nn.Module]:
+        """The trainable additions (everything but the base UNet), by name."""
+        return {"caa_down": self.caa_down, "caa_mid": self.caa_mid, "caa_up": self.caa_up}
+
+    def added_state_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            f"{name}.{key}": value for name, module in self.added_modules().items()
+            for key, value in module.state_dict().items()
+        }
+
+    def remove_hooks(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+
+def level_sizes(unet: UNet2DConditionModel, latent_height: int, latent_width: int) -> list[tuple[int, int]]:
+    """Feature sizes of every level for a latent size (each downsampler halves, rounding up)."""
+    sizes, height, width = [], latent_height, latent_width
+    for down in unet.down_blocks:
+        sizes.append((height, width))
+        if down.downsamplers:
+            height, width = (height + 1) // 2, (width + 1) // 2
+    return sizes

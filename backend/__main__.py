@@ -17,12 +17,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    from . import bench, demo
+    from . import bench, cli_models, demo
 
     bench.add_arguments(commands.add_parser("bench", help="run a benchmark", description=bench.__doc__))
     demo.add_arguments(commands.add_parser("demo", help="run the offline demo", description=demo.__doc__))
+    cli_models.add_arguments(
+        commands.add_parser("make-tiny-model", help="write tiny random SD 2 models", description=cli_models.__doc__)
+    )
     args = parser.parse_args(argv)
-    handlers = {"bench": bench.run, "demo": demo.run}
+    handlers = {"bench": bench.run, "demo": demo.run, "make-tiny-model": cli_models.run}
     try:
         return handlers[args.command](args)
     except InputError as err:

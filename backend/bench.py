@@ -57,7 +57,8 @@ def bench_bake(args: argparse.Namespace) -> dict:
     from .eval.bake_roundtrip import bake_roundtrip
     from .geometry.bake import BakeSettings
 
-    run = bake_roundtrip(args.size, args.views, args.heldout, args.width, args.height, BakeSettings(mode=args.mode))
+    views = args.views or 24
+    run = bake_roundtrip(args.size, views, args.heldout, args.width, args.height, BakeSettings(mode=args.mode))
     return {
         "benchmark": "bake",
         "psnr_db": round(run.psnr_db, 3),
@@ -67,7 +68,7 @@ def bench_bake(args: argparse.Namespace) -> dict:
         "atlas_seconds": round(run.seconds["atlas"], 3),
         "render_seconds": round(run.seconds["render"], 3),
         "texture_size": args.size,
-        "views": args.views,
+        "views": views,
         "heldout_views": len(run.heldout),
         "view_size": [args.width, args.height],
         "mode": args.mode,
@@ -112,16 +113,35 @@ def bench_panorama(args: argparse.Namespace) -> dict:
     }
 
 
+@benchmark("unet")
+def bench_unet(args: argparse.Namespace) -> dict:
+    """One multi-view UNet step (all views, both guidance halves) with and without CAA."""
+    from .models.benchmark import SD2_CHANNELS, run_unet_benchmark
+
+    channels = SD2_CHANNELS if args.channels == "sd2" else tuple(int(c) for c in args.channels.split(","))
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
+    scaling = tuple(int(v) for v in args.scaling.split(",")) if args.scaling else ()
+    result = run_unet_benchmark(args.views or 8, channels, args.neighbours, args.repeats, args.device, dtype, scaling)
+    result["machine"] = machine()
+    return result
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark to run")
     parser.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     parser.add_argument("--size", type=int, default=1024, help="texture size (bake), equirect width (panorama)")
     parser.add_argument("--view-size", type=int, default=512, help="panorama view size in pixels (panorama)")
-    parser.add_argument("--views", type=int, default=24, help="number of views (bake)")
+    parser.add_argument("--views", type=int, default=None, help="number of views (bake: 24, unet: 8)")
     parser.add_argument("--heldout", type=int, default=8, help="held-out poses for PSNR (bake)")
     parser.add_argument("--width", type=int, default=256, help="view width in pixels")
     parser.add_argument("--height", type=int, default=192, help="view height in pixels")
     parser.add_argument("--mode", choices=("blend", "best"), default="blend", help="bake blending (bake)")
+    parser.add_argument("--channels", default="64,128,256,256", help="UNet block channels, or 'sd2' (unet)")
+    parser.add_argument("--neighbours", type=int, default=4, help="CAA neighbours per view (unet)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions (unet)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (unet)")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="(unet)")
+    parser.add_argument("--scaling", default="", help="view counts for the memory-scaling rows, e.g. 12,48,192")
 
 
 def run(args: argparse.Namespace) -> int:

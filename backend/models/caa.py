@@ -146,48 +146,52 @@ class CorrespondenceAttention(nn.Module):
         # Query rows are (sample, view, pixel); each chunk gathers its keys from the whole batch.
         chunk = max(1, CHUNK_ELEMENTS // max(1, geometry.num_tokens * channels))
         per_sample = views * pixels
+        query_encoding = self.encoding(torch.zeros_like(geometry.encoding_input[0, 0, 0]))
         for start in range(0, total * pixels, chunk):
             stop = min(start + chunk, total * pixels)
-            rows = torch.arange(start, stop, device=hidden.device)
-            output[start:stop] = self._attend(tokens, rows, per_sample, geometry)
+            output[start:stop] = self._attend(tokens, start, stop, per_sample, geometry, query_encoding)
         # Same memory layout as the input: downstream kernels then run exactly as without CAA.
         return torch.empty_like(hidden).copy_(output.view(total, height, width, channels).permute(0, 3, 1, 2))
 
-    def _attend(self, tokens: torch.Tensor, rows: torch.Tensor, per_sample: int, geometry: LevelGeometry):
-        sample, local = rows // per_sample, rows % per_sample  # local = view * P + pixel
-        view, pixel = local // (geometry.height * geometry.width), local % (geometry.height * geometry.width)
-        x = tokens[rows]
+    def _attend(
+        self, tokens: torch.Tensor, start: int, stop: int, per_sample: int, geometry: LevelGeometry,
+        query_encoding: torch.Tensor,
+    ) -> torch.Tensor:
+        """Updated rows ``start:stop`` of ``tokens`` (rows are sample, view, pixel)."""
+        rows = torch.arange(start, stop, device=tokens.device)
+        sample, local = rows // per_sample, rows % per_sample
+        # Geometry rows are (view, pixel): the same flat index as ``local``.
+        flat = geometry.tap_index.flatten(0, 1)
+        x = tokens[start:stop]
 
         # Keys: bilinear samples of the neighbour views (zero outside), plus their encoding.
-        index = geometry.tap_index[view, pixel] + (sample * per_sample)[:, None, None]
-        weight = geometry.tap_weight[view, pixel]
-        gathered = torch.zeros(len(rows), geometry.num_tokens, self.dim, dtype=x.dtype, device=x.device)
+        index = flat[local] + (sample * per_sample)[:, None, None]
+        weight = geometry.tap_weight.flatten(0, 1)[local]
+        shape = (stop - start, geometry.num_tokens, self.dim)
+        z = self.encoding(geometry.encoding_input.flatten(0, 1)[local])
         for tap in range(4):
-            taps = tokens.index_select(0, index[..., tap].reshape(-1)).view_as(gathered)
-            gathered.addcmul_(taps, weight[..., tap, None])
-        valid = geometry.valid[view, pixel]
-        z = gathered + self.encoding(geometry.encoding_input[view, pixel])
+            taps = tokens.index_select(0, index[..., tap].reshape(-1)).view(shape)
+            z.addcmul_(taps, weight[..., tap, None])
+        valid = geometry.valid.flatten(0, 1)[local]
         if not self.mask_invalid:
             z = z * valid[..., None]
         zhat = F.layer_norm(z, (self.dim,), eps=LAYER_NORM_EPS)
 
         # Queries: the block's own feature with the encoding of "no displacement".
-        query_encoding = self.encoding(torch.zeros_like(geometry.encoding_input[0, 0, 0]))
         q = self.to_q(self.norm1(x + query_encoding)).view(-1, self.heads, HEAD_DIM)
         gamma, beta = self.norm1.weight, self.norm1.bias
         w_k = (self.to_k.weight * gamma).view(self.heads, HEAD_DIM, self.dim)
         w_v = (self.to_v.weight * gamma).view(self.heads, HEAD_DIM, self.dim)
         q_in = torch.einsum("nhd,hdc->nhc", q, w_k) / math.sqrt(HEAD_DIM)
 
-        # Rows without any valid key attend to everything (finite softmax) and are discarded below.
-        mask = (valid | ~valid.any(dim=1, keepdim=True))[:, None, None, :] if self.mask_invalid else None
-        mixed = F.scaled_dot_product_attention(
-            q_in[:, :, None, :],
-            zhat[:, None].expand(-1, self.heads, -1, -1),
-            zhat[:, None].expand(-1, self.heads, -1, -1),
-            attn_mask=mask,
-            scale=1.0,
-        )[:, :, 0]
+        # One query per sequence and a handful of keys shared by all heads: two batched matrix
+        # products beat the fused attention kernels here (which also cap head sizes below 1280).
+        logits = torch.bmm(q_in, zhat.transpose(1, 2))  # (N, heads, T)
+        if self.mask_invalid:
+            # Rows without any valid key keep all (finite softmax); their update is dropped below.
+            usable = valid | ~valid.any(dim=1, keepdim=True)
+            logits = logits.masked_fill(~usable[:, None, :], float("-inf"))
+        mixed = torch.bmm(logits.softmax(dim=-1), zhat)  # (N, heads, C)
         attended = torch.einsum("nhc,hdc->nhd", mixed, w_v).reshape(-1, self.dim) + self.to_v(beta)
         update = self.to_out(attended)
         if self.mask_invalid:

@@ -1,0 +1,174 @@
+"""Tiny random-weight Stable Diffusion 2 components, for tests and offline demos.
+
+The real SD 2 models take gigabytes and a download; these take a few megabytes and no network.
+They keep SD 2's *structure* (four UNet levels with cross attention on the first three, a
+factor-8 VAE with 4 latent channels, a CLIP text encoder, SD 2's epsilon DDIM schedule), so code
+that hooks into specific blocks, counts levels or computes latent sizes behaves as it would with
+the real weights. Their outputs are noise. Every builder is deterministic for a given seed and
+leaves the caller's global random state untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from ..validation import InputError
+from .loading import KIND_IN_CHANNELS
+
+TEXT_HIDDEN = 32
+MAX_TOKENS = 77
+
+SD2_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+"""SD 2 base/depth/inpainting's noise schedule (all three are epsilon-prediction models)."""
+
+T = TypeVar("T")
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed torch's CPU generator for the block and restore the caller's state afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _build(seed: int, make: Callable[[], T]) -> T:
+    with _seeded(seed):
+        return make()
+
+
+def tiny_unet(kind: str, seed: int = 0) -> UNet2DConditionModel:
+    """An SD 2 shaped UNet: levels 0-2 cross-attention blocks, level 3 plain, down- and upsamplers
+    on every level but the innermost (down) and outermost (up), linear attention projections."""
+    if kind not in KIND_IN_CHANNELS:
+        raise InputError("kind", f"must be one of {sorted(KIND_IN_CHANNELS)}, got {kind!r}")
+    return _build(
+        seed,
+        lambda: UNet2DConditionModel(
+            sample_size=32,
+            in_channels=KIND_IN_CHANNELS[kind],
+            out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            block_out_channels=(32, 32, 64, 64),
+            layers_per_block=1,
+            norm_num_groups=32,
+            cross_attention_dim=TEXT_HIDDEN,
+            attention_head_dim=8,
+            use_linear_projection=True,
+        ),
+    )
+
+
+def tiny_vae(seed: int = 0) -> AutoencoderKL:
+    """Four blocks, so the downscale factor is 8 as in SD (``2 ** (blocks - 1)``); 4 latent channels."""
+    return _build(
+        seed,
+        lambda: AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            block_out_channels=(32, 32, 64, 64),
+            layers_per_block=1,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            norm_num_groups=32,
+            sample_size=256,
+            scaling_factor=0.18215,
+        ),
+    )
+
+
+def tiny_text_encoder(seed: int = 0) -> CLIPTextModel:
+    """A 2-layer CLIP text transformer with SD 2's GELU activation; token ids follow ``tiny_tokenizer``."""
+    config = CLIPTextConfig(
+        vocab_size=1000,
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        max_position_embeddings=MAX_TOKENS,
+        projection_dim=TEXT_HIDDEN,
+        hidden_act="gelu",
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    return _build(seed, lambda: CLIPTextModel(config).eval())
+
+
+def tiny_tokenizer() -> CLIPTokenizer:
+    """A byte-level CLIP tokenizer with no merges (one token per character), built without files."""
+    from tokenizers import pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for symbol in alphabet:
+        vocab[symbol] = len(vocab)
+    for symbol in alphabet:
+        vocab[symbol + "</w>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=MAX_TOKENS)
+
+
+def tiny_scheduler() -> DDIMScheduler:
+    """DDIM with SD 2's training schedule, the sampler MVDiffusion uses."""
+    return DDIMScheduler(**SD2_SCHEDULER)
+
+
+def tiny_pipeline(kind: str, seed: int = 0):
+    """The diffusers pipeline SD 2 ships for ``kind``, assembled from tiny components."""
+    from diffusers import StableDiffusionDepth2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
+
+    parts = {
+        "unet": tiny_unet(kind, seed),
+        "vae": tiny_vae(seed + 1),
+        "text_encoder": tiny_text_encoder(seed + 2),
+        "tokenizer": tiny_tokenizer(),
+        "scheduler": tiny_scheduler(),
+    }
+    if kind == "depth":
+        return StableDiffusionDepth2ImgPipeline(**parts, depth_estimator=None, feature_extractor=None)
+    pipeline_class = StableDiffusionPipeline if kind == "base" else StableDiffusionInpaintPipeline
+    return pipeline_class(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def write_tiny_models(directory: str | Path, seed: int = 0) -> dict[str, Path]:
+    """Write complete diffusers folders ``depth/``, ``base/`` and ``inpaint/`` under ``directory``.
+
+    Each holds ``model_index.json`` and the unet, vae, text_encoder, tokenizer and scheduler
+    subfolders, the layout of ``stabilityai/stable-diffusion-2-{depth,base,inpainting}``, so every
+    loader that accepts those ids accepts these folders. The depth estimator, safety checker and
+    feature extractor are recorded as absent; pass ``None`` for them when loading a pipeline.
+    """
+    from diffusers.utils import logging as diffusers_logging
+
+    root = Path(directory)
+    written = {}
+    for kind in KIND_IN_CHANNELS:
+        folder = root / kind
+        pipeline = tiny_pipeline(kind, seed)
+        # save_pretrained warns that the absent optional components "cannot be saved": that is the intent.
+        level = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()
+        try:
+            pipeline.save_pretrained(folder, safe_serialization=True)
+        finally:
+            diffusers_logging.set_verbosity(level)
+        written[kind] = folder
+    return written

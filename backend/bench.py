@@ -121,7 +121,9 @@ def bench_unet(args: argparse.Namespace) -> dict:
     channels = SD2_CHANNELS if args.channels == "sd2" else tuple(int(c) for c in args.channels.split(","))
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
     scaling = tuple(int(v) for v in args.scaling.split(",")) if args.scaling else ()
-    result = run_unet_benchmark(args.views or 8, channels, args.neighbours, args.repeats, args.device, dtype, scaling)
+    result = run_unet_benchmark(
+        args.task, args.views or 8, channels, args.neighbours, args.repeats, args.device, dtype, scaling
+    )
     result["machine"] = machine()
     return result
 
@@ -137,8 +139,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--height", type=int, default=192, help="view height in pixels")
     parser.add_argument("--mode", choices=("blend", "best"), default="blend", help="bake blending (bake)")
     parser.add_argument("--channels", default="64,128,256,256", help="UNet block channels, or 'sd2' (unet)")
-    parser.add_argument("--neighbours", type=int, default=4, help="CAA neighbours per view (unet)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions (unet)")
+    parser.add_argument("--neighbours", type=int, default=4, help="CAA neighbours per view (unet, depth task)")
+    parser.add_argument("--task", choices=("panorama", "depth"), default="panorama", help="CAA design (unet)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed pairs of steps (unet)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (unet)")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="(unet)")
     parser.add_argument("--scaling", default="", help="view counts for the memory-scaling rows, e.g. 12,48,192")

@@ -1,35 +1,32 @@
 """Speed and memory of one multi-view UNet step with and without CAA (``bench unet``).
 
-The step is the one a pipeline runs: all views of a trajectory and both classifier-free
-guidance halves in one batch, depth task (5 input channels, CAA followed by its ResNet) at the
-ScanNet-like 192 x 256 image size, neighbours from the views' real overlap on the demo room.
+The step is the one a pipeline runs: all views and both classifier-free guidance halves in one
+batch, at the ScanNet-like 192 x 256 image size (latents 24 x 32). Two tasks:
+
+* ``panorama``: 8 views 45 degrees apart, each attending to 3 x 3 neighbourhoods in its two ring
+  neighbours (18 key tokens per pixel, the released panorama design).
+* ``depth``: views along the demo room's loop, each attending to its best-overlapping
+  neighbours, every CAA block followed by the depth task's zero-initialised ResNet.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from diffusers import UNet2DConditionModel
 
+from ..geometry.cameras import Camera, yaw_pitch_rotation
 from ..geometry.correspondence import overlap_matrix
 from ..geometry.render import render_depth
 from ..scenes.demo_room import build_demo_room, trajectory
-from .caa_geometry import depth_geometry
+from .caa_geometry import depth_geometry, panorama_geometry
 from .mv_unet import MultiViewUNet
 
 SMALL_CHANNELS = (64, 128, 256, 256)
 SD2_CHANNELS = (320, 640, 1280, 1280)
-
-
-@dataclass
-class StepTiming:
-    seconds: float
-    peak_mb: float
 
 
 def sd2_structured_unet(channels: tuple[int, ...], in_channels: int = 5, cross_dim: int | None = None):
@@ -61,85 +58,94 @@ def trajectory_neighbours(count: int, neighbours: int, width: int = 256, height:
     return cameras, depths, [[int(j) for j in row] for row in graph]
 
 
-@contextmanager
-def peak_memory(device: torch.device):
-    """Peak memory in MB above the level at entry (CUDA allocator, or resident set on Linux)."""
-    box = {"mb": float("nan")}
+def ring_cameras(count: int, width: int = 256, height: int = 192) -> list[Camera]:
+    """Panorama views turning right by 360 / count degrees, FOV 90 horizontally."""
+    cameras = []
+    for k in range(count):
+        pose = np.eye(4)
+        pose[:3, :3] = yaw_pitch_rotation(360.0 / count * k, 0.0)
+        cameras.append(Camera.from_fov(90.0, width, height, pose))
+    return cameras
+
+
+def peak_memory_mb(fn, device: torch.device) -> float:
+    """Peak memory allocated by ``fn`` above the level at its start, in MB.
+
+    CUDA: the caching allocator's own peak. CPU: torch's allocations replayed in time order from
+    the profiler's memory events (the resident set is useless here: freed blocks stay mapped).
+    """
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         start = torch.cuda.memory_allocated()
-        yield box
+        fn()
         torch.cuda.synchronize()
-        box["mb"] = (torch.cuda.max_memory_allocated() - start) / 2**20
-        return
-    start = _rss_kb()
-    _reset_peak_rss()
-    yield box
-    box["mb"] = (_peak_rss_kb() - start) / 1024
+        return (torch.cuda.max_memory_allocated() - start) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
+    running = peak = 0
+    for event in events:
+        running += event.self_cpu_memory_usage
+        peak = max(peak, running)
+    return peak / 2**20
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field):
-                return int(line.split()[1])
-    return 0
+def time_steps(model: MultiViewUNet, sample, text, geometry, repeats: int, device: torch.device):
+    """Seconds of one UNet call without and with CAA, interleaved so machine noise hits both alike.
 
+    Returns the medians of both and the median of the per-pair ratios (the overhead).
+    """
+    def call(with_geometry):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        model(sample, 500, text, geometry if with_geometry else None)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
 
-def _rss_kb() -> int:
-    return _status_kb("VmRSS:")
-
-
-def _peak_rss_kb() -> int:
-    return _status_kb("VmHWM:")
-
-
-def _reset_peak_rss() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-    except OSError:
-        pass
-
-
-def time_step(model: MultiViewUNet, sample, text, geometry, repeats: int, device: torch.device) -> StepTiming:
-    """Median seconds of one UNet call after a warm-up call, and the peak memory of one call."""
     with torch.no_grad():
-        model(sample, 500, text, geometry)
-        with peak_memory(device) as peak:
-            model(sample, 500, text, geometry)
-        times = []
-        for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            model(sample, 500, text, geometry)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-    return StepTiming(statistics.median(times), peak["mb"])
+        call(False), call(True)
+        pairs = [(call(False), call(True)) for _ in range(repeats)]
+    plain, caa = [p for p, _ in pairs], [c for _, c in pairs]
+    return statistics.median(plain), statistics.median(caa), statistics.median(c / p for p, c in pairs)
+
+
+def step_memory(model: MultiViewUNet, sample, text, geometry, device: torch.device) -> float:
+    with torch.no_grad():
+        return peak_memory_mb(lambda: model(sample, 500, text, geometry), device)
 
 
 def run_unet_benchmark(
+    task: str = "panorama",
     views: int = 8,
     channels: tuple[int, ...] = SMALL_CHANNELS,
     neighbours: int = 4,
-    repeats: int = 3,
+    repeats: int = 5,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     scaling: tuple[int, ...] = (),
 ) -> dict:
     torch.manual_seed(0)
     dev = torch.device(device)
-    unet = sd2_structured_unet(channels).to(dev, dtype)
-    model = MultiViewUNet(unet, "depth").to(dev, dtype)
+    in_channels = 4 if task == "panorama" else 5
+    unet = sd2_structured_unet(channels, in_channels).to(dev, dtype)
+    model = MultiViewUNet(unet, task).to(dev, dtype)
     cross_dim = unet.config.cross_attention_dim
 
     def batch(count: int):
-        cameras, depths, graph = trajectory_neighbours(count, neighbours)
-        geometry = {k: v.to(dev, dtype) for k, v in depth_geometry(cameras, depths, graph).items()}
-        sample = torch.randn(2 * count, 5, 24, 32, device=dev, dtype=dtype)  # both guidance halves
+        if task == "panorama":
+            cameras = ring_cameras(count)
+            graph = [[(i - 1) % count, (i + 1) % count] for i in range(count)]
+            geometry = panorama_geometry(cameras, graph)
+        else:
+            cameras, depths, graph = trajectory_neighbours(count, neighbours)
+            geometry = depth_geometry(cameras, depths, graph)
+        geometry = {k: v.to(dev, dtype) for k, v in geometry.items()}
+        sample = torch.randn(2 * count, in_channels, 24, 32, device=dev, dtype=dtype)  # both guidance halves
         text = torch.randn(2 * count, 77, cross_dim, device=dev, dtype=dtype)
         return sample, text, geometry
 
@@ -148,20 +154,20 @@ def run_unet_benchmark(
         plain_out = model(sample, 500, text)
         caa_out = model(sample, 500, text, geometry)
     zero_diff = float((plain_out - caa_out).abs().max())
-    plain = time_step(model, sample, text, None, repeats, dev)
-    caa = time_step(model, sample, text, geometry, repeats, dev)
+    plain_seconds, caa_seconds, overhead = time_steps(model, sample, text, geometry, repeats, dev)
     result = {
         "benchmark": "unet",
-        "caa_overhead": round(caa.seconds / plain.seconds, 4),
-        "step_seconds_caa": round(caa.seconds, 4),
-        "step_seconds_plain": round(plain.seconds, 4),
-        "peak_mem_mb_caa": round(caa.peak_mb, 1),
-        "peak_mem_mb_plain": round(plain.peak_mb, 1),
+        "caa_overhead": round(overhead, 4),
+        "step_seconds_caa": round(caa_seconds, 4),
+        "step_seconds_plain": round(plain_seconds, 4),
+        "peak_mem_mb_caa": round(step_memory(model, sample, text, geometry, dev), 1),
+        "peak_mem_mb_plain": round(step_memory(model, sample, text, None, dev), 1),
         "zero_caa_max_abs_diff": zero_diff,
         "views": views,
         "batch": 2 * views,
-        "neighbours": neighbours,
-        "config": {"channels": list(channels), "latent": [24, 32], "task": "depth", "cfg": True,
+        "neighbours": 2 if task == "panorama" else neighbours,
+        "key_tokens": int(next(iter(geometry.values())).num_tokens),
+        "config": {"channels": list(channels), "latent": [24, 32], "task": task, "cfg": True,
                    "dtype": str(dtype).replace("torch.", ""), "device": device},
         "caa_parameters_m": round(sum(p.numel() for p in model.added_state_dict().values()) / 1e6, 2),
     }
@@ -173,10 +179,11 @@ def run_unet_benchmark(
                 t.numel() * t.element_size() for g in geometry.values()
                 for t in (g.tap_index, g.tap_weight, g.valid, g.encoding_input)
             ) / 2**20
-            plain = time_step(model, sample, text, None, 1, dev)
-            caa = time_step(model, sample, text, geometry, 1, dev)
-            rows.append({"views": count, "peak_mem_mb_caa": round(caa.peak_mb, 1),
-                         "peak_mem_mb_plain": round(plain.peak_mb, 1), "geometry_mb": round(geometry_mb, 2),
-                         "caa_overhead": round(caa.seconds / plain.seconds, 4)})
+            rows.append({
+                "views": count,
+                "peak_mem_mb_caa": round(step_memory(model, sample, text, geometry, dev), 1),
+                "peak_mem_mb_plain": round(step_memory(model, sample, text, None, dev), 1),
+                "geometry_mb": round(geometry_mb, 2),
+            })
         result["scaling"] = rows
     return result

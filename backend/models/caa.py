@@ -23,7 +23,7 @@ released code's behaviour, with the positional encoding included exactly.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -31,42 +31,55 @@ from torch import nn
 
 HEAD_DIM = 32
 LAYER_NORM_EPS = 1e-5
-CHUNK_ELEMENTS = 16 * 2**20  # query tokens x key tokens x channels gathered at once (64 MB fp32)
+CHUNK_ELEMENTS = 16 * 2**20  # query pixels x key tokens x channels sampled at once (64 MB fp32)
+ENCODING_CACHE_ELEMENTS = 64 * 2**20  # key encodings kept per level between steps (256 MB fp32)
 
 
 @dataclass
 class LevelGeometry:
     """Where every query pixel of one UNet level finds its key tokens; computed once per job.
 
-    Shapes use V views, P = h * w query pixels, T key tokens per pixel and 4 bilinear taps:
-    ``tap_index`` (V, P, T, 4) long: flat pixel index ``view * P + pixel`` of each tap in the
-    level's feature maps; ``tap_weight`` (V, P, T, 4) float: bilinear weights, 0 for taps outside
-    the source image (zero padding); ``valid`` (V, P, T) bool; ``encoding_input`` (V, P, T, E)
-    float: what the positional encoding encodes (E = 2: displacement in query pixels; E = 1:
-    relative depth error).
+    Shapes use V views, P = h * w query pixels, N neighbour slots per view, S samples per slot
+    (K x K) and T = N * S key tokens per pixel (slot-major). ``source_view`` (V, N) long: the
+    view each slot reads (any view for an unused slot); ``grid`` (V, N, P, S, 2) float:
+    ``grid_sample`` coordinates (``align_corners=False``, zero padding) in that view's level
+    features; ``valid`` (V, P, T) bool; ``encoding_input`` (V, P, T, E) float: what the positional
+    encoding encodes (E = 2: displacement in query pixels; E = 1: relative depth error).
     """
 
     height: int
     width: int
-    tap_index: torch.Tensor
-    tap_weight: torch.Tensor
+    source_view: torch.Tensor
+    grid: torch.Tensor
     valid: torch.Tensor
     encoding_input: torch.Tensor
+    _encodings: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def encoded(self, encoding: SinusoidalEncoding) -> torch.Tensor | None:
+        """The key encodings (V, P, T, C) for ``encoding``, computed once and kept, if small enough.
+
+        They depend only on the geometry, so every step and both blocks of a level share them.
+        """
+        key = (encoding.key, self.encoding_input.dtype, self.encoding_input.device)
+        if key not in self._encodings:
+            small = self.encoding_input[..., 0].numel() * encoding.dim <= ENCODING_CACHE_ELEMENTS
+            self._encodings[key] = encoding(self.encoding_input) if small else None
+        return self._encodings[key]
 
     @property
     def num_views(self) -> int:
-        return self.tap_index.shape[0]
+        return self.source_view.shape[0]
 
     @property
     def num_tokens(self) -> int:
-        return self.tap_index.shape[2]
+        return self.valid.shape[2]
 
     def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> LevelGeometry:
         return LevelGeometry(
             self.height,
             self.width,
-            self.tap_index.to(device),
-            self.tap_weight.to(device, dtype),
+            self.source_view.to(device),
+            self.grid.to(device, dtype),
             self.valid.to(device),
             self.encoding_input.to(device, dtype),
         )
@@ -85,6 +98,7 @@ class SinusoidalEncoding(nn.Module):
         if dim % (2 * inputs):
             raise ValueError(f"dim {dim} must be a multiple of {2 * inputs}")
         count = dim // (2 * inputs)
+        self.dim, self.key = dim, ("sinusoidal", dim, inputs, octaves)
         self.register_buffer("freq_bands", 2.0 ** torch.linspace(0.0, octaves, count), persistent=False)
 
     def forward(self, values: torch.Tensor) -> torch.Tensor:
@@ -140,39 +154,42 @@ class CorrespondenceAttention(nn.Module):
                 f"features {tuple(hidden.shape)} do not match the block (dim {self.dim}) and its geometry "
                 f"({views} views of {geometry.height}x{geometry.width})"
             )
-        pixels = height * width
-        tokens = hidden.permute(0, 2, 3, 1).reshape(total * pixels, channels)
-        output = torch.empty_like(tokens)
-        # Query rows are (sample, view, pixel); each chunk gathers its keys from the whole batch.
-        chunk = max(1, CHUNK_ELEMENTS // max(1, geometry.num_tokens * channels))
-        per_sample = views * pixels
+        batch, pixels = total // views, height * width
+        slots, samples = geometry.grid.shape[1], geometry.grid.shape[3]
+        # Each (view, slot) reads one source view: stack those maps so one grid_sample call does
+        # every bilinear lookup of the level (zero outside, as the tokens' validity assumes).
+        features = hidden.view(batch, views, channels, height, width)
+        sources = features[:, geometry.source_view.reshape(-1)].reshape(batch * views * slots, channels, height, width)
+        queries = hidden.view(batch, views, channels, pixels).transpose(2, 3)  # (B, V, P, C)
+        encodings = geometry.encoded(self.encoding)
         query_encoding = self.encoding(torch.zeros_like(geometry.encoding_input[0, 0, 0]))
-        for start in range(0, total * pixels, chunk):
-            stop = min(start + chunk, total * pixels)
-            output[start:stop] = self._attend(tokens, start, stop, per_sample, geometry, query_encoding)
+        output = torch.empty(batch, views, pixels, channels, dtype=hidden.dtype, device=hidden.device)
+        chunk = max(1, CHUNK_ELEMENTS // max(1, batch * views * geometry.num_tokens * channels))
+        for start in range(0, pixels, chunk):
+            stop = min(start + chunk, pixels)
+            grid = geometry.grid[:, :, start:stop].expand(batch, -1, -1, -1, -1, -1)
+            sampled = F.grid_sample(
+                sources, grid.reshape(batch * views * slots, stop - start, samples, 2),
+                mode="bilinear", padding_mode="zeros", align_corners=False,
+            )  # (B * V * N, C, Pc, S)
+            keys = sampled.view(batch, views, slots, channels, stop - start, samples).permute(0, 1, 4, 2, 5, 3)
+            if encodings is not None:
+                encoding = encodings[:, start:stop]
+            else:
+                encoding = self.encoding(geometry.encoding_input[:, start:stop])
+            # One pass: the add reads the permuted samples and writes keys in (pixel, token) order.
+            z = keys + encoding.view(views, stop - start, slots, samples, channels)
+            valid = geometry.valid[:, start:stop].expand(batch, -1, -1, -1)
+            output[:, :, start:stop] = self._attend(
+                queries[:, :, start:stop].reshape(-1, channels), z.reshape(-1, geometry.num_tokens, channels),
+                valid.reshape(-1, geometry.num_tokens), query_encoding,
+            ).view(batch, views, stop - start, channels)
         # Same memory layout as the input: downstream kernels then run exactly as without CAA.
-        return torch.empty_like(hidden).copy_(output.view(total, height, width, channels).permute(0, 3, 1, 2))
+        result = output.transpose(2, 3).reshape(total, channels, height, width)
+        return torch.empty_like(hidden).copy_(result)
 
-    def _attend(
-        self, tokens: torch.Tensor, start: int, stop: int, per_sample: int, geometry: LevelGeometry,
-        query_encoding: torch.Tensor,
-    ) -> torch.Tensor:
-        """Updated rows ``start:stop`` of ``tokens`` (rows are sample, view, pixel)."""
-        rows = torch.arange(start, stop, device=tokens.device)
-        sample, local = rows // per_sample, rows % per_sample
-        # Geometry rows are (view, pixel): the same flat index as ``local``.
-        flat = geometry.tap_index.flatten(0, 1)
-        x = tokens[start:stop]
-
-        # Keys: bilinear samples of the neighbour views (zero outside), plus their encoding.
-        index = flat[local] + (sample * per_sample)[:, None, None]
-        weight = geometry.tap_weight.flatten(0, 1)[local]
-        shape = (stop - start, geometry.num_tokens, self.dim)
-        z = self.encoding(geometry.encoding_input.flatten(0, 1)[local])
-        for tap in range(4):
-            taps = tokens.index_select(0, index[..., tap].reshape(-1)).view(shape)
-            z.addcmul_(taps, weight[..., tap, None])
-        valid = geometry.valid.flatten(0, 1)[local]
+    def _attend(self, x: torch.Tensor, z: torch.Tensor, valid: torch.Tensor, query_encoding: torch.Tensor):
+        """Queries ``x`` (Q, C) attend to keys ``z`` (Q, T, C) (samples plus encodings)."""
         if not self.mask_invalid:
             z = z * valid[..., None]
         zhat = F.layer_norm(z, (self.dim,), eps=LAYER_NORM_EPS)
@@ -186,12 +203,12 @@ class CorrespondenceAttention(nn.Module):
 
         # One query per sequence and a handful of keys shared by all heads: two batched matrix
         # products beat the fused attention kernels here (which also cap head sizes below 1280).
-        logits = torch.bmm(q_in, zhat.transpose(1, 2))  # (N, heads, T)
+        logits = torch.bmm(q_in, zhat.transpose(1, 2))  # (Q, heads, T)
         if self.mask_invalid:
             # Rows without any valid key keep all (finite softmax); their update is dropped below.
             usable = valid | ~valid.any(dim=1, keepdim=True)
             logits = logits.masked_fill(~usable[:, None, :], float("-inf"))
-        mixed = torch.bmm(logits.softmax(dim=-1), zhat)  # (N, heads, C)
+        mixed = torch.bmm(logits.softmax(dim=-1), zhat)  # (Q, heads, C)
         attended = torch.einsum("nhc,hdc->nhd", mixed, w_v).reshape(-1, self.dim) + self.to_v(beta)
         update = self.to_out(attended)
         if self.mask_invalid:

@@ -18,25 +18,12 @@ from ..validation import InputError
 from .caa import LevelGeometry
 
 
-def taps_from_level_coords(
-    source_view: np.ndarray, coords: np.ndarray, height: int, width: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bilinear taps (flat indices and weights, (..., 4)) of level coordinates in source views.
-
-    ``source_view`` (...,) says which view each sample reads; ``coords`` (..., 2) are (x, y) in
-    level pixels. Taps outside the source image get weight 0 (and index 0).
-    """
-    x, y = coords[..., 0], coords[..., 1]
-    x0, y0 = np.floor(x), np.floor(y)
-    fx, fy = x - x0, y - y0
-    indices, weights = [], []
-    for dy, dx, w in ((0, 0, (1 - fx) * (1 - fy)), (0, 1, fx * (1 - fy)), (1, 0, (1 - fx) * fy), (1, 1, fx * fy)):
-        cx, cy = x0 + dx, y0 + dy
-        inside = (cx >= 0) & (cx <= width - 1) & (cy >= 0) & (cy <= height - 1)
-        flat = source_view * (height * width) + np.clip(cy, 0, height - 1) * width + np.clip(cx, 0, width - 1)
-        indices.append(np.where(inside, flat, 0).astype(np.int64))
-        weights.append(np.where(inside, w, 0.0).astype(np.float32))
-    return torch.from_numpy(np.stack(indices, -1)), torch.from_numpy(np.stack(weights, -1))
+def grid_from_level_coords(coords: np.ndarray, height: int, width: int) -> torch.Tensor:
+    """Level pixel coordinates (..., 2) as ``grid_sample`` coordinates (``align_corners=False``)."""
+    grid = np.empty(coords.shape, np.float32)
+    grid[..., 0] = (2.0 * coords[..., 0] + 1.0) / width - 1.0
+    grid[..., 1] = (2.0 * coords[..., 1] + 1.0) / height - 1.0
+    return torch.from_numpy(grid)
 
 
 def _to_level(xy_full: np.ndarray, stride: int) -> np.ndarray:
@@ -50,27 +37,29 @@ def depth_level_geometry(
     stride: int,
     tolerance: float = 0.05,
 ) -> LevelGeometry:
-    """K = 1 tokens at the depth correspondences in each neighbour view; encodes the depth error.
+    """One token per neighbour at its depth correspondence; encodes the relative depth error.
 
-    Views with fewer neighbours than the most connected one are padded with invalid tokens.
+    Views with fewer neighbours than the most connected one get unused, invalid slots.
     """
     _check_neighbours(neighbours, len(cameras))
     width, height = cameras[0].width // stride, cameras[0].height // stride
-    tokens = max(1, max(len(row) for row in neighbours))
+    slots = max(1, max(len(row) for row in neighbours))
     views, pixels = len(cameras), width * height
-    source = np.zeros((views, pixels, tokens), np.int64)
-    coords = np.full((views, pixels, tokens, 2), -10.0)
-    valid = np.zeros((views, pixels, tokens), bool)
-    error = np.zeros((views, pixels, tokens, 1), np.float32)
+    source = np.zeros((views, slots), np.int64)
+    coords = np.full((views, slots, pixels, 1, 2), -10.0)
+    valid = np.zeros((views, pixels, slots), bool)
+    error = np.zeros((views, pixels, slots, 1), np.float32)
     for i, row in enumerate(neighbours):
-        for t, j in enumerate(row):
+        for n, j in enumerate(row):
             corr = depth_correspondences(cameras[i], depths[i], cameras[j], depths[j], stride, tolerance)
-            source[i, :, t] = j
-            coords[i, :, t] = _to_level(corr.xy.reshape(-1, 2).astype(np.float64), stride)
-            valid[i, :, t] = corr.valid.reshape(-1)
-            error[i, :, t, 0] = corr.depth_error.reshape(-1)
-    index, weight = taps_from_level_coords(source, coords, height, width)
-    return LevelGeometry(height, width, index, weight, torch.from_numpy(valid), torch.from_numpy(error))
+            source[i, n] = j
+            coords[i, n, :, 0] = _to_level(corr.xy.reshape(-1, 2).astype(np.float64), stride)
+            valid[i, :, n] = corr.valid.reshape(-1)
+            error[i, :, n, 0] = corr.depth_error.reshape(-1)
+    return LevelGeometry(
+        height, width, torch.from_numpy(source), grid_from_level_coords(coords, height, width),
+        torch.from_numpy(valid), torch.from_numpy(error),
+    )
 
 
 def panorama_level_geometry(
@@ -87,31 +76,34 @@ def panorama_level_geometry(
     width, height = cameras[0].width // stride, cameras[0].height // stride
     offsets = np.stack(np.meshgrid(np.arange(kernel) - kernel // 2, np.arange(kernel) - kernel // 2), -1)
     offsets = offsets.reshape(-1, 2).astype(np.float64)  # (K*K, 2) as (dx, dy), dy-major
-    count = max(1, max(len(row) for row in neighbours)) * len(offsets)
+    samples = len(offsets)
+    slots = max(1, max(len(row) for row in neighbours))
     views, pixels = len(cameras), width * height
-    source = np.zeros((views, pixels, count), np.int64)
-    coords = np.full((views, pixels, count, 2), -10.0)
-    valid = np.zeros((views, pixels, count), bool)
-    displacement = np.zeros((views, pixels, count, 2), np.float32)
+    source = np.zeros((views, slots), np.int64)
+    coords = np.full((views, slots, pixels, samples, 2), -10.0)
+    valid = np.zeros((views, pixels, slots * samples), bool)
+    displacement = np.zeros((views, pixels, slots * samples, 2), np.float32)
     query = query_pixels(cameras[0].width, cameras[0].height, stride).reshape(-1, 2)
     for i, row in enumerate(neighbours):
         for n, j in enumerate(row):
             corr = rotation_correspondences(cameras[i], cameras[j], stride)
             centre = _to_level(corr.xy.reshape(-1, 2).astype(np.float64), stride)
             landed = corr.valid.reshape(-1)
+            source[i, n] = j
             for k, offset in enumerate(offsets):
-                t = n * len(offsets) + k
+                t = n * samples + k
                 level = centre + offset
                 full = level * stride + (stride - 1) / 2.0
                 inside = (full[:, 0] > -0.5) & (full[:, 0] < cameras[j].width - 0.5)
                 inside &= (full[:, 1] > -0.5) & (full[:, 1] < cameras[j].height - 0.5)
                 back = _rotate_pixels(cameras[j], cameras[i], full)
-                source[i, :, t], coords[i, :, t] = j, level
+                coords[i, n, :, k] = level
                 valid[i, :, t] = landed & inside & np.isfinite(back).all(axis=1)
-                shift = np.where(valid[i, :, t, None], (back - query) / stride, 0.0)
-                displacement[i, :, t] = shift
-    index, weight = taps_from_level_coords(source, coords, height, width)
-    return LevelGeometry(height, width, index, weight, torch.from_numpy(valid), torch.from_numpy(displacement))
+                displacement[i, :, t] = np.where(valid[i, :, t, None], (back - query) / stride, 0.0)
+    return LevelGeometry(
+        height, width, torch.from_numpy(source), grid_from_level_coords(coords, height, width),
+        torch.from_numpy(valid), torch.from_numpy(displacement),
+    )
 
 
 def _rotate_pixels(source: Camera, target: Camera, xy: np.ndarray) -> np.ndarray:

@@ -7,23 +7,26 @@ import torch.nn.functional as F
 
 from backend.models import caa as caa_module
 from backend.models.caa import CorrespondenceAttention, LevelGeometry
-from backend.models.caa_geometry import taps_from_level_coords
+from backend.models.caa_geometry import grid_from_level_coords
 
-VIEWS, HEIGHT, WIDTH, TOKENS, DIM = 3, 4, 5, 6, 64
+VIEWS, HEIGHT, WIDTH, SLOTS, SAMPLES, DIM = 3, 4, 5, 2, 3, 64
+TOKENS = SLOTS * SAMPLES
 
 
 def random_tokens(seed: int, encoding_inputs: int, all_invalid_pixel: bool = True):
-    """Random key tokens: source views, level coordinates (some outside), validity, encodings."""
+    """Random key tokens: a source view per slot, level coordinates (some outside), validity, encodings."""
     rng = np.random.default_rng(seed)
     pixels = HEIGHT * WIDTH
-    source = rng.integers(0, VIEWS, size=(VIEWS, pixels, TOKENS))
-    coords = rng.uniform([-1.5, -1.5], [WIDTH + 0.5, HEIGHT + 0.5], size=(VIEWS, pixels, TOKENS, 2))
+    source = rng.integers(0, VIEWS, size=(VIEWS, SLOTS))
+    coords = rng.uniform([-1.5, -1.5], [WIDTH + 0.5, HEIGHT + 0.5], size=(VIEWS, SLOTS, pixels, SAMPLES, 2))
     valid = rng.random((VIEWS, pixels, TOKENS)) < 0.7
     if all_invalid_pixel:
         valid[1, 7] = False  # a pixel with no correspondence at all
     encoding = rng.uniform(-1.5, 1.5, size=(VIEWS, pixels, TOKENS, encoding_inputs)).astype(np.float32)
-    index, weight = taps_from_level_coords(source, coords, HEIGHT, WIDTH)
-    geometry = LevelGeometry(HEIGHT, WIDTH, index, weight, torch.from_numpy(valid), torch.from_numpy(encoding))
+    grid = grid_from_level_coords(coords, HEIGHT, WIDTH)
+    geometry = LevelGeometry(
+        HEIGHT, WIDTH, torch.from_numpy(source), grid, torch.from_numpy(valid), torch.from_numpy(encoding)
+    )
     return geometry, (source, coords, valid, encoding)
 
 
@@ -49,9 +52,10 @@ def reference(block: CorrespondenceAttention, hidden: torch.Tensor, raw) -> torc
                 feature = hidden[sample * VIEWS + view, :, y, x]
                 keys = []
                 for t in range(TOKENS):
-                    src = hidden[sample * VIEWS + source[view, pixel, t]][None]
-                    gx = (2 * coords[view, pixel, t, 0] + 1) / WIDTH - 1
-                    gy = (2 * coords[view, pixel, t, 1] + 1) / HEIGHT - 1
+                    slot, k = divmod(t, SAMPLES)
+                    src = hidden[sample * VIEWS + source[view, slot]][None]
+                    gx = (2 * coords[view, slot, pixel, k, 0] + 1) / WIDTH - 1
+                    gy = (2 * coords[view, slot, pixel, k, 1] + 1) / HEIGHT - 1
                     grid = torch.tensor([[[[gx, gy]]]], dtype=hidden.dtype)
                     sampled = F.grid_sample(src, grid, align_corners=False, padding_mode="zeros")[0, :, 0, 0]
                     z = sampled + block.encoding(torch.from_numpy(encoding[view, pixel, t]).to(hidden.dtype))
@@ -77,14 +81,16 @@ def reference(block: CorrespondenceAttention, hidden: torch.Tensor, raw) -> torc
 
 @pytest.mark.parametrize("encoding_inputs", [1, 2])
 @pytest.mark.parametrize("mask_invalid", [True, False])
-def test_fast_attention_matches_the_literal_reference(encoding_inputs, mask_invalid, monkeypatch):
+@pytest.mark.parametrize("cache_encodings", [True, False])
+def test_fast_attention_matches_the_literal_reference(encoding_inputs, mask_invalid, cache_encodings, monkeypatch):
     geometry, raw = random_tokens(0, encoding_inputs)
     block = randomised_block(encoding_inputs, mask_invalid)
     hidden = torch.randn(2 * VIEWS, DIM, HEIGHT, WIDTH, dtype=torch.float64)  # two samples (CFG halves)
     expected = reference(block, hidden, raw)
-    monkeypatch.setattr(caa_module, "CHUNK_ELEMENTS", 7 * TOKENS * DIM)  # several uneven chunks
+    monkeypatch.setattr(caa_module, "CHUNK_ELEMENTS", 2 * 3 * VIEWS * TOKENS * DIM)  # uneven pixel chunks
+    monkeypatch.setattr(caa_module, "ENCODING_CACHE_ELEMENTS", 2**30 if cache_encodings else 0)
     with torch.no_grad():
-        got = block(hidden, geometry)
+        got = block(hidden, geometry.to("cpu", torch.float64))
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 

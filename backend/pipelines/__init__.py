@@ -1,0 +1,1 @@
+"""Multi-view generation pipelines: keyframes (depth task), interpolation, panoramas."""

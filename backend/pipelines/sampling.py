@@ -1,0 +1,150 @@
+"""The denoising loop shared by the multi-view pipelines: text, guidance, progress, cancel, decode.
+
+All views of a job and both guidance halves go through the UNet in one batch (unconditional
+views first, then the text-conditioned ones, each half with its views consecutive), so CAA
+mixes views within a half and never across them, as in the released code.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler
+
+from ..models.mv_unet import MultiViewUNet
+from ..validation import InputError, in_range, positive_int
+
+
+class Cancelled(RuntimeError):
+    """Raised inside a pipeline when its cancel event is set; the job stops within one step."""
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What a progress callback sees after each denoising step."""
+
+    step: int  # 1-based
+    total: int
+    timestep: int
+    latents: torch.Tensor  # x_t-1 of every view
+    predicted: torch.Tensor  # the current estimate of the clean latents of every view
+
+
+ProgressCallback = Callable[[StepInfo], None]
+
+
+@dataclass
+class SamplingSettings:
+    """Sampling defaults of the released MVDiffusion: DDIM, 50 steps, guidance 9."""
+
+    steps: int = 50
+    guidance_scale: float = 9.0
+    negative_prompt: str = ""
+    seed: int = 0
+
+    def validated(self) -> SamplingSettings:
+        positive_int("steps", self.steps)
+        in_range("guidance_scale", self.guidance_scale, 0.0, 100.0)
+        if not isinstance(self.seed, int):
+            raise InputError("seed", f"must be an integer, got {self.seed!r}")
+        return self
+
+
+def view_prompts(prompts: str | Sequence[str], views: int) -> list[str]:
+    """One prompt per view: a single prompt is repeated, a list must match the view count."""
+    if isinstance(prompts, str):
+        return [prompts] * views
+    prompts = list(prompts)
+    if len(prompts) != views or not all(isinstance(p, str) for p in prompts):
+        raise InputError("prompts", f"expected one text prompt or {views} (one per view), got {len(prompts)}")
+    return prompts
+
+
+class MultiViewSampler:
+    """Text encoding, the guided DDIM loop over all views, and decoding; no task specifics."""
+
+    def __init__(self, model: MultiViewUNet, vae: AutoencoderKL, text_encoder, tokenizer, scheduler):
+        self.model, self.vae = model, vae
+        self.text_encoder, self.tokenizer = text_encoder, tokenizer
+        self.scheduler = DDIMScheduler.from_config(scheduler.config)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def latent_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(
+            prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+        return self.text_encoder(ids)[0].to(self.dtype)
+
+    def initial_noise(self, views: int, height: int, width: int, seed: int) -> torch.Tensor:
+        """Independent Gaussian noise per view from one seed, the same on every device."""
+        generator = torch.Generator("cpu").manual_seed(seed)
+        channels = self.vae.config.latent_channels
+        noise = torch.randn(views, channels, height // self.latent_factor, width // self.latent_factor,
+                            generator=generator)
+        return noise.to(self.device, self.dtype) * self.scheduler.init_noise_sigma
+
+    @torch.no_grad()
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        negative_embeds: torch.Tensor,
+        settings: SamplingSettings,
+        geometry: dict | None,
+        extra_channels: torch.Tensor | None = None,
+        progress: ProgressCallback | None = None,
+        cancel: threading.Event | None = None,
+    ) -> torch.Tensor:
+        """Run the guided loop; ``extra_channels`` (V, k, h, w) are appended to every UNet input."""
+        guided = settings.guidance_scale > 1.0
+        embeds = torch.cat([negative_embeds, prompt_embeds]) if guided else prompt_embeds
+        if extra_channels is not None:
+            extra_channels = torch.cat([extra_channels] * 2) if guided else extra_channels
+        self.scheduler.set_timesteps(settings.steps, device=self.device)
+        timesteps = self.scheduler.timesteps
+        for index, t in enumerate(timesteps):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled(f"cancelled before step {index + 1} of {len(timesteps)}")
+            model_input = torch.cat([latents] * 2) if guided else latents
+            model_input = self.scheduler.scale_model_input(model_input, t)
+            if extra_channels is not None:
+                model_input = torch.cat([model_input, extra_channels], dim=1)
+            noise = self.model(model_input, t, embeds, geometry)
+            if guided:
+                uncond, text = noise.chunk(2)
+                noise = uncond + settings.guidance_scale * (text - uncond)
+            output = self.scheduler.step(noise, t, latents, eta=0.0)
+            latents = output.prev_sample
+            if progress is not None:
+                progress(StepInfo(index + 1, len(timesteps), int(t), latents, output.pred_original_sample))
+        return latents
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Latents (V, 4, h, w) -> float images (V, H, W, 3) in [0, 1], one view at a time."""
+        images = []
+        for view in latents:
+            image = self.vae.decode(view[None] / self.vae.config.scaling_factor, return_dict=False)[0]
+            images.append((image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy())
+        return np.concatenate(images)
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(images * 255.0), 0, 255).astype(np.uint8)

@@ -1,0 +1,128 @@
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from backend.geometry.panorama import panorama_layout
+from backend.geometry.render import render_depth
+from backend.models.mv_unet import MultiViewUNet
+from backend.models.tiny import tiny_pipeline
+from backend.pipelines.keyframes import KeyframePipeline, depth_channel
+from backend.pipelines.panorama import PanoramaPipeline
+from backend.pipelines.sampling import Cancelled, MultiViewSampler, SamplingSettings
+from backend.scenes.demo_room import build_demo_room, trajectory
+from backend.validation import InputError
+
+STEPS = 4
+PROMPTS = ["a wooden table", "a red sofa", "a green cabinet"]
+
+
+def sampler_for(kind: str, task: str):
+    pipe = tiny_pipeline(kind)
+    model = MultiViewUNet(pipe.unet, task).eval()
+    return pipe, MultiViewSampler(model, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler)
+
+
+@pytest.fixture(scope="module")
+def scene():
+    room = build_demo_room()
+    cameras = trajectory(24, width=128, height=64)[:3]
+    return cameras, [render_depth(room.mesh, camera) for camera in cameras]
+
+
+def test_keyframes_with_zero_caa_match_diffusers_depth2img(scene):
+    cameras, _ = scene
+    reference, sampler = sampler_for("depth", "depth")
+    settings = SamplingSettings(steps=STEPS, guidance_scale=9.0, seed=3)
+    # Depth constant over each latent cell, so the latent-size channel keeps the extremes -1 and 1
+    # and Depth2Img's own min-max normalisation of it changes nothing.
+    rng = np.random.default_rng(0)
+    depths = [np.kron(rng.uniform(1.0, 5.0, (8, 16)), np.ones((8, 8))).astype(np.float32) for _ in cameras]
+    channel = torch.stack([depth_channel(d, 8, 16) for d in depths])
+    assert channel.amin() == -1.0 and channel.amax() == 1.0
+    captured = {}
+    original = reference.prepare_latents
+
+    def capture(*args, **kwargs):
+        captured["latents"] = original(*args, **kwargs)
+        return captured["latents"]
+
+    reference.prepare_latents = capture
+    expected = reference(
+        PROMPTS, image=torch.zeros(3, 3, 64, 128), depth_map=channel[:, 0], strength=1.0,
+        num_inference_steps=STEPS, guidance_scale=9.0, negative_prompt=[""] * 3,
+        generator=torch.Generator().manual_seed(0), output_type="np",
+    ).images
+    ours = KeyframePipeline(sampler)(PROMPTS, cameras, depths, settings, latents=captured["latents"],
+                                     output_float=True)
+    assert ours.images.shape == expected.shape == (3, 64, 128, 3)
+    np.testing.assert_allclose(ours.images, expected, atol=1e-4)
+
+
+def test_text_panorama_with_zero_caa_matches_diffusers_stable_diffusion():
+    reference, sampler = sampler_for("base", "panorama")
+    cameras = panorama_layout(size=64, ring_views=4, fov_deg=120.0, pole_views=False)
+    latents = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    prompts = ["a beach", "the sea", "a forest", "a mountain"]
+    expected = reference(
+        prompts, height=64, width=64, num_inference_steps=STEPS, guidance_scale=7.0, negative_prompt=[""] * 4,
+        latents=latents.clone(), output_type="np",
+    ).images
+    ours = PanoramaPipeline(sampler)(prompts, cameras, SamplingSettings(steps=STEPS, guidance_scale=7.0),
+                                     latents=latents.clone(), output_float=True)
+    np.testing.assert_allclose(ours.images, expected, atol=1e-4)
+
+
+def test_one_seed_gives_reproducible_views_and_progress_reports_every_step(scene):
+    cameras, depths = scene
+    _, sampler = sampler_for("depth", "depth")
+    pipeline = KeyframePipeline(sampler)
+    steps = []
+    first = pipeline("a room", cameras, depths, SamplingSettings(steps=STEPS, seed=5), progress=steps.append)
+    second = pipeline("a room", cameras, depths, SamplingSettings(steps=STEPS, seed=5))
+    other = pipeline("a room", cameras, depths, SamplingSettings(steps=STEPS, seed=6))
+    assert first.images.dtype == np.uint8 and first.images.shape == (3, 64, 128, 3)
+    assert np.array_equal(first.images, second.images)
+    assert not np.array_equal(first.images, other.images)
+    assert [s.step for s in steps] == list(range(1, STEPS + 1)) and steps[-1].total == STEPS
+    assert steps[0].predicted.shape == (3, 4, 8, 16)
+
+
+def test_cancel_stops_within_one_step(scene):
+    cameras, depths = scene
+    _, sampler = sampler_for("depth", "depth")
+    cancel = threading.Event()
+    seen = []
+
+    def progress(info):
+        seen.append(info.step)
+        if info.step == 2:
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        KeyframePipeline(sampler)("a room", cameras, depths, SamplingSettings(steps=10), progress=progress,
+                                  cancel=cancel)
+    assert seen == [1, 2]
+
+
+def test_depth_channel_is_normalised_inverse_depth_with_invalid_marked():
+    depth = np.array([[1.0, 2.0], [4.0, 0.0]], np.float32)
+    channel = depth_channel(depth, 2, 2)[0].numpy()
+    np.testing.assert_allclose(channel, [[1.0, (0.5 - 0.25) / 0.75 * 2 - 1], [-1.0, -2.0]], atol=1e-6)
+
+
+def test_bad_requests_name_the_field(scene):
+    cameras, depths = scene
+    _, sampler = sampler_for("depth", "depth")
+    pipeline = KeyframePipeline(sampler)
+    with pytest.raises(InputError, match="prompts"):
+        pipeline(["one", "two"], cameras, depths, SamplingSettings(steps=1))
+    with pytest.raises(InputError, match="depths"):
+        pipeline("a room", cameras, depths[:2], SamplingSettings(steps=1))
+    with pytest.raises(InputError, match=r"depths\[1\]"):
+        pipeline("a room", cameras, [depths[0], np.full_like(depths[1], np.nan), depths[2]], SamplingSettings(steps=1))
+    with pytest.raises(InputError, match="steps"):
+        pipeline("a room", cameras, depths, SamplingSettings(steps=0))
+    with pytest.raises(InputError, match="model"):
+        PanoramaPipeline(sampler)

@@ -29,6 +29,7 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 
 from .caa import CAABlock, LevelGeometry
+from .condition import ConditionBranch
 
 Task = Literal["panorama", "depth"]
 
@@ -41,7 +42,9 @@ class MultiViewUNet(nn.Module):
     without it (or with one view) the CAA blocks are skipped and this is the plain UNet.
     """
 
-    def __init__(self, unet: UNet2DConditionModel, task: Task, mask_invalid: bool = True):
+    def __init__(
+        self, unet: UNet2DConditionModel, task: Task, mask_invalid: bool = True, with_condition: bool = False
+    ):
         super().__init__()
         if task not in ("panorama", "depth"):
             raise ValueError(f"task must be 'panorama' or 'depth', got {task!r}")
@@ -56,8 +59,12 @@ class MultiViewUNet(nn.Module):
         self.caa_down = nn.ModuleList(block(dim) for dim in channels)
         self.caa_mid = block(channels[-1])
         self.caa_up = nn.ModuleList(block(dim) for dim in reversed(channels))
+        self.condition = ConditionBranch(unet) if with_condition else None
         self._geometry: Mapping[tuple[int, int], LevelGeometry] | None = None
+        self._condition_features: torch.Tensor | None = None
         self._hooks = self._install_hooks()
+        if self.condition is not None:
+            self._hooks += self._install_condition_hooks()
 
     # ------------------------------------------------------------------ hooks
     def _install_hooks(self) -> list:
@@ -77,6 +84,38 @@ class MultiViewUNet(nn.Module):
             else:
                 hooks.append(up.register_forward_hook(self._output_hook(caa)))
         return hooks
+
+    def _install_condition_hooks(self) -> list:
+        """Add the condition encoders' outputs before every down, mid and up block."""
+        unet, branch, hooks = self.unet, self.condition, []
+        for block, encoder in zip(unet.down_blocks, branch.down, strict=True):
+            hooks.append(block.register_forward_pre_hook(self._condition_kwarg_hook(encoder), with_kwargs=True))
+        hooks.append(unet.mid_block.register_forward_pre_hook(self._condition_arg_hook(branch.mid)))
+        for block, encoder in zip(unet.up_blocks, branch.up, strict=True):
+            hooks.append(block.register_forward_pre_hook(self._condition_kwarg_hook(encoder), with_kwargs=True))
+        return hooks
+
+    def _add_condition(self, encoder: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        features = self._condition_features
+        if features is None:
+            return hidden
+        encoded = encoder(features)
+        return hidden + encoded.repeat(hidden.shape[0] // encoded.shape[0], 1, 1, 1)
+
+    def _condition_kwarg_hook(self, encoder: nn.Module):
+        def hook(module, args, kwargs):
+            if args:  # called positionally
+                return (self._add_condition(encoder, args[0]),) + tuple(args[1:]), kwargs
+            kwargs = dict(kwargs, hidden_states=self._add_condition(encoder, kwargs["hidden_states"]))
+            return args, kwargs
+
+        return hook
+
+    def _condition_arg_hook(self, encoder: nn.Module):
+        def hook(module, args):
+            return (self._add_condition(encoder, args[0]),) + tuple(args[1:])
+
+        return hook
 
     def _run_caa(self, caa: CAABlock, hidden: torch.Tensor) -> torch.Tensor:
         geometry = self._geometry
@@ -122,14 +161,29 @@ class MultiViewUNet(nn.Module):
         timestep: torch.Tensor | float | int,
         encoder_hidden_states: torch.Tensor,
         geometry: Mapping[tuple[int, int], LevelGeometry] | None = None,
+        condition: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Noise prediction for every view; ``geometry`` None runs the plain UNet."""
-        with self.views(geometry):
-            return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+        """Noise prediction for every view; ``geometry`` None runs the plain UNet.
+
+        ``condition`` (V, 5, h, w): keyframe latents and mask for the interpolation module, one per
+        view, shared by every guidance half of the batch.
+        """
+        if condition is not None and self.condition is None:
+            raise ValueError("this model has no condition branch (build it with with_condition=True)")
+        features = self.condition.features(condition) if condition is not None else None
+        previous, self._condition_features = self._condition_features, features
+        try:
+            with self.views(geometry):
+                return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+        finally:
+            self._condition_features = previous
 
     def added_modules(self) -> dict[str, nn.Module]:
         """The trainable additions (everything but the base UNet), by name."""
-        return {"caa_down": self.caa_down, "caa_mid": self.caa_mid, "caa_up": self.caa_up}
+        modules = {"caa_down": self.caa_down, "caa_mid": self.caa_mid, "caa_up": self.caa_up}
+        if self.condition is not None:
+            modules["condition"] = self.condition
+        return modules
 
     def added_state_dict(self) -> dict[str, torch.Tensor]:
         return {

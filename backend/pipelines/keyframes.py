@@ -72,6 +72,7 @@ class KeyframePipeline:
         progress: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
         output_float: bool = False,
+        condition: torch.Tensor | None = None,
     ) -> KeyframeResult:
         settings = (settings or SamplingSettings()).validated()
         views = len(cameras)
@@ -101,7 +102,9 @@ class KeyframePipeline:
             latents = self.sampler.initial_noise(views, height, width, settings.seed)
         text = self.sampler.encode_text(prompts)
         negative = self.sampler.encode_text([settings.negative_prompt] * views)
-        latents = self.sampler.denoise(latents, text, negative, settings, geometry, channel, progress, cancel)
+        latents = self.sampler.denoise(
+            latents, text, negative, settings, geometry, channel, progress, cancel, condition
+        )
         images = self.sampler.decode(latents)
         return KeyframeResult(images if output_float else to_uint8(images), latents)
 

@@ -111,8 +111,13 @@ class MultiViewSampler:
         extra_channels: torch.Tensor | None = None,
         progress: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
+        condition: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Run the guided loop; ``extra_channels`` (V, k, h, w) are appended to every UNet input."""
+        """Run the guided loop; ``extra_channels`` (V, k, h, w) are appended to every UNet input.
+
+        ``condition`` (V, 5, h, w) feeds the interpolation module's condition branch, the same for
+        both guidance halves.
+        """
         guided = settings.guidance_scale > 1.0
         embeds = torch.cat([negative_embeds, prompt_embeds]) if guided else prompt_embeds
         if extra_channels is not None:
@@ -126,7 +131,7 @@ class MultiViewSampler:
             model_input = self.scheduler.scale_model_input(model_input, t)
             if extra_channels is not None:
                 model_input = torch.cat([model_input, extra_channels], dim=1)
-            noise = self.model(model_input, t, embeds, geometry)
+            noise = self.model(model_input, t, embeds, geometry, condition)
             if guided:
                 uncond, text = noise.chunk(2)
                 noise = uncond + settings.guidance_scale * (text - uncond)

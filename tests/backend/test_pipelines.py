@@ -126,3 +126,56 @@ def test_bad_requests_name_the_field(scene):
         pipeline("a room", cameras, depths, SamplingSettings(steps=0))
     with pytest.raises(InputError, match="model"):
         PanoramaPipeline(sampler)
+
+
+def randomise(module, seed=0):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+
+
+def test_condition_branch_starts_as_nothing_and_then_conditions():
+    pipe = tiny_pipeline("depth")
+    model = MultiViewUNet(pipe.unet, "depth", with_condition=True).eval()
+    sample, text = torch.randn(4, 5, 8, 16), torch.randn(4, 77, 32)
+    condition = torch.randn(2, 5, 8, 16)
+    with torch.no_grad():
+        plain = model(sample, 10, text)
+        assert torch.equal(model(sample, 10, text, condition=condition), plain)
+        randomise(model.condition)
+        conditioned = model(sample, 10, text, condition=condition)
+        assert (conditioned - plain).abs().max() > 1e-3
+        assert torch.equal(model(sample, 10, text), plain)  # no condition: the branch is bypassed
+
+
+def test_interpolation_fills_every_window_and_keeps_keyframes(scene):
+    from backend.geometry.keyframes import select_keyframes
+    from backend.pipelines.interpolation import InterpolationPipeline
+
+    room = build_demo_room()
+    cameras = trajectory(24, width=128, height=64)[:7]
+    depths = [render_depth(room.mesh, camera) for camera in cameras]
+    overlap = np.clip(1.0 - np.abs(np.subtract.outer(np.arange(7), np.arange(7))) / 5.0, 0, 1)
+    plan = select_keyframes(overlap, 0.3, 0.6)
+    assert len(plan.windows) >= 2
+    pipe = tiny_pipeline("depth")
+    model = MultiViewUNet(pipe.unet, "depth", with_condition=True).eval()
+    sampler = MultiViewSampler(model, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler)
+    keyframe_pipeline = KeyframePipeline(sampler)
+    settings = SamplingSettings(steps=2)
+    keys = keyframe_pipeline("a room", [cameras[k] for k in plan.keyframes], [depths[k] for k in plan.keyframes],
+                             settings)
+    keyframe_images = dict(zip(plan.keyframes, keys.images, strict=True))
+    windows_seen = []
+    result = InterpolationPipeline(keyframe_pipeline, max_in_between=1)(
+        plan, keyframe_images, "a room", cameras, depths, settings,
+        progress=lambda number, total, info: windows_seen.append((number, total)),
+    )
+    in_between = sorted(f for _, _, frames in plan.windows for f in frames)
+    assert sorted(result.images) == in_between
+    assert all(result.images[f].shape == (64, 128, 3) for f in in_between)
+    batches = len(in_between)  # max_in_between=1: one batch per in-between frame
+    assert {number for number, _ in windows_seen} == set(range(batches))
+    with pytest.raises(InputError, match="keyframe_images"):
+        InterpolationPipeline(keyframe_pipeline)(plan, {}, "a room", cameras, depths, settings)

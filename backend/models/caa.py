@@ -31,7 +31,7 @@ from torch import nn
 
 HEAD_DIM = 32
 LAYER_NORM_EPS = 1e-5
-CHUNK_ELEMENTS = 16 * 2**20  # query pixels x key tokens x channels sampled at once (64 MB fp32)
+CHUNK_ELEMENTS = 2**20  # query pixels x key tokens x channels per chunk: 4 MB fp32 stays in cache
 ENCODING_CACHE_ELEMENTS = 64 * 2**20  # key encodings kept per level between steps (256 MB fp32)
 
 

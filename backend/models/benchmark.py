@@ -177,7 +177,7 @@ def run_unet_benchmark(
             sample, text, geometry = batch(count)
             geometry_mb = sum(
                 t.numel() * t.element_size() for g in geometry.values()
-                for t in (g.tap_index, g.tap_weight, g.valid, g.encoding_input)
+                for t in (g.source_view, g.grid, g.valid, g.encoding_input)
             ) / 2**20
             rows.append({
                 "views": count,

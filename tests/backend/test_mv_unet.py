@@ -101,3 +101,16 @@ def test_missing_level_geometry_is_reported(panorama_setup):
     with pytest.raises(ValueError, match="no CAA geometry"):
         model(torch.randn(len(cameras), 4, 8, 8), 10, torch.randn(len(cameras), 7, 32), partial)
     np.testing.assert_equal(sorted(geometry), [(1, 1), (2, 2), (4, 4), (8, 8)])
+
+
+@pytest.mark.parametrize("task", ["panorama", "depth"])
+def test_unet_benchmark_reports_overhead_memory_and_exactness(task):
+    from backend.models.benchmark import run_unet_benchmark
+
+    result = run_unet_benchmark(task, views=3, channels=(32, 32, 64, 64), neighbours=2, repeats=1, scaling=(3, 6))
+    assert result["zero_caa_max_abs_diff"] == 0.0
+    assert result["caa_overhead"] > 0 and result["peak_mem_mb_caa"] >= 0
+    assert [row["views"] for row in result["scaling"]] == [3, 6]
+    # The per-job geometry grows with the number of views at a fixed neighbour count.
+    small, large = (row["geometry_mb"] for row in result["scaling"])
+    assert 1.5 < large / small < 2.5

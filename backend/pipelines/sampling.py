@@ -151,5 +151,15 @@ class MultiViewSampler:
         return np.concatenate(images)
 
 
+def preview(sampler: MultiViewSampler, info: StepInfo, views: Sequence[int] | None = None) -> np.ndarray:
+    """Decoded uint8 previews of the current clean-image estimate of some views (all by default).
+
+    Decoding costs about as much as a UNet step per view at full size, so callers usually ask
+    for one or two views every few steps.
+    """
+    chosen = range(info.predicted.shape[0]) if views is None else views
+    return to_uint8(sampler.decode(info.predicted[list(chosen)]))
+
+
 def to_uint8(images: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(images * 255.0), 0, 255).astype(np.uint8)

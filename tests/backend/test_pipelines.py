@@ -10,7 +10,7 @@ from backend.models.mv_unet import MultiViewUNet
 from backend.models.tiny import tiny_pipeline
 from backend.pipelines.keyframes import KeyframePipeline, depth_channel
 from backend.pipelines.panorama import PanoramaPipeline
-from backend.pipelines.sampling import Cancelled, MultiViewSampler, SamplingSettings
+from backend.pipelines.sampling import Cancelled, MultiViewSampler, SamplingSettings, preview
 from backend.scenes.demo_room import build_demo_room, trajectory
 from backend.validation import InputError
 
@@ -87,6 +87,10 @@ def test_one_seed_gives_reproducible_views_and_progress_reports_every_step(scene
     assert not np.array_equal(first.images, other.images)
     assert [s.step for s in steps] == list(range(1, STEPS + 1)) and steps[-1].total == STEPS
     assert steps[0].predicted.shape == (3, 4, 8, 16)
+    shown = preview(sampler, steps[1], views=[2])
+    assert shown.dtype == np.uint8 and shown.shape == (1, 64, 128, 3)
+    # The last step's estimate is the result, up to DDIM's final alpha (SD 2's is 0.9991).
+    assert np.abs(preview(sampler, steps[-1]).astype(int) - first.images).max() <= 3
 
 
 def test_cancel_stops_within_one_step(scene):
@@ -179,3 +183,28 @@ def test_interpolation_fills_every_window_and_keeps_keyframes(scene):
     assert {number for number, _ in windows_seen} == set(range(batches))
     with pytest.raises(InputError, match="keyframe_images"):
         InterpolationPipeline(keyframe_pipeline)(plan, {}, "a room", cameras, depths, settings)
+
+
+def test_outpainting_with_zero_caa_matches_diffusers_inpainting():
+    from backend.pipelines.outpaint import PanoramaOutpaintPipeline
+
+    reference, sampler = sampler_for("inpaint", "panorama")
+    cameras = panorama_layout(size=64, ring_views=4, fov_deg=120.0, pole_views=False)
+    given = (np.random.default_rng(2).random((64, 64, 3)) * 255).astype(np.uint8)
+    pipeline = PanoramaOutpaintPipeline(sampler)
+    conditioning = pipeline.conditioning(given, 4, 64, 64)
+    assert torch.equal(conditioning[:, 0, 0, 0], torch.tensor([0.0, 1.0, 1.0, 1.0]))
+    latents = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    mask = torch.ones(4, 1, 64, 64)
+    mask[0] = 0.0
+    prompts = ["a harbour"] * 4
+    expected = reference(
+        prompts, image=torch.zeros(4, 3, 64, 64), mask_image=mask, masked_image_latents=conditioning[:, 1:],
+        height=64, width=64, strength=1.0, num_inference_steps=STEPS, guidance_scale=9.0, negative_prompt=[""] * 4,
+        latents=latents.clone(), output_type="np",
+    ).images
+    ours = pipeline(given, prompts, cameras, SamplingSettings(steps=STEPS), latents=latents.clone(),
+                    conditioning=conditioning, output_float=True)
+    np.testing.assert_allclose(ours.images, expected, atol=1e-4)
+    with pytest.raises(InputError, match="image"):
+        pipeline(given[:32], prompts, cameras, SamplingSettings(steps=1))

@@ -75,15 +75,10 @@ class KeyframePipeline:
         condition: torch.Tensor | None = None,
     ) -> KeyframeResult:
         settings = (settings or SamplingSettings()).validated()
+        width, height = self.sampler.check_views(cameras)
         views = len(cameras)
-        if views == 0:
-            raise InputError("cameras", "need at least one view")
         if len(depths) != views:
             raise InputError("depths", f"expected one depth map per camera ({views}), got {len(depths)}")
-        width, height = cameras[0].width, cameras[0].height
-        factor = 8 * self.sampler.latent_factor
-        if any((c.width, c.height) != (width, height) for c in cameras) or width % factor or height % factor:
-            raise InputError("cameras", f"all views must share one size, a multiple of {factor} pixels")
         depths = [depth_map(f"depths[{k}]", d, height, width) for k, d in enumerate(depths)]
         prompts = view_prompts(prompts, views)
 
@@ -93,19 +88,14 @@ class KeyframePipeline:
             neighbours = self._neighbours(overlap, views)
         geometry = None
         if views > 1 and any(neighbours):
-            raw = depth_geometry(cameras, depths, neighbours)
-            geometry = {key: level.to(self.sampler.device, self.sampler.dtype) for key, level in raw.items()}
+            geometry = self.sampler.on_device(depth_geometry(cameras, depths, neighbours))
         latent_size = (height // self.sampler.latent_factor, width // self.sampler.latent_factor)
-        channel = torch.stack([depth_channel(d, *latent_size) for d in depths]).to(self.sampler.device,
-                                                                                 self.sampler.dtype)
-        if latents is None:
-            latents = self.sampler.initial_noise(views, height, width, settings.seed)
-        text = self.sampler.encode_text(prompts)
-        negative = self.sampler.encode_text([settings.negative_prompt] * views)
-        latents = self.sampler.denoise(
-            latents, text, negative, settings, geometry, channel, progress, cancel, condition
+        channel = torch.stack([depth_channel(d, *latent_size) for d in depths])
+        images, latents = self.sampler.generate(
+            prompts, (width, height), settings, geometry, latents=latents,
+            extra_channels=channel.to(self.sampler.device, self.sampler.dtype), condition=condition,
+            progress=progress, cancel=cancel,
         )
-        images = self.sampler.decode(latents)
         return KeyframeResult(images if output_float else to_uint8(images), latents)
 
     def _neighbours(self, overlap: np.ndarray | None, views: int) -> list[list[int]]:

@@ -64,26 +64,17 @@ class PanoramaOutpaintPipeline:
         output_float: bool = False,
     ) -> PanoramaResult:
         settings = (settings or SamplingSettings()).validated()
-        views = len(cameras)
-        if views == 0:
-            raise InputError("cameras", "need at least one view")
-        width, height = cameras[0].width, cameras[0].height
-        factor = 8 * self.sampler.latent_factor
-        if any((c.width, c.height) != (width, height) for c in cameras) or width % factor or height % factor:
-            raise InputError("cameras", f"all views must share one size, a multiple of {factor} pixels")
+        width, height = self.sampler.check_views(cameras)
         image = rgb_image("image", image, height, width)
-        prompts = view_prompts(prompts, views)
+        prompts = view_prompts(prompts, len(cameras))
         geometry = None
-        if views > 1:
+        if len(cameras) > 1:
             neighbours = neighbour_views(cameras) if neighbours is None else neighbours
-            raw = panorama_geometry(cameras, neighbours)
-            geometry = {key: level.to(self.sampler.device, self.sampler.dtype) for key, level in raw.items()}
+            geometry = self.sampler.on_device(panorama_geometry(cameras, neighbours))
         if conditioning is None:
-            conditioning = self.conditioning(image, views, height, width)
-        if latents is None:
-            latents = self.sampler.initial_noise(views, height, width, settings.seed)
-        text = self.sampler.encode_text(prompts)
-        negative = self.sampler.encode_text([settings.negative_prompt] * views)
-        latents = self.sampler.denoise(latents, text, negative, settings, geometry, conditioning, progress, cancel)
-        images = self.sampler.decode(latents)
+            conditioning = self.conditioning(image, len(cameras), height, width)
+        images, latents = self.sampler.generate(
+            prompts, (width, height), settings, geometry, latents=latents, extra_channels=conditioning,
+            progress=progress, cancel=cancel,
+        )
         return PanoramaResult(images if output_float else to_uint8(images), latents, cameras)

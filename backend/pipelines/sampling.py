@@ -84,6 +84,43 @@ class MultiViewSampler:
     def latent_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    def check_views(self, cameras: Sequence) -> tuple[int, int]:
+        """(width, height) shared by every view, a multiple of what the UNet's levels divide."""
+        if len(cameras) == 0:
+            raise InputError("cameras", "need at least one view")
+        width, height = cameras[0].width, cameras[0].height
+        factor = 8 * self.latent_factor
+        if any((c.width, c.height) != (width, height) for c in cameras) or width % factor or height % factor:
+            raise InputError("cameras", f"all views must share one size, a multiple of {factor} pixels")
+        return width, height
+
+    def on_device(self, geometry: dict | None) -> dict | None:
+        if geometry is None:
+            return None
+        return {key: level.to(self.device, self.dtype) for key, level in geometry.items()}
+
+    def generate(
+        self,
+        prompts: list[str],
+        size: tuple[int, int],
+        settings: SamplingSettings,
+        geometry: dict | None,
+        *,
+        latents: torch.Tensor | None = None,
+        extra_channels: torch.Tensor | None = None,
+        condition: torch.Tensor | None = None,
+        progress: ProgressCallback | None = None,
+        cancel: threading.Event | None = None,
+    ) -> tuple[np.ndarray, torch.Tensor]:
+        """Noise (from the seed unless given) -> guided denoising -> float images (V, H, W, 3)."""
+        width, height = size
+        if latents is None:
+            latents = self.initial_noise(len(prompts), height, width, settings.seed)
+        text = self.encode_text(prompts)
+        negative = self.encode_text([settings.negative_prompt] * len(prompts))
+        latents = self.denoise(latents, text, negative, settings, geometry, extra_channels, progress, cancel, condition)
+        return self.decode(latents), latents
+
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         ids = self.tokenizer(

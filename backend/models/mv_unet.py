@@ -16,6 +16,18 @@ Placement (nine CAA blocks):
 The depth task follows every CAA block with a zero-initialised ResNet, and the interpolation
 module adds an image-condition branch (keyframe latents and mask) before each down, mid and up
 block (:mod:`condition`).
+
+Condition add, clean and released. The released code adds the condition with an in-place
+``hidden_states += ...``. At the start of down block i its hidden state is the tensor already
+stored as a skip (conv_in's output for block 0, the previous downsampler's output after that),
+so the skips the up blocks read carry the condition too; before the mid block the same happens
+to the last down block's last skip when no CAA block ran there (one view). By default the add
+is out of place and the skips stay as the down path made them. With ``released`` set the hook
+adds in place to the very tensor diffusers passes to the block, which diffusers' UNet forward
+has also stored in its skip tuple (``down_block_res_samples = (sample,)`` after conv_in, and
+each down block returns its downsampler output both as the hidden state and as its last skip),
+so the stored skips change exactly as in the released code. Where nothing else holds the tensor
+(up blocks, the mid block after a CAA block) in place and out of place give the same values.
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 
 from .caa import CAABlock, LevelGeometry
+from .caa_geometry import ViewGroups
 from .condition import ConditionBranch
 
 Task = Literal["panorama", "depth"]
@@ -38,17 +51,28 @@ class MultiViewUNet(nn.Module):
     """Runs all views of a batch through the UNet together, exchanging information through CAA.
 
     Inputs are flattened views: ``sample`` (B * V, C, h, w) with the V views of each sample
-    consecutive. ``geometry`` maps a level's latent size (h, w) to its :class:`LevelGeometry`;
-    without it (or with one view) the CAA blocks are skipped and this is the plain UNet.
+    consecutive. ``geometry`` maps a level's latent size (h, w) to its :class:`LevelGeometry`
+    (or :class:`~backend.models.caa_geometry.ViewGroups`); without it (or with one view) the CAA
+    blocks are skipped and this is the plain UNet.
+
+    ``released``: add the condition in place, as the released code does (module docstring);
+    :func:`~backend.models.released.use_released_behaviour` sets it with the rest of the released
+    behaviour.
     """
 
     def __init__(
-        self, unet: UNet2DConditionModel, task: Task, mask_invalid: bool = True, with_condition: bool = False
+        self,
+        unet: UNet2DConditionModel,
+        task: Task,
+        mask_invalid: bool = True,
+        with_condition: bool = False,
+        released: bool = False,
     ):
         super().__init__()
         if task not in ("panorama", "depth"):
             raise ValueError(f"task must be 'panorama' or 'depth', got {task!r}")
         self.unet, self.task = unet, task
+        self.released = released
         channels = list(unet.config.block_out_channels)
         encoding_inputs = 2 if task == "panorama" else 1
         with_resnet = task == "depth"
@@ -60,7 +84,7 @@ class MultiViewUNet(nn.Module):
         self.caa_mid = block(channels[-1])
         self.caa_up = nn.ModuleList(block(dim) for dim in reversed(channels))
         self.condition = ConditionBranch(unet) if with_condition else None
-        self._geometry: Mapping[tuple[int, int], LevelGeometry] | None = None
+        self._geometry: Mapping[tuple[int, int], LevelGeometry | ViewGroups] | None = None
         self._condition_features: torch.Tensor | None = None
         self._hooks = self._install_hooks()
         if self.condition is not None:
@@ -99,8 +123,11 @@ class MultiViewUNet(nn.Module):
         features = self._condition_features
         if features is None:
             return hidden
-        encoded = encoder(features)
-        return hidden + encoded.repeat(hidden.shape[0] // encoded.shape[0], 1, 1, 1)
+        encoded = encoder(features).repeat(hidden.shape[0] // features.shape[0], 1, 1, 1)
+        if self.released:
+            # The stored skip is this same tensor: adding in place reaches it, as released.
+            return hidden.add_(encoded)
+        return hidden + encoded
 
     def _condition_kwarg_hook(self, encoder: nn.Module):
         def hook(module, args, kwargs):
@@ -124,6 +151,8 @@ class MultiViewUNet(nn.Module):
         level = geometry.get(tuple(hidden.shape[-2:]))
         if level is None:
             raise ValueError(f"no CAA geometry for a {tuple(hidden.shape[-2:])} feature map; have {sorted(geometry)}")
+        if isinstance(level, ViewGroups):
+            return level.apply(caa, hidden)
         return caa(hidden, level)
 
     def _pre_hook(self, caa: CAABlock):
@@ -147,7 +176,7 @@ class MultiViewUNet(nn.Module):
 
     # ------------------------------------------------------------------ running
     @contextmanager
-    def views(self, geometry: Mapping[tuple[int, int], LevelGeometry] | None):
+    def views(self, geometry: Mapping[tuple[int, int], LevelGeometry | ViewGroups] | None):
         """Make the UNet's calls inside the block multi-view with this geometry."""
         previous, self._geometry = self._geometry, geometry
         try:
@@ -160,7 +189,7 @@ class MultiViewUNet(nn.Module):
         sample: torch.Tensor,
         timestep: torch.Tensor | float | int,
         encoder_hidden_states: torch.Tensor,
-        geometry: Mapping[tuple[int, int], LevelGeometry] | None = None,
+        geometry: Mapping[tuple[int, int], LevelGeometry | ViewGroups] | None = None,
         condition: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Noise prediction for every view; ``geometry`` None runs the plain UNet.

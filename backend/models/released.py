@@ -401,11 +401,17 @@ def component_state_dict(
 
 # ---------------------------------------------------------------------------------------------------------- behaviour
 def use_released_behaviour(model: MultiViewUNet, report: LoadReport | None = None) -> MultiViewUNet:
-    """Make every CAA block compute as the released code: invalid keys enter the softmax as zero
-    vectors, and the positional encodings carry the released quirks.
+    """Make the model compute as the released code: invalid keys enter the softmax as zero
+    vectors, the positional encodings carry the released quirks, and the condition branch adds
+    in place, so the skips stored before down blocks carry it too (:mod:`~backend.models.mv_unet`).
 
     With a ``report`` from :func:`load_released_checkpoint` the encodings use the file's own
     frequency buffers, bit for bit; without one, the released formula's.
+
+    The key tokens are the caller's: build them with the released rules as well,
+    ``depth_geometry(cameras, depths, released_depth_neighbours(cameras, depths), released=True)``
+    or ``panorama_geometry(cameras, released_panorama_neighbours(len(cameras)), released=True)``
+    (:mod:`~backend.models.caa_geometry`).
     """
     encoding_class = ReleasedPanoramaEncoding if model.task == "panorama" else ReleasedDepthEncoding
     frequencies = report.frequencies if report is not None else {}
@@ -415,4 +421,5 @@ def use_released_behaviour(model: MultiViewUNet, report: LoadReport | None = Non
         encoding = encoding_class(attention.dim, frequencies.get(name))
         attention.encoding = encoding.to(reference.device)
         attention.mask_invalid = False
+    model.released = True
     return model

@@ -7,18 +7,13 @@ from backend.geometry.panorama import neighbour_views, panorama_layout
 from backend.geometry.render import render_depth
 from backend.models.caa_geometry import depth_geometry, panorama_geometry
 from backend.models.mv_unet import MultiViewUNet
+from backend.models.tiny import tiny_unet
 from backend.scenes.demo_room import build_demo_room, trajectory
 
 
 def sd2_like_unet(in_channels: int) -> UNet2DConditionModel:
-    """SD 2's block structure at toy size: four levels, cross attention on the first three."""
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=8, in_channels=in_channels, out_channels=4, block_out_channels=(32, 32, 64, 64),
-        layers_per_block=1, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=32,
-        attention_head_dim=8, use_linear_projection=True, norm_num_groups=32,
-    ).eval()
+    """SD 2's block structure at toy size (four levels, cross attention on the first three)."""
+    return tiny_unet({4: "base", 5: "depth"}[in_channels]).eval()
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DConditionModel
 
 from backend.geometry.cameras import Camera, look_at, yaw_pitch_rotation
 from backend.geometry.correspondence import overlap_matrix
@@ -33,6 +32,7 @@ from backend.models.caa_geometry import (
 )
 from backend.models.mv_unet import MultiViewUNet
 from backend.models.released import ReleasedDepthEncoding, use_released_behaviour
+from backend.models.tiny import tiny_unet
 from backend.scenes.demo_room import build_demo_room, trajectory
 from backend.validation import InputError
 
@@ -396,20 +396,9 @@ def test_released_geometry_rejects_what_the_release_cannot_run(depth_scene):
 
 
 # -- the condition branch's in-place add ------------------------------------------------------------------------------
-def sd2_like_unet() -> UNet2DConditionModel:
-    """SD 2 depth's block structure at toy size: four levels, cross attention on the first three."""
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=8, in_channels=5, out_channels=4, block_out_channels=(32, 32, 64, 64),
-        layers_per_block=1, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=32,
-        attention_head_dim=8, use_linear_projection=True, norm_num_groups=32,
-    ).eval()
-
-
 @pytest.fixture(scope="module")
 def conditioned_model():
-    model = MultiViewUNet(sd2_like_unet(), "depth", with_condition=True)
+    model = MultiViewUNet(tiny_unet("depth").eval(), "depth", with_condition=True)
     torch.manual_seed(3)
     with torch.no_grad():
         for param in [*model.condition.parameters(), *model.caa_down.parameters(), *model.caa_mid.parameters()]:
@@ -513,15 +502,15 @@ def test_clean_condition_add_leaves_the_skips_alone(conditioned_model):
 
 
 def test_use_released_behaviour_switches_the_in_place_add():
-    model = MultiViewUNet(sd2_like_unet(), "depth", with_condition=True)
+    model = MultiViewUNet(tiny_unet("depth").eval(), "depth", with_condition=True)
     assert model.released is False
     assert use_released_behaviour(model).released is True
-    assert MultiViewUNet(sd2_like_unet(), "depth", released=True).released is True
+    assert MultiViewUNet(tiny_unet("depth").eval(), "depth", released=True).released is True
 
 
 def test_released_model_runs_on_grouped_released_geometry(depth_scene):
     cameras, depths = depth_scene
-    model = use_released_behaviour(MultiViewUNet(sd2_like_unet(), "depth", with_condition=True))
+    model = use_released_behaviour(MultiViewUNet(tiny_unet("depth").eval(), "depth", with_condition=True))
     geometry = depth_geometry(cameras, depths, released_depth_neighbours(cameras, depths), released=True)
     geometry = {key: level.to("cpu", torch.float32) for key, level in geometry.items()}
     views = len(cameras)

@@ -21,6 +21,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ..validation import InputError
 from .loading import KIND_IN_CHANNELS
+from .weights import save_added_weights
 
 TEXT_HIDDEN = 32
 MAX_TOKENS = 77
@@ -153,7 +154,8 @@ def write_tiny_models(directory: str | Path, seed: int = 0) -> dict[str, Path]:
 
     Each holds ``model_index.json`` and the unet, vae, text_encoder, tokenizer and scheduler
     subfolders, the layout of ``stabilityai/stable-diffusion-2-{depth,base,inpainting}``, so every
-    loader that accepts those ids accepts these folders. The depth estimator, safety checker and
+    loader that accepts those ids accepts these folders, plus ``caa.safetensors``: tiny random
+    weights for the multi-view blocks (see :func:`tiny_multiview`). The depth estimator, safety checker and
     feature extractor are recorded as absent; pass ``None`` for them when loading a pipeline.
     """
     from diffusers.utils import logging as diffusers_logging
@@ -170,5 +172,27 @@ def write_tiny_models(directory: str | Path, seed: int = 0) -> dict[str, Path]:
             pipeline.save_pretrained(folder, safe_serialization=True)
         finally:
             diffusers_logging.set_verbosity(level)
+        save_added_weights(tiny_multiview(kind, pipeline.unet, seed), folder / CAA_WEIGHTS)
         written[kind] = folder
     return written
+
+
+CAA_WEIGHTS = "caa.safetensors"
+TASK_OF_KIND = {"depth": "depth", "base": "panorama", "inpaint": "panorama"}
+
+
+def tiny_multiview(kind: str, unet: UNet2DConditionModel | None = None, seed: int = 0):
+    """A multi-view UNet on the tiny base with small random (not zero) added blocks.
+
+    Random rather than zero so that offline runs exercise CAA and the condition branch; the
+    depth kind carries the interpolation module's condition branch.
+    """
+    from .mv_unet import MultiViewUNet
+
+    unet = unet if unet is not None else tiny_unet(kind, seed)
+    model = MultiViewUNet(unet, TASK_OF_KIND[kind], with_condition=kind == "depth")
+    with _seeded(seed + 1), torch.no_grad():
+        for module in model.added_modules().values():
+            for param in module.parameters():
+                param.add_(torch.randn_like(param) * 0.02)
+    return model.eval()

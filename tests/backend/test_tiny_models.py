@@ -160,3 +160,19 @@ def test_cli_writes_loadable_folders(tmp_path):
     for kind, channels in KINDS.items():
         assert f"{kind}: {tmp_path / 'm' / kind} (UNet in_channels {channels})" in done.stdout
         assert load_components(tmp_path / "m" / kind, kind).unet.config.in_channels == channels
+
+
+def test_tiny_folders_carry_multiview_weights_that_load_strictly(tmp_path):
+    from backend.models.loading import load_components
+    from backend.models.mv_unet import MultiViewUNet
+    from backend.models.tiny import CAA_WEIGHTS, TASK_OF_KIND, write_tiny_models
+    from backend.models.weights import load_added_weights
+
+    written = write_tiny_models(tmp_path)
+    for kind, folder in written.items():
+        components = load_components(folder, kind)
+        model = MultiViewUNet(components.unet, TASK_OF_KIND[kind], with_condition=kind == "depth")
+        report = load_added_weights(model, folder / CAA_WEIGHTS)
+        assert not report.missing and not report.unexpected
+        # Random, not zero: offline runs exercise the blocks.
+        assert model.caa_down[0].attention.to_out.weight.abs().max() > 0

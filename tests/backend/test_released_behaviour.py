@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from released_reference import released_attention, released_pos_embedding
 
 from backend.geometry.cameras import Camera, look_at, yaw_pitch_rotation
 from backend.geometry.correspondence import overlap_matrix
@@ -310,29 +311,16 @@ def test_depth_tokens_of_equal_counts_form_one_level(depth_scene):
 def released_depth_attention(block, hidden: torch.Tensor, reference: list[list[dict]]) -> torch.Tensor:
     """§5's block per view, written out: each view's own keys, its own (P, n) scalars paired in memory order."""
     views, dim, h, w = hidden.shape
-    pixels, heads = h * w, dim // 32
+    pixels = h * w
     bands = block.encoding.freq_bands.double()
-
-    def pe(values: torch.Tensor) -> torch.Tensor:  # PosEmbedding(2, dim // 2) on (..., 1) scalars
-        shape = values.shape[:-1]
-        angles = values.reshape(-1, 2, 1) * bands
-        return torch.cat([angles.sin(), angles.cos()], dim=1).reshape(*shape, dim)
-
     out = torch.empty_like(hidden)
     for view, slots in enumerate(reference):
         keys = torch.stack([reference_samples(hidden[s["source"]], s["positions"])[:, :, 0].T for s in slots], 1)
         scalars = torch.from_numpy(np.stack([s["values"][:, 0] for s in slots], 1)).double()  # (P, n, 1)
         mask = torch.from_numpy(np.stack([s["valid"][:, 0] for s in slots], 1))
-        context = block.norm1((keys + pe(scalars)) * mask[..., None])
         x = hidden[view].reshape(dim, pixels).T[:, None]
-        query = block.to_q(block.norm1(x + pe(torch.zeros(pixels, 1, 1, dtype=torch.float64))))
-
-        def split(t):
-            return t.view(pixels, -1, heads, 32).transpose(1, 2)
-
-        weights = (split(query) @ split(block.to_k(context)).transpose(-1, -2) / math.sqrt(32)).softmax(-1)
-        x = x + block.to_out((weights @ split(block.to_v(context))).transpose(1, 2).reshape(pixels, 1, dim))
-        x = x + block.ff(block.norm2(x))
+        query_encoding = released_pos_embedding(torch.zeros(pixels, 1, 1, dtype=torch.float64), bands)
+        x = released_attention(block, x, keys, mask, released_pos_embedding(scalars, bands), query_encoding)
         out[view] = x[:, 0].T.reshape(dim, h, w)
     return out
 

@@ -10,6 +10,7 @@ import re
 
 import pytest
 import torch
+from released_reference import released_attention, released_pos_embedding
 
 from backend.models.caa import LevelGeometry
 from backend.models.mv_unet import MultiViewUNet, level_sizes
@@ -386,17 +387,10 @@ def test_depth_query_encoding_alternates_per_pixel():
     assert torch.equal(encoding(torch.zeros(1)), torch.zeros(64))  # a lone query: the even-pixel vector
 
 
-def released_pos_embedding(values: torch.Tensor, frequencies: torch.Tensor) -> torch.Tensor:
-    """mvdiffusion.md §4/§5, literally: reshape into pairs, [sin a, sin b, cos a, cos b], reshape back."""
-    shape = values.shape[:-1]
-    angles = values.reshape(-1, 2, 1) * frequencies.view(1, 1, -1)
-    return torch.cat([angles.sin(), angles.cos()], dim=1).reshape(*shape, -1)
-
-
 def released_depth_block(block, hidden, geometry, sources):
     """The released depth CAA for one sample, view by view: keys (P, T, C), query encoding of (P, 1, 1) zeros."""
     views, dim, height, width = hidden.shape
-    pixels, heads = height * width, dim // 32
+    pixels = height * width
     frequencies = block.encoding.freq_bands
     out = hidden.clone()
     for view in range(views):
@@ -405,17 +399,10 @@ def released_depth_block(block, hidden, geometry, sources):
             for slot, source in enumerate(sources[view])
         ]
         keys = torch.stack([s[0, :, :, 0].T for s in samples], dim=1)  # (P, T, C)
-        pe = released_pos_embedding(geometry.encoding_input[view], frequencies)
-        context = block.norm1((keys + pe) * geometry.valid[view][..., None])
         x = hidden[view].reshape(dim, pixels).T[:, None]  # (P, 1, C)
-        query = block.to_q(block.norm1(x + released_pos_embedding(torch.zeros(pixels, 1, 1).double(), frequencies)))
-
-        def split(t):
-            return t.view(pixels, -1, heads, 32).transpose(1, 2)
-
-        weights = (split(query) @ split(block.to_k(context)).transpose(-1, -2) / math.sqrt(32)).softmax(-1)
-        x = x + block.to_out((weights @ split(block.to_v(context))).transpose(1, 2).reshape(pixels, 1, dim))
-        x = x + block.ff(block.norm2(x))
+        key_encoding = released_pos_embedding(geometry.encoding_input[view], frequencies)
+        query_encoding = released_pos_embedding(torch.zeros(pixels, 1, 1).double(), frequencies)
+        x = released_attention(block, x, keys, geometry.valid[view], key_encoding, query_encoding)
         out[view] = x[:, 0].T.reshape(dim, height, width)
     return out
 

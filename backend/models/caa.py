@@ -165,6 +165,7 @@ class CorrespondenceAttention(nn.Module):
         query_encoding = self.encoding(torch.zeros_like(geometry.encoding_input[0, 0, 0]))
         output = torch.empty(batch, views, pixels, channels, dtype=hidden.dtype, device=hidden.device)
         chunk = max(1, CHUNK_ELEMENTS // max(1, batch * views * geometry.num_tokens * channels))
+        projections = self._input_space_projections()
         for start in range(0, pixels, chunk):
             stop = min(start + chunk, pixels)
             grid = geometry.grid[:, :, start:stop].expand(batch, -1, -1, -1, -1, -1)
@@ -182,13 +183,25 @@ class CorrespondenceAttention(nn.Module):
             valid = geometry.valid[:, start:stop].expand(batch, -1, -1, -1)
             output[:, :, start:stop] = self._attend(
                 queries[:, :, start:stop].reshape(-1, channels), z.reshape(-1, geometry.num_tokens, channels),
-                valid.reshape(-1, geometry.num_tokens), query_encoding,
+                valid.reshape(-1, geometry.num_tokens), query_encoding, projections,
             ).view(batch, views, stop - start, channels)
         # Same memory layout as the input: downstream kernels then run exactly as without CAA.
         result = output.transpose(2, 3).reshape(total, channels, height, width)
         return torch.empty_like(hidden).copy_(result)
 
-    def _attend(self, x: torch.Tensor, z: torch.Tensor, valid: torch.Tensor, query_encoding: torch.Tensor):
+    def _input_space_projections(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Key and value matrices with the LayerNorm gain folded in, per head, and the value bias.
+
+        ``W diag(gamma)`` maps normalised keys straight to projected ones; ``W_v beta`` is what
+        the LayerNorm's shift adds to every value. Computed once per block call, not per chunk.
+        """
+        gamma, beta = self.norm1.weight, self.norm1.bias
+        w_k = (self.to_k.weight * gamma).view(self.heads, HEAD_DIM, self.dim)
+        w_v = (self.to_v.weight * gamma).view(self.heads, HEAD_DIM, self.dim)
+        return w_k, w_v, self.to_v(beta)
+
+    def _attend(self, x: torch.Tensor, z: torch.Tensor, valid: torch.Tensor, query_encoding: torch.Tensor,
+                projections: tuple[torch.Tensor, torch.Tensor, torch.Tensor]):
         """Queries ``x`` (Q, C) attend to keys ``z`` (Q, T, C) (samples plus encodings)."""
         if not self.mask_invalid:
             z = z * valid[..., None]
@@ -196,9 +209,7 @@ class CorrespondenceAttention(nn.Module):
 
         # Queries: the block's own feature with the encoding of "no displacement".
         q = self.to_q(self.norm1(x + query_encoding)).view(-1, self.heads, HEAD_DIM)
-        gamma, beta = self.norm1.weight, self.norm1.bias
-        w_k = (self.to_k.weight * gamma).view(self.heads, HEAD_DIM, self.dim)
-        w_v = (self.to_v.weight * gamma).view(self.heads, HEAD_DIM, self.dim)
+        w_k, w_v, value_bias = projections
         q_in = torch.einsum("nhd,hdc->nhc", q, w_k) / math.sqrt(HEAD_DIM)
 
         # One query per sequence and a handful of keys shared by all heads: two batched matrix
@@ -209,7 +220,7 @@ class CorrespondenceAttention(nn.Module):
             usable = valid | ~valid.any(dim=1, keepdim=True)
             logits = logits.masked_fill(~usable[:, None, :], float("-inf"))
         mixed = torch.bmm(logits.softmax(dim=-1), zhat)  # (Q, heads, C)
-        attended = torch.einsum("nhc,hdc->nhd", mixed, w_v).reshape(-1, self.dim) + self.to_v(beta)
+        attended = torch.einsum("nhc,hdc->nhd", mixed, w_v).reshape(-1, self.dim) + value_bias
         update = self.to_out(attended)
         if self.mask_invalid:
             # A pixel with no valid correspondence has nothing to attend to: no attention update.

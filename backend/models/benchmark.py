@@ -43,9 +43,13 @@ def sd2_structured_unet(channels: tuple[int, ...], in_channels: int = 5, cross_d
 
 
 def trajectory_neighbours(count: int, neighbours: int, width: int = 256, height: int = 192):
-    """Cameras along the demo loop, their depths, and each view's best-overlapping neighbours."""
+    """Consecutive cameras along the demo loop, their depths, and each view's best neighbours.
+
+    Views are spaced as keyframes are (a 24-view loop's neighbours overlap by about half), so
+    the neighbours really share pixels; fewer views are the start of that loop, not a sparser one.
+    """
     room = build_demo_room()
-    cameras = trajectory(count, width=width, height=height)
+    cameras = trajectory(max(count, 24), width=width, height=height)[:count]
     depths = [render_depth(room.mesh, camera) for camera in cameras]
     if count <= 24:
         overlap = overlap_matrix(cameras, depths, stride=8)
@@ -115,8 +119,23 @@ def time_steps(model: MultiViewUNet, sample, text, geometry, repeats: int, devic
 
 
 def step_memory(model: MultiViewUNet, sample, text, geometry, device: torch.device) -> float:
+    """Peak memory of one step in a running job: the per-job geometry caches already exist."""
     with torch.no_grad():
+        model(sample, 500, text, geometry)
         return peak_memory_mb(lambda: model(sample, 500, text, geometry), device)
+
+
+def block_memory(model: MultiViewUNet, geometry: dict, batch: int, device: torch.device, dtype) -> float:
+    """Peak memory of the first (widest) CAA block alone, above its input: what CAA itself holds.
+
+    Inside a whole step that peak hides under the UNet's own, so it is measured apart.
+    """
+    block = model.caa_down[0]
+    level = max(geometry.values(), key=lambda g: g.height * g.width)
+    hidden = torch.randn(batch, block.attention.dim, level.height, level.width, device=device, dtype=dtype)
+    with torch.no_grad():
+        block(hidden, level)  # the per-job caches exist in a running job
+        return peak_memory_mb(lambda: block(hidden, level), device)
 
 
 def run_unet_benchmark(
@@ -132,8 +151,8 @@ def run_unet_benchmark(
     torch.manual_seed(0)
     dev = torch.device(device)
     in_channels = 4 if task == "panorama" else 5
-    unet = sd2_structured_unet(channels, in_channels).to(dev, dtype)
-    model = MultiViewUNet(unet, task).to(dev, dtype)
+    unet = sd2_structured_unet(channels, in_channels).to(dev)
+    model = MultiViewUNet(unet, task).to(dev, dtype)  # casts the wrapped UNet too
     cross_dim = unet.config.cross_attention_dim
 
     def batch(count: int):
@@ -167,6 +186,8 @@ def run_unet_benchmark(
         "batch": 2 * views,
         "neighbours": 2 if task == "panorama" else neighbours,
         "key_tokens": int(next(iter(geometry.values())).num_tokens),
+        # Tokens left per pixel once those without a valid correspondence are dropped (largest level).
+        "key_tokens_attended": int(next(iter(geometry.values())).key_tokens(drop_invalid=True).count),
         "config": {"channels": list(channels), "latent": [24, 32], "task": task, "cfg": True,
                    "dtype": str(dtype).replace("torch.", ""), "device": device},
         "caa_parameters_m": round(sum(p.numel() for p in model.added_state_dict().values()) / 1e6, 2),
@@ -183,6 +204,7 @@ def run_unet_benchmark(
                 "views": count,
                 "peak_mem_mb_caa": round(step_memory(model, sample, text, geometry, dev), 1),
                 "peak_mem_mb_plain": round(step_memory(model, sample, text, None, dev), 1),
+                "caa_block_peak_mb": round(block_memory(model, geometry, 2 * count, dev, dtype), 1),
                 "geometry_mb": round(geometry_mb, 2),
             })
         result["scaling"] = rows

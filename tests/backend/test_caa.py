@@ -13,13 +13,13 @@ VIEWS, HEIGHT, WIDTH, SLOTS, SAMPLES, DIM = 3, 4, 5, 2, 3, 64
 TOKENS = SLOTS * SAMPLES
 
 
-def random_tokens(seed: int, encoding_inputs: int, all_invalid_pixel: bool = True):
+def random_tokens(seed: int, encoding_inputs: int, all_invalid_pixel: bool = True, valid_fraction: float = 0.7):
     """Random key tokens: a source view per slot, level coordinates (some outside), validity, encodings."""
     rng = np.random.default_rng(seed)
     pixels = HEIGHT * WIDTH
     source = rng.integers(0, VIEWS, size=(VIEWS, SLOTS))
     coords = rng.uniform([-1.5, -1.5], [WIDTH + 0.5, HEIGHT + 0.5], size=(VIEWS, SLOTS, pixels, SAMPLES, 2))
-    valid = rng.random((VIEWS, pixels, TOKENS)) < 0.7
+    valid = rng.random((VIEWS, pixels, TOKENS)) < valid_fraction
     if all_invalid_pixel:
         valid[1, 7] = False  # a pixel with no correspondence at all
     encoding = rng.uniform(-1.5, 1.5, size=(VIEWS, pixels, TOKENS, encoding_inputs)).astype(np.float32)
@@ -82,12 +82,18 @@ def reference(block: CorrespondenceAttention, hidden: torch.Tensor, raw) -> torc
 @pytest.mark.parametrize("encoding_inputs", [1, 2])
 @pytest.mark.parametrize("mask_invalid", [True, False])
 @pytest.mark.parametrize("cache_encodings", [True, False])
-def test_fast_attention_matches_the_literal_reference(encoding_inputs, mask_invalid, cache_encodings, monkeypatch):
-    geometry, raw = random_tokens(0, encoding_inputs)
+@pytest.mark.parametrize("valid_fraction", [0.7, 0.3])
+def test_fast_attention_matches_the_literal_reference(
+    encoding_inputs, mask_invalid, cache_encodings, valid_fraction, monkeypatch
+):
+    geometry, raw = random_tokens(0, encoding_inputs, valid_fraction=valid_fraction)
+    if valid_fraction < 0.5:  # sparse validity: the attention really does leave invalid tokens out
+        assert geometry.key_tokens(drop_invalid=True).count < TOKENS
     block = randomised_block(encoding_inputs, mask_invalid)
     hidden = torch.randn(2 * VIEWS, DIM, HEIGHT, WIDTH, dtype=torch.float64)  # two samples (CFG halves)
     expected = reference(block, hidden, raw)
     monkeypatch.setattr(caa_module, "CHUNK_ELEMENTS", 2 * 3 * VIEWS * TOKENS * DIM)  # uneven pixel chunks
+    monkeypatch.setattr(caa_module, "FEED_FORWARD_ROWS", 7)  # uneven feed-forward row blocks
     monkeypatch.setattr(caa_module, "ENCODING_CACHE_ELEMENTS", 2**30 if cache_encodings else 0)
     with torch.no_grad():
         got = block(hidden, geometry.to("cpu", torch.float64))

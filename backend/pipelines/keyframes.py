@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..geometry.cameras import Camera
 from ..geometry.correspondence import overlap_matrix
-from ..models.caa_geometry import depth_geometry
+from ..models.caa_geometry import ViewGroups, depth_geometry
 from ..validation import InputError, depth_map
 from .sampling import MultiViewSampler, ProgressCallback, SamplingSettings, to_uint8, view_prompts
 
@@ -48,6 +48,23 @@ def depth_channel(depth: np.ndarray, latent_height: int, latent_width: int) -> t
 class KeyframeResult:
     images: np.ndarray  # uint8 (V, H, W, 3)
     latents: torch.Tensor
+    # Views that share no valid correspondence with any other view. They cannot attend to
+    # anything, so each is generated on its own from its prompt and depth alone; callers report
+    # them, since such a view will not match its neighbours where the textures meet.
+    isolated_views: list[int] = field(default_factory=list)
+
+
+def isolated_views(geometry: dict | None, views: int) -> list[int]:
+    """The views without a single valid key token at the finest level of ``geometry``."""
+    if geometry is None:
+        return list(range(views)) if views > 1 else []
+    finest = geometry[max(geometry, key=lambda size: size[0] * size[1])]
+    parts = finest.parts if isinstance(finest, ViewGroups) else (finest,)
+    members = finest.members if isinstance(finest, ViewGroups) else (torch.arange(views),)
+    connected = torch.zeros(views, dtype=torch.bool)
+    for part, part_views in zip(parts, members, strict=True):
+        connected[part_views.cpu()] |= part.valid.flatten(1).any(dim=1).cpu()
+    return [int(v) for v in torch.nonzero(~connected).flatten()]
 
 
 class KeyframePipeline:
@@ -96,7 +113,8 @@ class KeyframePipeline:
             extra_channels=channel.to(self.sampler.device, self.sampler.dtype), condition=condition,
             progress=progress, cancel=cancel,
         )
-        return KeyframeResult(images if output_float else to_uint8(images), latents)
+        isolated = isolated_views(geometry, views)
+        return KeyframeResult(images if output_float else to_uint8(images), latents, isolated)
 
     def _neighbours(self, overlap: np.ndarray | None, views: int) -> list[list[int]]:
         """Every view whose symmetric overlap passes the threshold (the released rule)."""

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from backend.geometry.cameras import Camera
 from backend.geometry.panorama import panorama_layout
 from backend.geometry.render import render_depth
 from backend.models.mv_unet import MultiViewUNet
@@ -208,3 +209,20 @@ def test_outpainting_with_zero_caa_matches_diffusers_inpainting():
     np.testing.assert_allclose(ours.images, expected, atol=1e-4)
     with pytest.raises(InputError, match="image"):
         pipeline(given[:32], prompts, cameras, SamplingSettings(steps=1))
+
+
+def test_views_that_share_nothing_are_reported_and_still_generated(scene):
+    cameras, depths = scene
+    room = build_demo_room()
+    # A fourth camera turned to look back the way the trajectory came: it shares no surface with the rest.
+    behind = Camera(cameras[0].K, cameras[0].cam_to_world @ np.diag([-1.0, 1.0, -1.0, 1.0]),
+                    cameras[0].width, cameras[0].height)
+    views = [*cameras, behind]
+    view_depths = [*depths, render_depth(room.mesh, behind)]
+    _, sampler = sampler_for("depth", "depth")
+    pipeline = KeyframePipeline(sampler)
+    connected = pipeline("a room", cameras, depths, SamplingSettings(steps=1, seed=0))
+    assert connected.isolated_views == []
+    result = pipeline("a room", views, view_depths, SamplingSettings(steps=1, seed=0))
+    assert result.isolated_views == [3]
+    assert result.images.shape == (4, 64, 128, 3)

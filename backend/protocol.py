@@ -105,6 +105,7 @@ class TextureJob:
     mesh: Mesh
     texture_size: int = 1024
     object_names: list[str] = field(default_factory=list)
+    texture_bits: int = 8  # 8 or 16 bits per channel in the texture PNG
 
     kind = "texture"
 
@@ -120,7 +121,8 @@ class TextureJob:
         if self.mesh.uvs is not None:
             arrays["uvs"] = self.mesh.uvs
         meta = {"api_version": API_VERSION, "kind": self.kind, "settings": asdict(self.settings),
-                "texture_size": self.texture_size, "object_names": self.object_names}
+                "texture_size": self.texture_size, "object_names": self.object_names,
+                "texture_bits": self.texture_bits}
         return pack_arrays(arrays, meta)
 
     @classmethod
@@ -151,7 +153,12 @@ class TextureJob:
         names = meta.get("object_names", [])
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise InputError("object_names", "must be a list of names")
-        return cls(settings, cameras, depth_list, mesh, size, names)
+        if names and len(names) < mesh.num_objects:
+            raise InputError("object_names", f"expected one name per object ({mesh.num_objects}), got {len(names)}")
+        bits = meta.get("texture_bits", 8)
+        if bits not in (8, 16) or isinstance(bits, bool):
+            raise InputError("texture_bits", f"must be 8 or 16, got {bits!r}")
+        return cls(settings, cameras, depth_list, mesh, size, names, bits)
 
 
 @dataclass

@@ -226,3 +226,13 @@ def test_views_that_share_nothing_are_reported_and_still_generated(scene):
     result = pipeline("a room", views, view_depths, SamplingSettings(steps=1, seed=0))
     assert result.isolated_views == [3]
     assert result.images.shape == (4, 64, 128, 3)
+
+
+def test_guidance_halves_in_separate_calls_give_the_same_views(scene):
+    cameras, depths = scene
+    _, sampler = sampler_for("depth", "depth")
+    pipeline = KeyframePipeline(sampler)
+    together = pipeline("a room", cameras, depths, SamplingSettings(steps=2, seed=1), output_float=True)
+    sampler.split_guidance = True
+    apart = pipeline("a room", cameras, depths, SamplingSettings(steps=2, seed=1), output_float=True)
+    np.testing.assert_allclose(apart.images, together.images, atol=1e-5)

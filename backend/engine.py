@@ -1,0 +1,135 @@
+"""The models a backend process serves, loaded once and handed to every job.
+
+A :class:`ModelSet` names where each model comes from and loads it on first use: the depth
+model (SD 2 depth with CAA blocks and the interpolation module's condition branch) for scene
+texturing, and the panorama model (SD 2 base with CAA blocks) for environments. Sources are
+hub ids, local diffusers folders or single checkpoint files (:mod:`~backend.models.loading`);
+the added blocks come from our safetensors files or a released MVDiffusion ``.ckpt``. ``tiny``
+builds small random-weight models in code, for tests and the offline demo.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .models.loading import load_components
+from .models.mv_unet import MultiViewUNet
+from .models.released import load_released_checkpoint, use_released_behaviour
+from .models.tiny import CAA_WEIGHTS, tiny_multiview, tiny_pipeline
+from .models.weights import load_added_weights
+from .pipelines.sampling import MultiViewSampler
+from .validation import InputError
+
+TINY = "tiny"
+DEFAULT_DEPTH_MODEL = "stabilityai/stable-diffusion-2-depth"
+DEFAULT_BASE_MODEL = "stabilityai/stable-diffusion-2-base"
+TASKS = {"depth": "depth", "panorama": "base"}  # task -> the SD 2 kind it is built on
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Where the models come from and where they run.
+
+    ``depth`` / ``base``: hub id, diffusers folder or checkpoint file of the base models, or
+    ``"tiny"``. A folder holding ``depth/`` and ``base/`` (as ``make-tiny-model`` writes) can be
+    given as ``root``. ``depth_caa`` / ``panorama_caa``: the added blocks' weights (our
+    ``.safetensors`` or a released ``.ckpt``); without them a folder's own ``caa.safetensors``
+    is used, and failing that the blocks stay at their identity initialisation.
+    """
+
+    depth: str = DEFAULT_DEPTH_MODEL
+    base: str = DEFAULT_BASE_MODEL
+    root: str | None = None
+    depth_caa: str | None = None
+    panorama_caa: str | None = None
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype: str = "float16" if torch.cuda.is_available() else "float32"
+    offline: bool | None = None
+
+    @classmethod
+    def tiny(cls) -> ModelConfig:
+        return cls(depth=TINY, base=TINY, device="cpu", dtype="float32")
+
+    def source(self, task: str) -> str:
+        kind = TASKS[task]
+        if self.root is not None:
+            return str(Path(self.root).expanduser() / kind)
+        return self.depth if task == "depth" else self.base
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise InputError("dtype", f"must be float32, float16 or bfloat16, got {self.dtype!r}")
+        return getattr(torch, self.dtype)
+
+
+class ModelSet:
+    """Lazily loaded samplers, one per task, shared by the jobs of one process.
+
+    Loading is guarded by a lock: a job and a health check may ask at once.
+    """
+
+    def __init__(self, config: ModelConfig | None = None):
+        self.config = config or ModelConfig()
+        self._samplers: dict[str, MultiViewSampler] = {}
+        self._lock = threading.Lock()
+
+    def sampler(self, task: str) -> MultiViewSampler:
+        """The sampler for ``"depth"`` or ``"panorama"``, loaded on first use."""
+        if task not in TASKS:
+            raise InputError("task", f"must be one of {sorted(TASKS)}, got {task!r}")
+        with self._lock:
+            if task not in self._samplers:
+                self._samplers[task] = self._load(task)
+            return self._samplers[task]
+
+    def loaded(self) -> dict[str, str]:
+        """Task -> source of each model in memory (what the health route reports)."""
+        return {task: self.source_label(task) for task in self._samplers}
+
+    def source_label(self, task: str) -> str:
+        return TINY if self.config.source(task) == TINY else self.config.source(task)
+
+    def release(self) -> None:
+        """Drop every model and give the GPU memory back."""
+        with self._lock:
+            self._samplers.clear()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _load(self, task: str) -> MultiViewSampler:
+        kind = TASKS[task]
+        source = self.config.source(task)
+        device, dtype = self.config.device, self.config.torch_dtype()
+        if source == TINY:
+            pipe = tiny_pipeline(kind)
+            model = tiny_multiview(kind, pipe.unet)
+            parts = (pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler)
+        else:
+            components = load_components(source, kind, offline=self.config.offline, dtype=dtype, device=device)
+            model = MultiViewUNet(components.unet, task, with_condition=task == "depth")
+            self._load_added(model, task, source)
+            parts = (components.vae, components.text_encoder, components.tokenizer, components.scheduler)
+        model = model.to(device, dtype).eval()
+        vae, text_encoder, tokenizer, scheduler = parts
+        return MultiViewSampler(model, vae.to(device, dtype), text_encoder.to(device, dtype), tokenizer, scheduler)
+
+    def _load_added(self, model: MultiViewUNet, task: str, source: str) -> None:
+        weights = self.config.depth_caa if task == "depth" else self.config.panorama_caa
+        field = "depth_caa" if task == "depth" else "panorama_caa"
+        if weights is None:
+            own = Path(source).expanduser() / CAA_WEIGHTS
+            if own.is_file():
+                load_added_weights(model, own)
+            return
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise InputError(field, f"no such file: {path}")
+        if path.suffix == ".safetensors":
+            load_added_weights(model, path)
+        else:
+            report = load_released_checkpoint(model, path)
+            use_released_behaviour(model, report)

@@ -17,15 +17,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    from . import bench, cli_models, demo
+    from . import bench, cli_jobs, cli_models, demo
 
     bench.add_arguments(commands.add_parser("bench", help="run a benchmark", description=bench.__doc__))
     demo.add_arguments(commands.add_parser("demo", help="run the offline demo", description=demo.__doc__))
     cli_models.add_arguments(
         commands.add_parser("make-tiny-model", help="write tiny random SD 2 models", description=cli_models.__doc__)
     )
+    cli_jobs.add_serve_arguments(
+        commands.add_parser("serve", help="run the HTTP backend", description=cli_jobs.__doc__)
+    )
+    cli_jobs.add_texture_arguments(
+        commands.add_parser("texture", help="run a texture job here", description=cli_jobs.__doc__)
+    )
+    cli_jobs.add_panorama_arguments(
+        commands.add_parser("panorama", help="make a 360 HDRI here", description=cli_jobs.__doc__)
+    )
     args = parser.parse_args(argv)
-    handlers = {"bench": bench.run, "demo": demo.run, "make-tiny-model": cli_models.run}
+    handlers = {
+        "bench": bench.run, "demo": demo.run, "make-tiny-model": cli_models.run,
+        "serve": cli_jobs.run_serve, "texture": cli_jobs.run_texture, "panorama": cli_jobs.run_panorama,
+    }
     try:
         return handlers[args.command](args)
     except InputError as err:

@@ -128,12 +128,22 @@ def bench_unet(args: argparse.Namespace) -> dict:
     return result
 
 
+@benchmark("job")
+def bench_job(args: argparse.Namespace) -> dict:
+    """A whole texturing job of the demo room over HTTP on the tiny models, per stage."""
+    from .server.bench_job import run_job_benchmark
+
+    result = run_job_benchmark(args.views or 12, args.width, args.height, args.steps, args.size)
+    result["machine"] = machine()
+    return result
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark to run")
     parser.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     parser.add_argument("--size", type=int, default=1024, help="texture size (bake), equirect width (panorama)")
     parser.add_argument("--view-size", type=int, default=512, help="panorama view size in pixels (panorama)")
-    parser.add_argument("--views", type=int, default=None, help="number of views (bake: 24, unet: 8)")
+    parser.add_argument("--views", type=int, default=None, help="number of views (bake: 24, unet: 8, job: 12 frames)")
     parser.add_argument("--heldout", type=int, default=8, help="held-out poses for PSNR (bake)")
     parser.add_argument("--width", type=int, default=256, help="view width in pixels")
     parser.add_argument("--height", type=int, default=192, help="view height in pixels")
@@ -144,6 +154,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed pairs of steps (unet)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (unet)")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="(unet)")
+    parser.add_argument("--steps", type=int, default=10, help="denoising steps (job)")
     parser.add_argument("--scaling", default="", help="view counts for the memory-scaling rows, e.g. 12,48,192")
 
 

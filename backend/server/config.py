@@ -1,0 +1,57 @@
+"""How a backend server is set up: address, token, job store, limits, models."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..engine import ModelConfig
+from ..validation import InputError
+
+DEFAULT_PORT = 8765
+DEFAULT_MAX_BODY_BYTES = 512 * 2**20
+DEFAULT_STORE = Path(os.environ.get("MVDIFF_STORE", "~/.cache/mvdiff-backend")).expanduser()
+TOKEN_ENV = "MVDIFF_TOKEN"
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        try:
+            return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None))
+        except (OSError, ValueError):
+            return False
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """``token``: required by every route but health; mandatory off the loopback address."""
+
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    token: str | None = None
+    store: Path = DEFAULT_STORE
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_unpacked_bytes: int = 4 * DEFAULT_MAX_BODY_BYTES
+    models: ModelConfig = field(default_factory=ModelConfig)
+
+    def validated(self) -> ServerConfig:
+        if not is_loopback(self.host) and not self.token:
+            raise InputError(
+                "token",
+                f"listening on {self.host} lets other machines in: set a token (--token or {TOKEN_ENV})",
+            )
+        if self.token is not None and len(self.token) < 8:
+            raise InputError("token", "must be at least 8 characters")
+        if not 0 <= self.port < 65536:
+            raise InputError("port", f"must lie in [0, 65535], got {self.port}")
+        if self.max_body_bytes <= 0:
+            raise InputError("max_body_bytes", "must be positive")
+        return self

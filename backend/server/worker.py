@@ -1,0 +1,187 @@
+"""The one GPU worker: runs queued jobs one at a time, reports progress, cancels, retries on OOM.
+
+One job at a time is deliberate: a diffusion job fills the GPU, and two would only run out of
+memory together. The queue lives in memory; the store on disk is the truth, so a restart loses
+no result (see :meth:`~backend.server.store.JobStore.recover`).
+"""
+
+from __future__ import annotations
+
+import gc
+import io
+import logging
+import queue
+import threading
+import time
+import traceback
+from collections.abc import Callable
+
+import imageio.v3 as iio
+import numpy as np
+import torch
+
+from ..engine import ModelSet
+from ..pipelines.context import JobContext
+from ..pipelines.sampling import Cancelled
+from ..protocol import read_job
+from ..validation import InputError
+from .store import JobStore, UnknownJob
+
+log = logging.getLogger("backend.worker")
+MAX_MEMORY_LEVEL = 3  # retries after running out of GPU memory, each with a lower-memory setting
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+
+
+def run_job(job, models: ModelSet, ctx: JobContext) -> dict:
+    """Run a parsed job (texture or panorama) with ``ctx``; returns its report."""
+    if job.kind == "texture":
+        from ..pipelines.texturing import run_texture_job
+
+        return run_texture_job(job, models, ctx)
+    from ..pipelines.hdri import run_panorama_job
+
+    return run_panorama_job(job, models, ctx)
+
+
+class StageClock:
+    """Turns (stage, step, total) reports into an ETA for the current stage."""
+
+    def __init__(self) -> None:
+        self.stage: str | None = None
+        self.started = time.perf_counter()
+
+    def eta(self, stage: str, step: int, total: int) -> float | None:
+        now = time.perf_counter()
+        if stage != self.stage or step == 0:
+            self.stage, self.started = stage, now
+            return None
+        if total <= 0:
+            return None
+        return round((now - self.started) / step * (total - step), 1)
+
+
+class Worker:
+    """A daemon thread that takes job ids from a queue and runs them against the store."""
+
+    def __init__(self, store: JobStore, models: ModelSet, runner: Callable = run_job):
+        self.store, self.models, self.runner = store, models, runner
+        self.queue: queue.Queue[str | None] = queue.Queue()
+        self.current: str | None = None
+        self._cancel: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, name="gpu-worker", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Cancel the running job and end the thread."""
+        if self.current is not None:
+            self.cancel(self.current)
+        self.queue.put(None)
+        self._thread.join(timeout)
+
+    def submit(self, job_id: str) -> None:
+        with self._lock:
+            self._cancel[job_id] = threading.Event()
+        self.queue.put(job_id)
+
+    def cancel(self, job_id: str) -> dict:
+        """Stop a job: a queued one at once, a running one within one denoising step."""
+        with self._lock:
+            event = self._cancel.get(job_id)
+            if event is not None:
+                event.set()
+            status = self.store.status(job_id)
+            if status["state"] == "queued":
+                return self.store.update(job_id, state="cancelled", finished=time.time(), error="cancelled")
+        return status
+
+    @property
+    def queued(self) -> int:
+        return self.queue.qsize()
+
+    # ------------------------------------------------------------------ the loop
+    def _loop(self) -> None:
+        while True:
+            job_id = self.queue.get()
+            if job_id is None:
+                return
+            try:
+                self._run(job_id)
+            except UnknownJob:
+                log.warning("job %s vanished from the store", job_id)
+            except Exception:  # the worker must survive anything one job does
+                log.exception("job %s crashed the worker loop", job_id)
+            finally:
+                with self._lock:
+                    self._cancel.pop(job_id, None)
+                self.current = None
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+
+    def _run(self, job_id: str) -> None:
+        with self._lock:
+            cancel = self._cancel.setdefault(job_id, threading.Event())
+            if self.store.status(job_id)["state"] != "queued" or cancel.is_set():
+                return
+            self.current = job_id
+            self.store.update(job_id, state="running", started=time.time(), error=None)
+        try:
+            job = read_job(self.store.input_path(job_id).read_bytes())
+        except InputError as err:
+            self.store.update(job_id, state="failed", finished=time.time(), error=str(err))
+            return
+        clock = StageClock()
+
+        def progress(stage: str, step: int, total: int) -> None:
+            self.store.update(job_id, stage=stage, step=step, total=total, eta_seconds=clock.eta(stage, step, total))
+
+        def preview(image: np.ndarray) -> None:
+            buffer = io.BytesIO()
+            iio.imwrite(buffer, image, extension=".png")
+            self.store.write_preview(job_id, buffer.getvalue())
+
+        for level in range(MAX_MEMORY_LEVEL + 1):
+            ctx = JobContext(self.store.outputs(job_id), cancel, progress, preview, memory_level=level)
+            self.store.update(job_id, memory_level=level)
+            try:
+                self.runner(job, self.models, ctx)
+            except Cancelled:
+                self._finish(job_id, "cancelled", "cancelled")
+                return
+            except Exception as err:
+                if is_out_of_memory(err) and level < MAX_MEMORY_LEVEL:
+                    log.warning("job %s ran out of GPU memory; retrying with memory level %d", job_id, level + 1)
+                    del err
+                    gc.collect()
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                    continue
+                self._finish(job_id, "failed", _describe(err, level))
+                return
+            self._finish(job_id, "done", None)
+            return
+
+    def _finish(self, job_id: str, state: str, error: str | None) -> None:
+        self.store.update(job_id, state=state, error=error, finished=time.time(), eta_seconds=None,
+                          outputs=self.store.output_names(job_id))
+
+
+def _describe(error: Exception, level: int) -> str:
+    """The message a user sees for a failed job."""
+    if is_out_of_memory(error):
+        return (
+            f"out of GPU memory even at memory level {level} (guidance halves apart, short interpolation "
+            "windows); use smaller views, fewer cameras or a GPU with more memory"
+        )
+    if isinstance(error, InputError):
+        return str(error)
+    log.error("job failed:\n%s", "".join(traceback.format_exception(error)))
+    return f"{type(error).__name__}: {error}"

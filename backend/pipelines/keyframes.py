@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..geometry.cameras import Camera
 from ..geometry.correspondence import overlap_matrix
-from ..models.caa_geometry import ViewGroups, depth_geometry
+from ..models.caa_geometry import ViewGroups, depth_geometry, released_depth_neighbours
 from ..validation import InputError, depth_map
 from .sampling import MultiViewSampler, ProgressCallback, SamplingSettings, to_uint8, view_prompts
 
@@ -99,13 +99,16 @@ class KeyframePipeline:
         depths = [depth_map(f"depths[{k}]", d, height, width) for k, d in enumerate(depths)]
         prompts = view_prompts(prompts, views)
 
-        if neighbours is None:
+        released = self.sampler.model.released
+        if neighbours is None and released and views > 1:
+            neighbours = released_depth_neighbours(cameras, depths)  # the rule the released weights know
+        elif neighbours is None:
             if overlap is None and views > 1:
                 overlap = overlap_matrix(cameras, depths, stride=8)
             neighbours = self._neighbours(overlap, views)
         geometry = None
         if views > 1 and any(neighbours):
-            geometry = self.sampler.on_device(depth_geometry(cameras, depths, neighbours))
+            geometry = self.sampler.on_device(depth_geometry(cameras, depths, neighbours, released=released))
         latent_size = (height // self.sampler.latent_factor, width // self.sampler.latent_factor)
         channel = torch.stack([depth_channel(d, *latent_size) for d in depths])
         images, latents = self.sampler.generate(

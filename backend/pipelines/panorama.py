@@ -16,7 +16,7 @@ import torch
 
 from ..geometry.cameras import Camera
 from ..geometry.panorama import neighbour_views
-from ..models.caa_geometry import panorama_geometry
+from ..models.caa_geometry import panorama_geometry, released_panorama_neighbours
 from ..validation import InputError
 from .sampling import MultiViewSampler, ProgressCallback, SamplingSettings, to_uint8, view_prompts
 
@@ -26,6 +26,16 @@ class PanoramaResult:
     images: np.ndarray  # uint8 (V, H, W, 3), or float in [0, 1] when asked
     latents: torch.Tensor
     cameras: list[Camera]
+
+
+def released_neighbours(cameras: list[Camera]) -> list[list[int]]:
+    """Key views for the released weights: a level ring reads its two ring neighbours, as trained.
+
+    The released model never saw pole views; with poles in the layout every view reads the
+    views it overlaps, through the released token rules, which is the closest it gets.
+    """
+    level = all(abs(camera.cam_to_world[2, 2]) < 1e-6 for camera in cameras)  # optical axes horizontal
+    return released_panorama_neighbours(len(cameras)) if level else neighbour_views(cameras)
 
 
 class PanoramaPipeline:
@@ -53,8 +63,10 @@ class PanoramaPipeline:
         prompts = view_prompts(prompts, len(cameras))
         geometry = None
         if len(cameras) > 1:
-            neighbours = neighbour_views(cameras) if neighbours is None else neighbours
-            geometry = self.sampler.on_device(panorama_geometry(cameras, neighbours))
+            released = self.sampler.model.released
+            if neighbours is None:
+                neighbours = released_neighbours(cameras) if released else neighbour_views(cameras)
+            geometry = self.sampler.on_device(panorama_geometry(cameras, neighbours, released=released))
         images, latents = self.sampler.generate(
             prompts, size, settings, geometry, latents=latents, progress=progress, cancel=cancel
         )

@@ -236,3 +236,32 @@ def test_guidance_halves_in_separate_calls_give_the_same_views(scene):
     sampler.split_guidance = True
     apart = pipeline("a room", cameras, depths, SamplingSettings(steps=2, seed=1), output_float=True)
     np.testing.assert_allclose(apart.images, together.images, atol=1e-5)
+
+
+def test_released_weights_get_the_released_key_views(monkeypatch):
+    from backend.models import caa_geometry
+    from backend.models.released import use_released_behaviour
+    from backend.pipelines import keyframes as keyframes_module
+    from backend.pipelines.panorama import released_neighbours
+
+    room = build_demo_room()
+    cameras = trajectory(24, width=128, height=128)[:3]  # the released code needs every level 2 x 2 or more
+    depths = [render_depth(room.mesh, camera) for camera in cameras]
+    _, sampler = sampler_for("depth", "depth")
+    use_released_behaviour(sampler.model)
+    built = []
+    original = caa_geometry.depth_geometry
+
+    def spy(*args, **kwargs):
+        built.append((args[2], kwargs.get("released")))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(keyframes_module, "depth_geometry", spy)
+    result = KeyframePipeline(sampler)("a room", cameras, depths, SamplingSettings(steps=1, seed=0))
+    assert result.images.shape == (3, 128, 128, 3)
+    assert built == [(caa_geometry.released_depth_neighbours(cameras, depths), True)]
+
+    ring = panorama_layout(size=64, pole_views=False)
+    assert released_neighbours(ring) == caa_geometry.released_panorama_neighbours(8)
+    with_poles = panorama_layout(size=64)
+    assert released_neighbours(with_poles)[8]  # the top view reads the ring views it overlaps

@@ -131,7 +131,9 @@ class TextureJob:
         settings = _settings(meta)
         K = as_array("K", _required(arrays, "K"), shape=(None, 3, 3), dtype=np.float64)
         poses = as_array("cam_to_world", _required(arrays, "cam_to_world"), shape=(len(K), 4, 4), dtype=np.float64)
-        depths = as_array("depths", _required(arrays, "depths"), shape=(len(K), None, None), dtype=np.float32)
+        # Finiteness is checked per view below, so an error names the view (depths[k]).
+        depths = as_array("depths", _required(arrays, "depths"), shape=(len(K), None, None), dtype=np.float32,
+                          finite=False)
         if len(K) == 0:
             raise InputError("cameras", "need at least one camera")
         height, width = depths.shape[1:]

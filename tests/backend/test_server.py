@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import threading
@@ -146,10 +147,34 @@ def test_bad_bodies_are_refused_naming_the_field_and_store_nothing(backend, body
     assert tree_listing(backend.store.parent) == before
 
 
-def test_oversized_body_is_413(backend):
+def _send_large(backend, chunked: bool) -> int:
+    """Start sending a body over the server's 64 MB limit and return the answer's status code.
+
+    With a declared length the server answers from the headers; a chunked body is read up to the
+    limit and refused there.
+    """
+    connection = http.client.HTTPConnection("127.0.0.1", backend.port, timeout=60)
+    connection.putrequest("POST", "/v1/jobs")
+    connection.putheader("Content-Type", "application/octet-stream")
+    piece = b"\0" * 2**20
+    if chunked:
+        connection.putheader("Transfer-Encoding", "chunked")
+        connection.endheaders()
+        for _ in range(66):
+            connection.send(b"%x\r\n%s\r\n" % (len(piece), piece))
+    else:
+        connection.putheader("Content-Length", str(65 * 2**20))
+        connection.endheaders()
+        connection.send(piece)
+    status = connection.getresponse().status
+    connection.close()
+    return status
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["declared-length", "chunked"])
+def test_oversized_body_is_413(backend, chunked):
     before = tree_listing(backend.store.parent)
-    code, _ = _post(backend, b"\0" * (65 * 2**20))
-    assert code == 413
+    assert _send_large(backend, chunked) == 413
     assert tree_listing(backend.store.parent) == before
 
 

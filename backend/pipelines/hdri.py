@@ -1,0 +1,152 @@
+"""The panorama job: text -> views around one centre -> stitched equirect -> HDR World texture.
+
+Stages, each timed into ``ctx.seconds`` and reported through ``ctx.progress``:
+
+* ``views``: the ring and both pole views generated jointly (one progress report per denoising
+  step, a decoded preview of view 0 when the context asks for one, cancel within one step);
+* ``stitch``: the views blended into a 2:1 equirect in Cycles' convention, poles included;
+* ``hdr``: inverse tone mapping of the display-referred equirect to linear radiance;
+* ``write``: ``panorama.exr`` and ``panorama.hdr`` (the same radiance, for whichever the user's
+  tools prefer), ``panorama_preview.png`` (the radiance tone mapped back), ``panorama_ldr.png``
+  (what the model painted), ``views/view_NN.png``; then ``report.json``, written last so that it
+  holds the write stage's time and a reader never sees a report without the files it names.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import imageio.v3 as iio
+import numpy as np
+
+from ..engine import ModelSet
+from ..geometry.cameras import Camera
+from ..geometry.equirect import stitch_equirect
+from ..geometry.panorama import panorama_layout
+from ..imaging.hdr import DEFAULT_KNEE, DEFAULT_PEAK, inverse_tone_map, tone_map_preview, write_exr, write_hdr
+from ..protocol import PanoramaJob
+from ..validation import InputError, positive_int
+from .context import JobContext
+from .panorama import PanoramaPipeline
+from .sampling import MultiViewSampler, SamplingSettings, StepInfo, preview, to_uint8
+
+RING_VIEWS = 8
+FILES = ("panorama.exr", "panorama.hdr", "panorama_preview.png", "panorama_ldr.png")
+
+
+@dataclass
+class Panorama:
+    """Everything a panorama job computes before it writes anything."""
+
+    views: np.ndarray  # float (V, S, S, 3) in [0, 1], display-referred
+    cameras: list[Camera]
+    ldr: np.ndarray  # float32 (H, 2H, 3) in [0, 1], the stitched views
+    coverage: float  # share of equirect pixels some view sees (1 for the default layout)
+    radiance: np.ndarray  # float32 (H, 2H, 3), linear
+
+
+def run_panorama_job(job: PanoramaJob, models: ModelSet, ctx: JobContext) -> dict[str, Any]:
+    """Run a panorama job into ``ctx.out_dir`` and return its report (also ``report.json``)."""
+    panorama = make_panorama(job, models.sampler("panorama"), ctx)
+    with ctx.stage("write"):
+        write_outputs(ctx.out_dir, panorama)
+    report = panorama_report(job, panorama, ctx.seconds)
+    (ctx.out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def make_panorama(job: PanoramaJob, sampler: MultiViewSampler, ctx: JobContext) -> Panorama:
+    """The views, stitched equirect and radiance of a job (stages views, stitch and hdr)."""
+    settings = job.settings.validate()
+    height = positive_int("equirect_height", job.equirect_height)
+    view_size = positive_int("view_size", job.view_size)
+    factor = 8 * sampler.latent_factor
+    if view_size % factor:
+        raise InputError("view_size", f"must be a multiple of {factor}, got {view_size}")
+    cameras = panorama_layout(view_size, ring_views=RING_VIEWS, pole_views=True)
+    prompts = layout_prompts(settings.prompts, len(cameras))
+    sampling = SamplingSettings(settings.steps, settings.guidance_scale, settings.negative_prompt, settings.seed)
+
+    def on_step(info: StepInfo) -> None:
+        ctx.progress("views", info.step, info.total)
+        if ctx.wants_preview(info.step, info.total):
+            ctx.preview(preview(sampler, info, views=[0])[0])
+
+    # Guidance halves in separate UNet calls after an out-of-memory retry: the same views, less
+    # memory. The sampler is shared between jobs, so its setting is put back afterwards.
+    split, sampler.split_guidance = sampler.split_guidance, ctx.memory_level >= 1
+    try:
+        with ctx.stage("views", settings.steps):
+            result = PanoramaPipeline(sampler)(
+                prompts, cameras, sampling, progress=on_step, cancel=ctx.cancel, output_float=True
+            )
+    finally:
+        sampler.split_guidance = split
+    with ctx.stage("stitch"):
+        ldr, weight = stitch_equirect(list(result.images), cameras, height=height)
+        ldr = np.clip(ldr, 0.0, 1.0)  # a weighted mean of [0, 1] views, up to rounding
+    with ctx.stage("hdr"):
+        radiance = inverse_tone_map(ldr)
+    return Panorama(result.images, cameras, ldr, float(np.mean(weight > 0)), radiance)
+
+
+def layout_prompts(prompts: list[str], views: int) -> str | list[str]:
+    """One prompt for every view, or one per view in layout order (ring from +X turning right, top, bottom)."""
+    if len(prompts) == 1:
+        return prompts[0]
+    if len(prompts) != views:
+        raise InputError(
+            "prompts",
+            f"expected one prompt or {views} (one per view: {RING_VIEWS} around, then top and bottom), "
+            f"got {len(prompts)}",
+        )
+    return list(prompts)
+
+
+def write_outputs(out_dir: Path, panorama: Panorama) -> None:
+    """The radiance as EXR and HDR, the two 8-bit panoramas, and every view as a PNG."""
+    write_exr(out_dir / "panorama.exr", panorama.radiance)
+    write_hdr(out_dir / "panorama.hdr", panorama.radiance)
+    iio.imwrite(out_dir / "panorama_preview.png", tone_map_preview(panorama.radiance))
+    iio.imwrite(out_dir / "panorama_ldr.png", to_uint8(panorama.ldr))
+    views_dir = out_dir / "views"
+    views_dir.mkdir(exist_ok=True)
+    for index, view in enumerate(to_uint8(panorama.views)):
+        iio.imwrite(views_dir / f"view_{index:02d}.png", view)
+
+
+def panorama_report(job: PanoramaJob, panorama: Panorama, seconds: dict[str, float]) -> dict[str, Any]:
+    """What a user (and the Blender add-on) needs to know about a finished panorama job.
+
+    The mean radiance weights each equirect row by its solid angle (the cosine of its latitude),
+    so it is the mean over directions of the sphere, not over the poles' stretched rows.
+    """
+    height, width = panorama.radiance.shape[:2]
+    latitude = np.pi * (0.5 - (np.arange(height) + 0.5) / height)
+    row_weight = np.cos(latitude) / np.cos(latitude).sum()
+    mean = float(np.einsum("h,hwc->", row_weight, panorama.radiance, dtype=np.float64) / (width * 3))
+    settings = job.settings
+    return {
+        "kind": job.kind,
+        "equirect": {"width": width, "height": height},
+        "views": len(panorama.cameras),
+        "view_size": panorama.cameras[0].width,
+        "coverage": panorama.coverage,
+        "seconds": {name: round(value, 4) for name, value in seconds.items()},
+        "max_radiance": float(panorama.radiance.max()),
+        "mean_radiance": mean,
+        "tone_mapping": {
+            "curve": "identity below knee, inverse extended Reinhard above",
+            "peak": DEFAULT_PEAK,
+            "knee": DEFAULT_KNEE,
+        },
+        "seed": settings.seed,
+        "steps": settings.steps,
+        "guidance_scale": settings.guidance_scale,
+        "prompts": list(settings.prompts),
+        "negative_prompt": settings.negative_prompt,
+        "files": [*FILES, *(f"views/view_{k:02d}.png" for k in range(len(panorama.views)))],
+    }

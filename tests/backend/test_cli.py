@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import imageio.v3 as iio
+from server_helpers import texture_job
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,3 +44,28 @@ def test_bad_arguments_give_a_clear_error_not_a_traceback():
     done = run(sys.executable, "-m", "backend", "bench", "bake", "--size", "0")
     assert done.returncode == 2
     assert "texture_size" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_panorama_command_writes_the_hdri(tmp_path):
+    done = run(sys.executable, "-m", "backend", "panorama", "--prompt", "a sunny beach", "--steps", "1",
+               "--height", "64", "--view-size", "64", "--models", "tiny", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert {"panorama.exr", "panorama.hdr", "panorama_preview.png", "report.json"} <= {
+        p.name for p in tmp_path.iterdir()}
+    assert "views" in done.stderr  # the progress bar of the views stage
+
+
+def test_texture_command_runs_a_job_file(tmp_path):
+    job = tmp_path / "job.npz"
+    job.write_bytes(texture_job(steps=1, frames=3, texture_size=64).to_bytes())
+    done = run(sys.executable, "-m", "backend", "texture", str(job), "--models", "tiny", "--out", str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr
+    assert iio.imread(tmp_path / "out" / "texture.png").shape == (64, 64, 3)
+    missing = run(sys.executable, "-m", "backend", "texture", str(tmp_path / "nope.npz"), "--models", "tiny",
+                  "--out", str(tmp_path / "out2"))
+    assert missing.returncode == 2 and "job: no such file" in missing.stderr
+
+
+def test_serve_refuses_an_open_address_without_a_token():
+    done = run(sys.executable, "-m", "backend", "serve", "--host", "0.0.0.0", "--models", "tiny")
+    assert done.returncode == 2 and "token" in done.stderr

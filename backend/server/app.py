@@ -159,12 +159,12 @@ def create_app(config: ServerConfig, store: JobStore, worker: Worker) -> FastAPI
         return worker.cancel(job_id)
 
     @app.post("/v1/jobs/{job_id}/resubmit", response_model=JobStatus, dependencies=guarded, tags=["jobs"],
-              responses={409: {"description": "job still queued or running"}})
+              responses={409: {"description": "job queued, running or done"}})
     def resubmit(job_id: str = JobId) -> dict[str, Any]:
         """Run an interrupted, failed or cancelled job again from its stored inputs."""
         status = store.status(job_id)
-        if status["state"] in ("queued", "running"):
-            raise HTTPException(409, f"job is {status['state']}")
+        if status["state"] in ("queued", "running", "done"):
+            raise HTTPException(409, f"job is {status['state']}; only interrupted, failed or cancelled jobs run again")
         status = store.update(job_id, state="queued", stage=None, step=0, total=0, error=None,
                               started=None, finished=None, outputs=[])
         worker.submit(job_id)

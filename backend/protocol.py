@@ -144,23 +144,34 @@ class TextureJob:
             except InputError as err:
                 raise InputError(f"cameras[{k}].{err.field}", err.problem) from None
         depth_list = [depth_map(f"depths[{k}]", depths[k], height, width) for k in range(len(K))]
-        if len(settings.prompts) not in (1, len(cameras)):
-            count = len(settings.prompts)
-            raise InputError("prompts", f"expected one prompt or {len(cameras)} (one per view), got {count}")
         mesh = Mesh(_required(arrays, "vertices"), _required(arrays, "triangles"), arrays.get("uvs"),
                     arrays.get("object_ids"))
-        size = positive_int("texture_size", meta.get("texture_size", 1024))
+        job = cls(settings, cameras, depth_list, mesh, meta.get("texture_size", 1024),
+                  meta.get("object_names", []), meta.get("texture_bits", 8))
+        return job.validate()
+
+    def validate(self) -> TextureJob:
+        """Checks across fields (counts, sizes, names); the same for jobs read and jobs built in code."""
+        prompts = [self.settings.prompts] if isinstance(self.settings.prompts, str) else self.settings.prompts
+        views = len(self.cameras)
+        if len(prompts) not in (1, views):
+            raise InputError("prompts", f"expected one prompt or {views} (one per view), got {len(prompts)}")
+        if len(self.depths) != views:
+            raise InputError("depths", f"expected one depth map per camera ({views}), got {len(self.depths)}")
+        size = positive_int("texture_size", self.texture_size)
         if not 64 <= size <= 8192:
             raise InputError("texture_size", f"must lie in [64, 8192], got {size}")
-        names = meta.get("object_names", [])
+        names = self.object_names
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise InputError("object_names", "must be a list of names")
-        if names and len(names) < mesh.num_objects:
-            raise InputError("object_names", f"expected one name per object ({mesh.num_objects}), got {len(names)}")
-        bits = meta.get("texture_bits", 8)
-        if bits not in (8, 16) or isinstance(bits, bool):
-            raise InputError("texture_bits", f"must be 8 or 16, got {bits!r}")
-        return cls(settings, cameras, depth_list, mesh, size, names, bits)
+        if names and len(names) < self.mesh.num_objects:
+            count = self.mesh.num_objects
+            raise InputError("object_names", f"expected one name per object ({count}), got {len(names)}")
+        if len(set(names)) != len(names):
+            raise InputError("object_names", "must be unique (they name the arrays of uvs.npz)")
+        if self.texture_bits not in (8, 16) or isinstance(self.texture_bits, bool):
+            raise InputError("texture_bits", f"must be 8 or 16, got {self.texture_bits!r}")
+        return self
 
 
 @dataclass

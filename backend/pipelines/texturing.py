@@ -29,7 +29,7 @@ from ..geometry.raster import rasterize_uv
 from ..geometry.render import render_textured
 from ..geometry.uv_atlas import Atlas, ensure_uvs
 from ..protocol import TextureJob
-from ..validation import InputError, positive_int
+from ..validation import InputError
 from . import texturing_outputs as outputs
 from .context import JobContext
 from .interpolation import InterpolationPipeline
@@ -56,7 +56,7 @@ def run_texture_job(job: TextureJob, models: ModelSet, ctx: JobContext) -> dict[
     Returns the report that is also written as ``report.json``. Raises ``InputError`` for a bad
     job (before any model runs) and ``Cancelled`` when ``ctx.cancel`` is set.
     """
-    _check_job(job)
+    job.validate()  # a job built in code gets the checks a job read from the wire had
     sampler = models.sampler("depth")
     sampler.check_views(job.cameras)  # sizes the UNet's levels can halve down to its innermost
     # Each memory level trades speed for memory: guidance halves in separate UNet calls, and
@@ -81,23 +81,6 @@ def run_texture_job(job: TextureJob, models: ModelSet, ctx: JobContext) -> dict[
     report = _report(job, ctx, generated, atlas.unwrapped, coverage, consistency)
     outputs.write_json(ctx.out_dir / "report.json", report)
     return report
-
-
-def _check_job(job: TextureJob) -> None:
-    """Refuse a bad job before loading models or running anything slow; each problem names its field."""
-    prompts = [job.settings.prompts] if isinstance(job.settings.prompts, str) else job.settings.prompts
-    if len(prompts) not in (1, len(job.cameras)):
-        raise InputError("prompts", f"expected one prompt or {len(job.cameras)} (one per view), got {len(prompts)}")
-    if len(job.depths) != len(job.cameras):
-        raise InputError("depths", f"expected one depth map per camera ({len(job.cameras)}), got {len(job.depths)}")
-    positive_int("texture_size", job.texture_size)
-    if job.texture_bits not in (8, 16) or isinstance(job.texture_bits, bool):
-        raise InputError("texture_bits", f"must be 8 or 16, got {job.texture_bits!r}")
-    names = job.object_names
-    if names and len(names) < job.mesh.num_objects:
-        raise InputError("object_names", f"expected one name per object ({job.mesh.num_objects}), got {len(names)}")
-    if len(set(names)) != len(names):
-        raise InputError("object_names", "must be unique (they name the arrays of uvs.npz)")
 
 
 def _prompts(job: TextureJob) -> list[str]:

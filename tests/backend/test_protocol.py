@@ -107,3 +107,11 @@ def test_the_wire_format_imports_nothing_but_numpy_and_the_standard_library():
             "set(sys.modules); assert not heavy, heavy")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_duplicate_object_names_are_refused_when_the_job_arrives(texture_job):
+    names = [texture_job.object_names[0]] * len(texture_job.object_names)
+    sent = TextureJob(texture_job.settings, texture_job.cameras, texture_job.depths, texture_job.mesh, 512, names)
+    with pytest.raises(InputError) as err:
+        read_job(sent.to_bytes())
+    assert err.value.field == "object_names"

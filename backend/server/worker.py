@@ -28,6 +28,7 @@ from ..validation import InputError
 from .store import JobStore, UnknownJob
 
 log = logging.getLogger("backend.worker")
+PROGRESS_INTERVAL = 0.25  # seconds between status writes within a stage
 MAX_MEMORY_LEVEL = 3  # retries after running out of GPU memory, each with a lower-memory setting
 
 
@@ -139,9 +140,16 @@ class Worker:
             self.store.update(job_id, state="failed", finished=time.time(), error=str(err))
             return
         clock = StageClock()
+        last = {"stage": None, "written": 0.0}
 
         def progress(stage: str, step: int, total: int) -> None:
-            self.store.update(job_id, stage=stage, step=step, total=total, eta_seconds=clock.eta(stage, step, total))
+            # Status goes to disk (fsync-ed) at most a few times a second, and always at a stage's
+            # start and end: fast steps must not wait on the disk.
+            eta, now = clock.eta(stage, step, total), time.monotonic()
+            if stage == last["stage"] and 0 < step < total and now - last["written"] < PROGRESS_INTERVAL:
+                return
+            last["stage"], last["written"] = stage, now
+            self.store.update(job_id, stage=stage, step=step, total=total, eta_seconds=eta)
 
         def preview(image: np.ndarray) -> None:
             buffer = io.BytesIO()

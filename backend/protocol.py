@@ -106,6 +106,9 @@ class TextureJob:
     texture_size: int = 1024
     object_names: list[str] = field(default_factory=list)
     texture_bits: int = 8  # 8 or 16 bits per channel in the texture PNG
+    # Scene geometry that is not textured but hides textured surfaces from some views (furniture
+    # left out of the job, a character in the room). The depth maps already include it.
+    occluders: Mesh | None = None
 
     kind = "texture"
 
@@ -120,6 +123,9 @@ class TextureJob:
         }
         if self.mesh.uvs is not None:
             arrays["uvs"] = self.mesh.uvs
+        if self.occluders is not None:
+            arrays["occluder_vertices"] = self.occluders.vertices
+            arrays["occluder_triangles"] = self.occluders.triangles
         meta = {"api_version": API_VERSION, "kind": self.kind, "settings": asdict(self.settings),
                 "texture_size": self.texture_size, "object_names": self.object_names,
                 "texture_bits": self.texture_bits}
@@ -146,8 +152,14 @@ class TextureJob:
         depth_list = [depth_map(f"depths[{k}]", depths[k], height, width) for k in range(len(K))]
         mesh = Mesh(_required(arrays, "vertices"), _required(arrays, "triangles"), arrays.get("uvs"),
                     arrays.get("object_ids"))
+        occluders = None
+        if "occluder_vertices" in arrays or "occluder_triangles" in arrays:
+            try:
+                occluders = Mesh(_required(arrays, "occluder_vertices"), _required(arrays, "occluder_triangles"))
+            except InputError as err:
+                raise InputError(f"occluder_{err.field}", err.problem) from None
         job = cls(settings, cameras, depth_list, mesh, meta.get("texture_size", 1024),
-                  meta.get("object_names", []), meta.get("texture_bits", 8))
+                  meta.get("object_names", []), meta.get("texture_bits", 8), occluders)
         return job.validate()
 
     def validate(self) -> TextureJob:

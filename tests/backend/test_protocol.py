@@ -38,6 +38,21 @@ def test_texture_job_round_trips_through_bytes(texture_job):
     assert job.object_names == texture_job.object_names
 
 
+def test_occluders_travel_with_the_job_and_bad_ones_are_named(texture_job):
+    from dataclasses import replace
+
+    from backend.geometry.mesh import Mesh
+
+    box = Mesh(np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0]], np.float32), np.array([[0, 1, 2]]))
+    job = read_job(replace(texture_job, occluders=box).to_bytes())
+    np.testing.assert_array_equal(job.occluders.vertices, box.vertices)
+    assert read_job(texture_job.to_bytes()).occluders is None
+    arrays, meta = unpack_arrays(replace(texture_job, occluders=box).to_bytes())
+    arrays["occluder_triangles"] = np.array([[0, 1, 7]])
+    with pytest.raises(InputError, match="occluder_triangles"):
+        read_job(pack_arrays(arrays, meta))
+
+
 def test_panorama_job_round_trips():
     job = read_job(PanoramaJob(GenerationSettings(["a beach at dawn"]), 512, 256).to_bytes())
     assert isinstance(job, PanoramaJob) and job.equirect_height == 512 and job.view_size == 256

@@ -1,0 +1,124 @@
+"""Everything the user sets for a job, in one group per ID type: ``scene.mvdiff`` and, for state
+that lives only while Blender runs (the job in flight, its progress), ``window_manager.mvdiff``.
+
+Saved with the .blend: prompts, camera source, sampling and output settings. Not saved: which
+job is running, so reopening a file never shows a stale progress bar.
+"""
+
+from __future__ import annotations
+
+import bpy
+from bpy.props import (
+    BoolProperty,
+    EnumProperty,
+    FloatProperty,
+    IntProperty,
+    PointerProperty,
+    StringProperty,
+)
+
+CAMERA_SOURCES = [
+    ("SELECTED", "Selected Cameras", "The camera objects in the selection, in name order"),
+    ("ANIMATED", "Animated Camera", "One camera's pose on every step-th frame of a frame range"),
+    ("ORBIT", "Orbit", "Cameras placed by the add-on in rings around the selected meshes"),
+    ("WALK", "Walk Along Curve", "Cameras placed by the add-on along a curve, e.g. through a room"),
+]
+UV_SOURCES = [
+    ("ACTIVE", "Active UV Map", "Bake into each object's active UV map (one textured object only)"),
+    ("UNWRAP", "Unwrap", "Let the backend unwrap; the result goes into a new UV map named MVDiffusion"),
+]
+TEXTURE_SIZES = [(str(s), f"{s} px", f"{s} x {s} texels") for s in (256, 512, 1024, 2048, 4096)]
+
+
+def _is_camera(_self, obj: bpy.types.Object) -> bool:
+    return obj.type == "CAMERA"
+
+
+def _is_curve(_self, obj: bpy.types.Object) -> bool:
+    return obj.type == "CURVE"
+
+
+class MVDIFF_PG_scene(bpy.types.PropertyGroup):
+    # --- what to generate
+    prompt: StringProperty(name="Prompt", description="What the textures should show")
+    prompts_text: PointerProperty(
+        name="Per-View Prompts", type=bpy.types.Text,
+        description="Optional text block with one prompt per line, one line per view (overrides Prompt)",
+    )
+    negative_prompt: StringProperty(name="Negative Prompt", description="What the textures should not show",
+                                    default="blurry, low quality")
+    steps: IntProperty(name="Steps", description="Denoising steps per view", default=50, min=1, max=1000,
+                       soft_max=100)
+    guidance: FloatProperty(name="Guidance", description="Classifier-free guidance scale", default=9.0, min=0.0,
+                            max=100.0, soft_max=20.0)
+    seed: IntProperty(name="Seed", description="Random seed; the same seed and inputs give the same result",
+                      default=0, min=0)
+
+    # --- cameras
+    camera_source: EnumProperty(name="Cameras", items=CAMERA_SOURCES, default="SELECTED")
+    animated_camera: PointerProperty(name="Camera", type=bpy.types.Object, poll=_is_camera,
+                                     description="The animated camera (the scene camera when empty)")
+    frame_start: IntProperty(name="Start", description="First frame of the range", default=1, min=0)
+    frame_end: IntProperty(name="End", description="Last frame of the range", default=48, min=0)
+    frame_step: IntProperty(name="Step", description="Use every step-th frame", default=4, min=1)
+    orbit_views: IntProperty(name="Views per Ring", default=8, min=1, max=64,
+                             description="Cameras evenly spaced around each ring")
+    orbit_rings: IntProperty(name="Rings", default=2, min=1, max=8,
+                             description="Rings of cameras at elevations from 0 up to the highest")
+    orbit_elevation: FloatProperty(name="Highest Elevation", default=0.6109, min=-1.5, max=1.5, subtype="ANGLE",
+                                   description="Elevation of the highest ring above the selection's centre")
+    orbit_distance: FloatProperty(name="Distance", default=2.0, min=0.5, max=20.0,
+                                  description="Camera distance in radii of the selection's bounding sphere")
+    walk_curve: PointerProperty(name="Curve", type=bpy.types.Object, poll=_is_curve,
+                                description="The cameras walk along this curve, looking ahead")
+    walk_views: IntProperty(name="Views", default=12, min=2, max=512, description="Cameras along the curve")
+    width: IntProperty(name="Width", description="View width in pixels (a multiple of 64)", default=512,
+                       min=64, max=2048, step=64)
+    height: IntProperty(name="Height", description="View height in pixels (a multiple of 64)", default=384,
+                        min=64, max=2048, step=64)
+    lens: FloatProperty(name="Focal Length", default=24.0, min=1.0, max=500.0, subtype="DISTANCE_CAMERA",
+                        description="Focal length of the cameras the add-on places")
+
+    # --- texture
+    uv_source: EnumProperty(name="UVs", items=UV_SOURCES, default="UNWRAP")
+    texture_size: EnumProperty(name="Texture Size", items=TEXTURE_SIZES, default="1024")
+    texture_16bit: BoolProperty(name="16-bit Texture", default=False,
+                                description="Write 16 bits per channel (smoother gradients, twice the size)")
+    output_dir: StringProperty(name="Output Folder", subtype="DIR_PATH", default="",
+                               description="Where results are saved; empty: next to the .blend file")
+
+    # --- environment
+    world_prompt: StringProperty(name="Prompt", description="What the 360 environment should show")
+    world_height: IntProperty(name="Height", description="Height of the equirectangular image (width is twice)",
+                              default=1024, min=64, max=8192)
+    world_view_size: IntProperty(name="View Size", description="Size of each generated view (a multiple of 64)",
+                                 default=512, min=64, max=2048, step=64)
+    world_strength: FloatProperty(name="Strength", default=1.0, min=0.0, soft_max=10.0,
+                                  description="Background strength of the new World")
+    world_replace_current: BoolProperty(name="Use Current World", default=False,
+                                        description="Put the panorama into the scene's World instead of a new one")
+
+
+class MVDIFF_PG_runtime(bpy.types.PropertyGroup):
+    """The job in flight; kept on the window manager so it is never saved into a .blend."""
+
+    running: BoolProperty(default=False)
+    kind: StringProperty(default="")
+    job_id: StringProperty(default="")
+    stage: StringProperty(default="")
+    progress: FloatProperty(default=0.0, min=0.0, max=1.0, subtype="FACTOR")
+    message: StringProperty(default="")
+    preview_image: StringProperty(default="")
+
+
+classes = (MVDIFF_PG_scene, MVDIFF_PG_runtime)
+
+
+def register_pointers() -> None:
+    bpy.types.Scene.mvdiff = PointerProperty(type=MVDIFF_PG_scene)
+    bpy.types.WindowManager.mvdiff = PointerProperty(type=MVDIFF_PG_runtime)
+
+
+def unregister_pointers() -> None:
+    del bpy.types.WindowManager.mvdiff
+    del bpy.types.Scene.mvdiff

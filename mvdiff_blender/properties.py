@@ -86,6 +86,9 @@ class MVDIFF_PG_scene(bpy.types.PropertyGroup):
                                 description="Write 16 bits per channel (smoother gradients, twice the size)")
     output_dir: StringProperty(name="Output Folder", subtype="DIR_PATH", default="",
                                description="Where results are saved; empty: next to the .blend file")
+    result_name: StringProperty(name="Name", default="",
+                                description="File name of the results, without extension; empty: the .blend's "
+                                            "name, the kind of job and the time. Existing files are never replaced")
 
     # --- environment
     world_prompt: StringProperty(name="Prompt", description="What the 360 environment should show")
@@ -95,6 +98,9 @@ class MVDIFF_PG_scene(bpy.types.PropertyGroup):
                                  default=512, min=64, max=2048, step=64)
     world_strength: FloatProperty(name="Strength", default=1.0, min=0.0, soft_max=10.0,
                                   description="Background strength of the new World")
+    world_result_name: StringProperty(name="Name", default="",
+                                      description="File name of the panorama, without extension; empty: the "
+                                                  ".blend's name and the time. Existing files are never replaced")
     world_replace_current: BoolProperty(name="Use Current World", default=False,
                                         description="Put the panorama into the scene's World instead of a new one")
 
@@ -109,6 +115,7 @@ class MVDIFF_PG_runtime(bpy.types.PropertyGroup):
     progress: FloatProperty(default=0.0, min=0.0, max=1.0, subtype="FACTOR")
     message: StringProperty(default="")
     preview_image: StringProperty(default="")
+    result_path: StringProperty(default="", subtype="FILE_PATH")  # the texture or panorama the last job saved
 
 
 classes = (MVDIFF_PG_scene, MVDIFF_PG_runtime)

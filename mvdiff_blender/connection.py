@@ -1,0 +1,92 @@
+"""Where the backend is and how to reach it, as plain data a worker thread may read.
+
+Blender's preferences may only be read on the main thread, so operators snapshot them into a
+:class:`Connection` before any thread starts. The URL rules live here too: users type
+``localhost:8765``, ``http://gpu-box:8765/`` or an address with a path, and get one normal form.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LOOPBACK_NAMES = ("localhost", "localhost.localdomain")
+
+
+class SetupError(RuntimeError):
+    """A user-facing problem with the backend settings; ``fix`` says what to change."""
+
+    def __init__(self, message: str, fix: str = ""):
+        super().__init__(message)
+        self.fix = fix
+
+
+def normalise_url(text: str) -> str:
+    """``host[:port][/path]`` with or without a scheme, as ``scheme://host:port[/path]``."""
+    text = text.strip()
+    if not text:
+        raise SetupError("The backend URL is empty", "Enter the address the backend listens on")
+    if "://" not in text:
+        text = "http://" + text
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("http", "https"):
+        raise SetupError(f"The backend URL must use http or https, not {parts.scheme!r}")
+    if not parts.hostname:
+        raise SetupError(f"The backend URL {text!r} has no host name")
+    try:
+        port = parts.port
+    except ValueError:
+        raise SetupError(f"The backend URL {text!r} has an invalid port") from None
+    host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+    netloc = host if port is None else f"{host}:{port}"
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+
+
+def is_loopback(url: str) -> bool:
+    """True when the URL's host is this machine (names are resolved, so ``localhost`` counts)."""
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None))
+    except (OSError, ValueError):
+        return False
+
+
+@dataclass(frozen=True)
+class LocalLaunch:
+    """What it takes to start the bundled backend on this machine."""
+
+    python: str
+    port: int
+    model_args: tuple[str, ...]
+    store: Path
+    log: Path
+    extension_root: Path
+    offline: bool = False
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Connection:
+    """The backend a job talks to; ``launch`` is set when the add-on may start it itself."""
+
+    url: str
+    token: str | None = None
+    launch: LocalLaunch | None = None
+    timeout: float = 30.0
+
+    def check_online_access(self, online_access: bool) -> None:
+        """Blender's Allow Online Access switch covers every address that is not this machine."""
+        if not online_access and not is_loopback(self.url):
+            raise SetupError(
+                f"Online access is off in Blender, so the add-on will not contact {self.url}",
+                "Enable Preferences > System > Network > Allow Online Access, or use a local backend",
+            )

@@ -1,0 +1,113 @@
+"""The extension as users get it: the manifest validates, the zip builds lean, installs, enables, disables."""
+
+import ast
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.blender
+
+
+def blender_ext() -> Path:
+    import importlib.util
+
+    base = Path(importlib.util.find_spec("bpy").submodule_search_locations[0])
+    found = sorted(base.glob("*/scripts/addons_core/bl_pkg/cli/blender_ext.py"))
+    assert found, "blender_ext.py not found inside the bpy module"
+    return found[0]
+
+
+def run_ext(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(blender_ext()), *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def built_zip(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dist")
+    result = run_ext("build", "--source-dir", str(REPO_ROOT), "--output-dir", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    zips = list(out.glob("*.zip"))
+    assert len(zips) == 1, zips
+    return zips[0]
+
+
+def test_manifest_validates():
+    result = run_ext("validate", str(REPO_ROOT))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_zip_holds_the_addon_and_backend_but_no_development_files(built_zip):
+    assert built_zip.name == "mvdiff_blender-0.1.0.zip"
+    names = zipfile.ZipFile(built_zip).namelist()
+    for needed in ("blender_manifest.toml", "__init__.py", "mvdiff_blender/operators.py", "backend/protocol.py",
+                   "backend/server/app.py", "requirements/backend.txt"):
+        assert needed in names, f"{needed} missing from the zip"
+    for banned in ("tests/", "scripts/", "docs/", ".venv/", "out/", ".git/", "__pycache__/"):
+        assert not [n for n in names if n.startswith(banned) or f"/{banned}" in n], f"{banned} is in the zip"
+    assert built_zip.stat().st_size < 2 * 2**20
+    assert run_ext("validate", str(built_zip)).returncode == 0
+
+
+def test_addon_imports_only_blender_numpy_stdlib_and_the_wire_modules():
+    """Blender's Python has none of the backend's packages: the add-on must not need them."""
+    allowed_backend = {"protocol", "client", "validation", "geometry"}
+    stdlib = set(sys.stdlib_module_names)
+    for path in sorted((REPO_ROOT / "mvdiff_blender").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                roots = [alias.name.split(".")[0] for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                roots = [node.module.split(".")[0]]
+            elif isinstance(node, ast.ImportFrom) and node.level == 2:
+                parts = (node.module or "").split(".")
+                assert parts[0] == "backend" and parts[1] in allowed_backend, f"{path.name}: {node.module}"
+                continue
+            else:
+                continue
+            for root in roots:
+                assert root in stdlib or root in ("bpy", "mathutils", "bpy_extras", "numpy", "addon_utils"), \
+                    f"{path.name} imports {root}"
+
+
+INSTALL_SCRIPT = r"""
+import json, sys
+import bpy, addon_utils
+zip_path = sys.argv[-1]
+bpy.ops.extensions.package_install_files(filepath=zip_path, repo="user_default", enable_on_install=True)
+module = "bl_ext.user_default.mvdiff_blender"
+report = {"enabled": module in bpy.context.preferences.addons}
+report["operators"] = [name for name in ("texture", "make_world", "cancel", "place_cameras", "backend_start")
+                       if hasattr(bpy.types, "MVDIFF_OT_" + name)]
+report["scene_props"] = hasattr(bpy.context.scene, "mvdiff")
+report["panels"] = [p for p in ("MVDIFF_PT_texture", "MVDIFF_PT_environment") if hasattr(bpy.types, p)]
+prefs = bpy.context.preferences.addons[module].preferences
+report["prefs"] = prefs.bl_rna.identifier if prefs else None
+report["user_folder"] = bpy.utils.extension_path_user(module, path="logs", create=True)
+addon_utils.disable(module, default_set=True)
+report["disabled"] = module not in bpy.context.preferences.addons
+report["props_after_disable"] = hasattr(bpy.types.Scene, "mvdiff")
+report["panels_after_disable"] = [p for p in ("MVDIFF_PT_texture",) if hasattr(bpy.types, p)]
+print("REPORT " + json.dumps(report))
+"""
+
+
+def test_built_zip_installs_enables_and_disables_cleanly(built_zip, tmp_path):
+    env = {**os.environ, "BLENDER_USER_RESOURCES": str(tmp_path / "user")}
+    result = subprocess.run([sys.executable, "-c", INSTALL_SCRIPT, str(built_zip)], capture_output=True, text=True,
+                            timeout=120, env=env)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("REPORT ")]
+    assert result.returncode == 0 and lines, result.stdout + result.stderr
+    report = json.loads(lines[-1][len("REPORT "):])
+    assert report["enabled"] and report["scene_props"] and report["prefs"]
+    assert len(report["operators"]) == 5 and len(report["panels"]) == 2
+    assert report["user_folder"].startswith(str(tmp_path / "user"))
+    assert report["disabled"] and not report["props_after_disable"] and not report["panels_after_disable"]
+    installed = tmp_path / "user" / "extensions" / "user_default" / "mvdiff_blender"
+    assert (installed / "backend" / "protocol.py").is_file()

@@ -1,0 +1,205 @@
+"""Whole jobs from Blender against a real backend process on the tiny model, and every way one can fail."""
+
+import http.server
+import json
+import socket
+import threading
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.blender
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def prefs(addon):
+    import sys
+
+    import bpy
+
+    prefs = addon.preferences.get(bpy.context)
+    prefs.mode, prefs.python, prefs.model_source, prefs.device = "LOCAL", sys.executable, "TINY", "CPU"
+    prefs.port, prefs.start_automatically = free_port(), True
+    yield prefs
+    addon.backend_process.stop()
+
+
+def scene_state(bpy) -> dict:
+    """Everything a job may change, to check that a failed one changed nothing."""
+    return {
+        "objects": sorted(o.name for o in bpy.data.objects),
+        "materials": sorted(m.name for m in bpy.data.materials),
+        "images": sorted(i.name for i in bpy.data.images if i.name != "MVDiffusion Preview"),
+        "worlds": sorted(w.name for w in bpy.data.worlds),
+        "world": bpy.context.scene.world.name if bpy.context.scene.world else None,
+        "uv_maps": {o.name: [uv.name for uv in o.data.uv_layers] for o in bpy.data.objects if o.type == "MESH"},
+        "slots": {o.name: [s.material.name if s.material else None for s in o.material_slots]
+                  for o in bpy.data.objects},
+        "collections": sorted(c.name for c in bpy.data.collections),
+    }
+
+
+def small_scene(bpy, tmp_path):
+    """A box room corner with a cube, unsaved, results going to tmp_path."""
+    bpy.ops.mesh.primitive_plane_add(size=4.0)
+    floor = bpy.context.object
+    floor.name = "Floor"
+    bpy.ops.mesh.primitive_cube_add(size=1.0, location=(0.0, 0.0, 0.5))
+    cube = bpy.context.object
+    cube.name = "Cube"
+    settings = bpy.context.scene.mvdiff
+    settings.prompt, settings.steps, settings.seed = "a wooden floor and a painted box", 2, 3
+    settings.camera_source, settings.orbit_views, settings.orbit_rings = "ORBIT", 4, 1
+    settings.width = settings.height = 64
+    settings.texture_size, settings.uv_source = "256", "UNWRAP"
+    settings.output_dir = str(tmp_path)
+    for obj in (floor, cube):
+        obj.select_set(True)
+    return floor, cube
+
+
+def test_texture_job_applies_material_image_and_uv_map(scene, prefs, tmp_path):
+    import bpy
+
+    floor, cube = small_scene(bpy, tmp_path)
+    user_uvs = {o.name: [uv.name for uv in o.data.uv_layers] for o in (floor, cube)}
+    assert bpy.ops.mvdiff.texture() == {"FINISHED"}, bpy.context.window_manager.mvdiff.message
+    state = bpy.context.window_manager.mvdiff
+    assert not state.running and state.result_path
+    for obj in (floor, cube):
+        names = [uv.name for uv in obj.data.uv_layers]
+        assert names == user_uvs[obj.name] + ["MVDiffusion"], names
+        material = obj.material_slots[-1].material
+        images = [n.image for n in material.node_tree.nodes if n.type == "TEX_IMAGE"]
+        assert images and tuple(images[0].size) == (256, 256)
+        assert any(link.to_socket.name == "Base Color" for link in material.node_tree.links)
+    assert (tmp_path / "mvdiff_jobs").is_dir()
+    jobs = list((tmp_path / "mvdiff_jobs").iterdir())
+    assert len(jobs) == 1 and (jobs[0] / "job.npz").is_file()
+
+
+def test_hdri_job_sets_the_world(scene, prefs, tmp_path):
+    import bpy
+
+    settings = bpy.context.scene.mvdiff
+    settings.world_prompt, settings.steps = "a sunny meadow", 2
+    settings.world_height, settings.world_view_size = 64, 64
+    settings.output_dir = str(tmp_path)
+    assert bpy.ops.mvdiff.make_world() == {"FINISHED"}, bpy.context.window_manager.mvdiff.message
+    world = bpy.context.scene.world
+    nodes = {n.type: n for n in world.node_tree.nodes}
+    image = nodes["TEX_ENVIRONMENT"].image
+    assert tuple(image.size) == (128, 64) and image.colorspace_settings.name != "sRGB"
+    pixels = np.empty(128 * 64 * 4, np.float32)
+    image.pixels.foreach_get(pixels)
+    assert pixels.max() > 1.0, "the World image should be HDR"
+    assert any(link.to_node.type == "OUTPUT_WORLD" for link in world.node_tree.links)
+
+
+# ------------------------------------------------------------------ failures leave the scene as it was
+def test_no_mesh_selected_is_refused_with_the_reason(scene, prefs, tmp_path):
+    import bpy
+
+    small_scene(bpy, tmp_path)
+    bpy.ops.object.select_all(action="DESELECT")
+    before = scene_state(bpy)
+    with pytest.raises(RuntimeError, match="Select one or more mesh objects"):
+        bpy.ops.mvdiff.texture()
+    assert scene_state(bpy) == before
+
+
+def test_no_cameras_ends_with_a_message(scene, prefs, tmp_path):
+    import bpy
+
+    small_scene(bpy, tmp_path)
+    bpy.context.scene.mvdiff.camera_source = "SELECTED"
+    before = scene_state(bpy)
+    with pytest.raises(RuntimeError, match="camera"):
+        bpy.ops.mvdiff.texture()
+    assert scene_state(bpy) == before
+
+
+class FakeBackend(http.server.BaseHTTPRequestHandler):
+    """A backend that speaks another API version, or fails every job."""
+
+    api_version = 1
+    fail_jobs = False
+
+    def _send(self, payload, code=200):
+        body = json.dumps(payload).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        if self.path in ("/v1/health", "/v1/version"):
+            self._send({"status": "ok", "api_version": self.api_version, "backend_version": "9.9"})
+        elif self.path.startswith("/v1/jobs/"):
+            self._send({"id": "0" * 32, "state": "failed", "stage": "bake", "step": 0, "total": 0,
+                        "error": "CUDA out of memory at every memory level; reduce the texture size"})
+        else:
+            self._send({"detail": "not found"}, 404)
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self._send({"id": "0" * 32, "state": "queued"}, 201)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def fake_backend(prefs):
+    servers = []
+
+    def start(**attrs):
+        handler = type("Handler", (FakeBackend,), attrs)
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        prefs.mode, prefs.url = "REMOTE", f"http://127.0.0.1:{server.server_address[1]}"
+        return server
+
+    yield start
+    for server in servers:
+        server.shutdown()
+    prefs.mode = "LOCAL"
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("unreachable", "cannot reach the backend"),
+    ("version", "API version 99"),
+    ("failed", "CUDA out of memory"),
+    ("offline", "Online access is off"),
+])
+def test_backend_problems_end_the_job_cleanly(scene, prefs, fake_backend, tmp_path, case, expected):
+    import bpy
+
+    if case == "unreachable":
+        prefs.mode, prefs.url = "REMOTE", f"http://127.0.0.1:{free_port()}"
+    elif case == "version":
+        fake_backend(api_version=99)
+    elif case == "failed":
+        fake_backend(fail_jobs=True)
+    else:
+        prefs.mode, prefs.url = "REMOTE", "http://192.0.2.10:8765"
+    try:
+        small_scene(bpy, tmp_path)
+        before = scene_state(bpy)
+        with pytest.raises(RuntimeError, match=expected):
+            bpy.ops.mvdiff.texture()
+        assert scene_state(bpy) == before
+        assert not bpy.context.window_manager.mvdiff.running
+        if case != "offline":
+            jobs = list((tmp_path / "mvdiff_jobs").iterdir())
+            assert (jobs[0] / "job.npz").is_file(), "the job's inputs must stay on disk"
+    finally:
+        prefs.mode = "LOCAL"

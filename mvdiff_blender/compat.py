@@ -43,3 +43,68 @@ def linear_colorspace_name() -> str:
 def online_access_allowed() -> bool:
     """``bpy.app.online_access`` exists from 4.2; older builds have no such switch."""
     return bool(getattr(bpy.app, "online_access", True))
+
+
+# ---------------------------------------------------------------------- depth rendering (render_depth.py)
+# The compositor that writes the Depth pass to a single-layer 32-bit EXR. ``state`` is the caller's
+# restorer: ``state.set(owner, attribute, value)`` changes a setting only when it differs and
+# remembers the old value; ``state.defer(fn)`` runs ``fn`` on restore (in reverse order).
+DEPTH_OUTPUT_ITEM = "Depth"
+
+
+def _configure_exr_format(image_format) -> None:
+    # 5.0 defaults File Output to multi-layer EXR and only allows OPEN_EXR once media_type is IMAGE.
+    if hasattr(image_format, "media_type"):
+        image_format.media_type = "IMAGE"
+    image_format.file_format = "OPEN_EXR"
+    image_format.color_depth = "32"
+    image_format.color_mode = "BW"
+    if hasattr(image_format, "exr_codec"):
+        image_format.exr_codec = "ZIP"
+
+
+def setup_depth_compositor(scene, view_layer, directory: str, file_prefix: str, state) -> None:
+    """Route ``view_layer``'s Depth pass to ``<directory>/<file_prefix>*.exr`` on every render.
+
+    5.0: a new compositor node group (Render Layers -> File Output with ``directory``/``file_name``/
+    ``file_output_items``) replaces the scene's group for the duration; the file has no frame number.
+    4.x: nodes are added to ``scene.node_tree`` (``use_nodes``), which needs a Composite node; the
+    File Output's ``base_path``/``file_slots`` add a frame number. The user's own File Output nodes
+    are muted meanwhile so the depth renders write nothing into the user's folders.
+    """
+    if COMPOSITOR_IS_NODE_GROUP:
+        tree = bpy.data.node_groups.new("MVDiffusion Depth", "CompositorNodeTree")
+        state.defer(lambda: bpy.data.node_groups.remove(tree))
+        state.set(scene, "compositing_node_group", tree)
+        layers = tree.nodes.new("CompositorNodeRLayers")
+        layers.scene = scene
+        layers.layer = view_layer.name
+        output = tree.nodes.new("CompositorNodeOutputFile")
+        output.directory = directory.rstrip("/\\") + "/"
+        output.file_name = file_prefix
+        _configure_exr_format(output.format)
+        output.file_output_items.new("FLOAT", DEPTH_OUTPUT_ITEM)
+        tree.links.new(layers.outputs["Depth"], output.inputs[DEPTH_OUTPUT_ITEM])
+        return
+    state.set(scene, "use_nodes", True)
+    tree = scene.node_tree
+    for node in tree.nodes:
+        if node.bl_idname == "CompositorNodeOutputFile":
+            state.set(node, "mute", True)
+    added = []
+    state.defer(lambda: [tree.nodes.remove(node) for node in added])
+    layers = tree.nodes.new("CompositorNodeRLayers")
+    added.append(layers)
+    layers.scene = scene
+    layers.layer = view_layer.name
+    if not any(node.bl_idname == "CompositorNodeComposite" for node in tree.nodes):
+        composite = tree.nodes.new("CompositorNodeComposite")  # 4.x refuses to render without one
+        added.append(composite)
+        if "Image" in layers.outputs:
+            tree.links.new(layers.outputs["Image"], composite.inputs["Image"])
+    output = tree.nodes.new("CompositorNodeOutputFile")
+    added.append(output)
+    output.base_path = directory
+    _configure_exr_format(output.format)
+    output.file_slots[0].path = file_prefix + DEPTH_OUTPUT_ITEM
+    tree.links.new(layers.outputs["Depth"], output.inputs[0])

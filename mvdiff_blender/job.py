@@ -130,9 +130,7 @@ def _texture_job(context, settings, objects, poses, placed, on_progress) -> Prep
         raise JobError(f"{err.field}: {err.problem}") from None
     data = job.to_bytes()
     (folder / "job.npz").write_bytes(data)
-    uv_map = None
-    if settings.uv_source == "ACTIVE" and objects[0].data.uv_layers.active is not None:
-        uv_map = objects[0].data.uv_layers.active.name
+    uv_map = exported.uv_maps[0] if exported.uv_maps else None
     return PreparedJob("texture", data, folder, out, basename, [o.name for o in objects], uv_map, placed)
 
 

@@ -211,6 +211,11 @@ class MVDIFF_OT_texture(_JobOperator, bpy.types.Operator):
                                       output_dir=prepared.output_dir, basename=prepared.basename,
                                       uv_map=prepared.uv_map)
         context.window_manager.mvdiff.result_path = str(applied.path)
+        split = {o.name: n for o, n in zip(objects, applied.split_triangles, strict=True) if n}
+        if split:
+            where = ", ".join(f"{name} ({n})" for name, n in split.items())
+            self.report({"WARNING"}, f"The unwrap cut through quads or n-gons; triangles with a distorted texture: "
+                                     f"{where}. Triangulate those meshes before texturing to avoid it")
         return f"Textured {len(objects)} object(s): {applied.path}"
 
 

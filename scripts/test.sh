@@ -6,7 +6,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$ROOT"
 
 echo "== ruff check"
-"$VENV/bin/ruff" check backend tests scripts
+"$VENV/bin/ruff" check backend mvdiff_blender tests scripts __init__.py
 
 echo "== pytest"
 # Blender writes user preferences and caches under this folder, not into the home directory.

@@ -203,3 +203,62 @@ def test_backend_problems_end_the_job_cleanly(scene, prefs, fake_backend, tmp_pa
             assert (jobs[0] / "job.npz").is_file(), "the job's inputs must stay on disk"
     finally:
         prefs.mode = "LOCAL"
+
+
+LIFECYCLE_SCRIPT = r"""
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+import blender_addon
+addon = blender_addon.enable_addon()
+import bpy, addon_utils
+from importlib import import_module
+prefs = import_module(addon.__name__ + ".preferences").get(bpy.context)
+prefs.python, prefs.model_source, prefs.port = sys.executable, "TINY", int(sys.argv[2])
+process = import_module(addon.__name__ + ".backend_process")
+client = import_module(addon.__name__.rpartition(".")[0] + ".backend.client").BackendClient(
+    f"http://127.0.0.1:{prefs.port}")
+assert bpy.ops.mvdiff.backend_start() == {"FINISHED"}
+process.wait_until_healthy(client, timeout=60)
+first = process._started.pid
+addon_utils.disable(addon.__name__.rpartition(".")[0], default_set=True)
+stopped_on_disable = process._started is None
+addon = blender_addon.enable_addon()
+prefs = import_module(addon.__name__ + ".preferences").get(bpy.context)  # fresh preferences after re-enabling
+prefs.python, prefs.model_source, prefs.port = sys.executable, "TINY", int(sys.argv[2])
+process = import_module(addon.__name__ + ".backend_process")
+assert bpy.ops.mvdiff.backend_start() == {"FINISHED"}
+process.wait_until_healthy(client, timeout=60)
+print("PIDS " + json.dumps({"disabled": first, "stopped_on_disable": stopped_on_disable,
+                            "left_at_exit": process._started.pid}))
+"""
+
+
+def test_a_backend_the_addon_started_ends_with_the_addon_and_with_blender(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    scripts = Path(__file__).resolve().parents[2] / "scripts"
+    env = {**os.environ, "BLENDER_USER_RESOURCES": str(tmp_path / "user")}
+    result = subprocess.run([sys.executable, "-c", LIFECYCLE_SCRIPT, str(scripts), str(free_port())],
+                            capture_output=True, text=True, timeout=120, env=env)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("PIDS ")]
+    assert result.returncode == 0 and lines, result.stdout + result.stderr
+    pids = json.loads(lines[-1][len("PIDS "):])
+    assert pids["stopped_on_disable"]
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        with open(f"/proc/{pid}/stat") as stat:  # a zombie has exited; only its parent has not reaped it
+            return stat.read().split()[2] != "Z"
+
+    deadline = time.monotonic() + 10
+    while any(alive(pids[k]) for k in ("disabled", "left_at_exit")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(pids["disabled"]), "disabling the add-on left its backend running"
+    assert not alive(pids["left_at_exit"]), "quitting Blender left the add-on's backend running"

@@ -26,9 +26,9 @@ def test_bench_bake_prints_one_json_object_on_its_last_line():
     assert 0.0 < result["coverage"] <= 1.0 and result["psnr_db"] > 20
 
 
-def test_demo_script_writes_texture_contact_sheet_and_report(tmp_path):
+def test_bake_demo_writes_texture_contact_sheet_and_report(tmp_path):
     out = tmp_path / "out"
-    done = run("bash", str(ROOT / "scripts" / "demo.sh"), "--size", "256", "--views", "8", "--heldout", "3",
+    done = run(sys.executable, "-m", "backend", "demo", "--size", "256", "--views", "8", "--heldout", "3",
                "--out", str(out))
     assert done.returncode == 0, done.stderr
     texture = iio.imread(out / "demo_texture.png")

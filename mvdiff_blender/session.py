@@ -145,7 +145,7 @@ class JobSession:
             status = client.status(job_id)
             state = status["state"]
             step = (status.get("stage"), status.get("step"))
-            self._publish(state=state if state in FINAL_STATES else state, stage=status.get("stage") or "",
+            self._publish(state=state, stage=status.get("stage") or "",
                           step=status.get("step") or 0, total=status.get("total") or 0,
                           message=_message(status))
             if state == "running" and step != last_step:

@@ -86,9 +86,10 @@ class _JobOperator:
             return {"RUNNING_MODAL"}
         if event.type != "TIMER" or event.timer is not self._timer:
             return {"PASS_THROUGH"}
+        finished = session.finished
         snap = session.snapshot
         self._update(context, snap)
-        if snap.finished:
+        if finished:
             wm = context.window_manager
             wm.event_timer_remove(self._timer)
             wm.progress_end()

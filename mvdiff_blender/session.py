@@ -75,6 +75,11 @@ class JobSession:
         with self._lock:
             return self._snapshot
 
+    @property
+    def finished(self) -> bool:
+        """The job has ended and the worker thread with it: the snapshot will not change again."""
+        return self.snapshot.finished and not self._thread.is_alive()
+
     def cancel(self) -> None:
         """Ask the backend to stop the job; the session ends as 'cancelled' once it has."""
         self._cancel.set()
@@ -83,11 +88,12 @@ class JobSession:
         """Block until the job ends (background mode); ``on_snapshot`` sees every change."""
         last = None
         while True:
+            finished = self.finished
             snap = self.snapshot
             if snap != last and on_snapshot is not None:
                 on_snapshot(snap)
             last = snap
-            if snap.finished and not self._thread.is_alive():
+            if finished:
                 return snap
             time.sleep(poll)
 
@@ -145,7 +151,9 @@ class JobSession:
             status = client.status(job_id)
             state = status["state"]
             step = (status.get("stage"), status.get("step"))
-            self._publish(state=state, stage=status.get("stage") or "",
+            # A final state is published only once its results are on disk (below), so a reader
+            # never sees "done" without a result folder.
+            self._publish(state="running" if state in FINAL_STATES else state, stage=status.get("stage") or "",
                           step=status.get("step") or 0, total=status.get("total") or 0,
                           message=_message(status))
             if state == "running" and step != last_step:
@@ -163,14 +171,17 @@ class JobSession:
                 break
             time.sleep(POLL_SECONDS)
         if state == "done":
-            self._publish(state="downloading", message="Downloading the results")
+            self._publish(message="Downloading the results")
             result_dir = self.work_dir / "result"
             client.result(job_id, result_dir)
             self._publish(state="done", result_dir=result_dir, message="Done")
         elif state == "failed":
             self._publish(state="failed", error=status.get("error") or "the job failed on the backend")
         elif state == "interrupted":
-            self._publish(error="the backend stopped while running the job; resubmit it when it is back")
+            self._publish(state="interrupted",
+                          error="the backend stopped while running the job; resubmit it when it is back")
+        else:
+            self._publish(state=state, message="Cancelled")
 
 
 def _message(status: dict) -> str:

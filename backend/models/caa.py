@@ -328,7 +328,10 @@ class CorrespondenceAttention(nn.Module):
                 logits = torch.bmm(q_in, centred.transpose(1, 2)).mul_(scale / math.sqrt(HEAD_DIM))  # (Q, heads, T)
                 if self.mask_invalid:
                     logits = logits.add_(logit_bias[start:stop])
-                mixed = torch.bmm(logits.softmax(dim=-1).mul_(scale), centred)  # (Q, heads, C): per-head averages
+                attention = logits.softmax(dim=-1)
+                # In place at inference; training needs the softmax output intact for its backward.
+                attention = attention * scale if torch.is_grad_enabled() else attention.mul_(scale)
+                mixed = torch.bmm(attention, centred)  # (Q, heads, C): per-head averages
                 attended[sample, start:stop] = torch.einsum("nhc,hdc->nhd", mixed, w_v).reshape(-1, channels)
         return attended.view(batch, views, pixels, channels), value_bias
 

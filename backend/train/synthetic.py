@@ -1,14 +1,13 @@
 """Procedural training data rendered with the project's own reference renderer.
 
-Two data sets, deterministic per ``(seed, split, index)`` and cheap enough to generate inside a
-training loop:
+Deterministic per ``(seed, split, index)`` and cheap enough to generate inside a training loop:
 
-* :class:`SyntheticDepthData`: the demo room (furniture nudged around, every object painted with
+* :class:`SyntheticDepthData` (here): the demo room (furniture nudged around, every object painted with
   a random pattern from a small vocabulary in random named colours) seen along a random arc of
   a camera loop. Images come from :func:`render_textured`, depths are the same raster's planar
   depth (what :func:`render_depth` returns), and each view's prompt names the objects it shows
   with their colours and patterns.
-* :class:`SyntheticPanoramaData`: procedural equirect landscapes (sky gradient, clouds, sun or
+* :class:`~.synthetic_panorama.SyntheticPanoramaData`: procedural equirect landscapes (sky gradient, clouds, sun or
   moon, mountains, ground, coloured towers and balloons) cut into the project's panorama layout
   with the project's equirect sampler, with per-view prompts of what each view shows.
 
@@ -37,33 +36,15 @@ import numpy as np
 from scipy import ndimage
 
 from ..geometry.cameras import Camera, look_at
-from ..geometry.equirect import equirect_directions, equirect_to_perspective
 from ..geometry.mesh import Mesh
-from ..geometry.panorama import panorama_layout
 from ..geometry.raster import rasterize_uv
 from ..geometry.render import render_textured
 from ..geometry.uv_atlas import ensure_uvs
 from ..scenes.demo_room import build_demo_room
 from ..validation import InputError, positive_int
 from .samples import MultiViewSample
+from .synthetic_common import PALETTE, SPLITS, article, draw_waves, join, luminance, noise, sample_index, smoothstep
 
-SPLITS = {"train": 0, "heldout": 1}
-
-PALETTE: dict[str, tuple[float, float, float]] = {
-    "red": (0.78, 0.13, 0.12),
-    "orange": (0.92, 0.50, 0.12),
-    "yellow": (0.93, 0.82, 0.20),
-    "green": (0.20, 0.58, 0.24),
-    "teal": (0.08, 0.52, 0.52),
-    "blue": (0.14, 0.30, 0.76),
-    "purple": (0.48, 0.22, 0.62),
-    "pink": (0.93, 0.56, 0.70),
-    "brown": (0.48, 0.30, 0.15),
-    "beige": (0.86, 0.78, 0.62),
-    "white": (0.93, 0.93, 0.91),
-    "grey": (0.50, 0.50, 0.50),
-    "black": (0.10, 0.10, 0.11),
-}
 LIGHT_COLOURS = ("white", "beige", "grey")
 PATTERNS = ("solid", "stripes", "checker", "planks", "blotches")
 PATTERN_WORDS = {"solid": "", "stripes": "striped", "checker": "checkered", "planks": "plank", "blotches": "mottled"}
@@ -198,7 +179,7 @@ class SyntheticDepthData:
         return self.count
 
     def _streams(self, index: int) -> list[np.random.Generator]:
-        index = _index(index, self.count)
+        index = sample_index(index, self.count)
         sequence = np.random.SeedSequence([self.seed, SPLITS[self.split], index])
         return [np.random.default_rng(s) for s in sequence.spawn(3)]
 
@@ -240,7 +221,7 @@ class SyntheticDepthData:
                 "dataset": "synthetic-depth",
                 "split": self.split,
                 "seed": self.seed,
-                "index": _index(index, self.count),
+                "index": sample_index(index, self.count),
                 "materials": {
                     name: {"pattern": m.pattern, "colours": list(m.colour_names), "rgb": m.rgb.copy()}
                     for name, m in materials.items()
@@ -318,13 +299,13 @@ def _draw_material(rng: np.random.Generator, name: str) -> Material:
         c2 = np.array(PALETTE[second])
         names = (first, second)
     else:  # a shade of the first colour: darker for light colours, lighter for dark ones
-        c2 = c1 * 0.6 if _luminance(c1) > 0.45 else c1 + (1.0 - c1) * 0.45
+        c2 = c1 * 0.6 if luminance(c1) > 0.45 else c1 + (1.0 - c1) * 0.45
     rgb = np.clip(np.stack([c1, c2]) + rng.uniform(-0.03, 0.03, size=(2, 3)), 0.0, 1.0)
     params = {
         "period": float(rng.uniform(0.3, 0.7)),
         "phase": rng.uniform(0, 2 * math.pi, size=2),
-        "waves": _draw_waves(rng, 4, (0.5, 1.4)),
-        "shading": _draw_waves(rng, 3, (1.0, 3.0)),
+        "waves": draw_waves(rng, 4, (0.5, 1.4)),
+        "shading": draw_waves(rng, 3, (1.0, 3.0)),
         "swap": bool(rng.random() < 0.5),
         "plank_width": float(rng.uniform(0.2, 0.4)),
         "plank_shades": rng.uniform(0.8, 1.1, size=64),
@@ -344,17 +325,8 @@ def _draw_material(rng: np.random.Generator, name: str) -> Material:
     return Material(pattern, names, rgb, params)
 
 
-def _draw_waves(rng: np.random.Generator, count: int, wavelengths: tuple[float, float]) -> tuple:
-    normals = rng.normal(size=(count, 3))
-    normals /= np.linalg.norm(normals, axis=1, keepdims=True)
-    frequency = 2 * math.pi / rng.uniform(*wavelengths, size=count)
-    return normals, frequency, rng.uniform(0, 2 * math.pi, size=count)
 
 
-def _noise(p: np.ndarray, waves: tuple) -> np.ndarray:
-    """Sum of plane waves, about unit standard deviation; a smooth function of 3D position."""
-    normals, frequency, phase = waves
-    return np.cos((p @ normals.T) * frequency + phase).sum(axis=1) * math.sqrt(2.0 / len(frequency))
 
 
 def _in_plane(p: np.ndarray, normal: np.ndarray, swap: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -368,9 +340,6 @@ def _in_plane(p: np.ndarray, normal: np.ndarray, swap: bool) -> tuple[np.ndarray
     return u, v
 
 
-def _smoothstep(edge0: float, edge1: float, x: np.ndarray) -> np.ndarray:
-    t = np.clip((x - edge0) / (edge1 - edge0), 0.0, 1.0)
-    return t * t * (3.0 - 2.0 * t)
 
 
 def _shade(material: Material, p: np.ndarray, normal: np.ndarray) -> np.ndarray:
@@ -389,7 +358,7 @@ def _shade(material: Material, p: np.ndarray, normal: np.ndarray) -> np.ndarray:
         w = 0.5 + 0.5 * np.tanh(sharp * np.sin(math.pi * u / cell + params["phase"][0])) * np.tanh(
             sharp * np.sin(math.pi * v / cell + params["phase"][1]))
     elif material.pattern == "blotches":
-        w = 0.5 + 0.5 * np.tanh(2.0 * _noise(p, params["waves"]))
+        w = 0.5 + 0.5 * np.tanh(2.0 * noise(p, params["waves"]))
     elif material.pattern == "planks":
         u, v = _in_plane(p, normal, params["swap"])
         t = v / params["plank_width"] + params["phase"][0]
@@ -397,14 +366,14 @@ def _shade(material: Material, p: np.ndarray, normal: np.ndarray) -> np.ndarray:
         f = t - i
         shades = params["plank_shades"]
         b0, b1 = shades[i % len(shades)], shades[(i + 1) % len(shades)]
-        brightness = b0 + (b1 - b0) * _smoothstep(0.85, 1.0, f)
+        brightness = b0 + (b1 - b0) * smoothstep(0.85, 1.0, f)
         grain = 1.0 + 0.05 * np.sin(2 * math.pi * (u / 0.6 + 0.3 * t))
         c1 = np.clip(c1 * (brightness * grain)[:, None], 0.0, 1.0)
         w = 0.8 * np.exp(-((np.minimum(f, 1.0 - f) / 0.06) ** 2))
     else:  # pragma: no cover - patterns come from PATTERNS
         raise AssertionError(material.pattern)
     colour = c1 * (1.0 - w)[:, None] + c2 * w[:, None]
-    colour = colour * (1.0 + 0.04 * _noise(p, params["shading"]))[:, None]
+    colour = colour * (1.0 + 0.04 * noise(p, params["shading"]))[:, None]
     return np.clip(colour, 0.0, 1.0)
 
 
@@ -425,263 +394,8 @@ def _room_prompt(shares: dict[str, float], materials: dict[str, Material]) -> st
     for name in shown + furniture:
         phrase = materials[name].phrase()
         noun = OBJECT_NOUNS.get(name, name)
-        parts.append(f"{phrase} {noun}" if noun == "walls" else f"{_article(phrase)} {phrase} {noun}")
-    return "a room with " + _join(parts) if parts else "a room"
+        parts.append(f"{phrase} {noun}" if noun == "walls" else f"{article(phrase)} {phrase} {noun}")
+    return "a room with " + join(parts) if parts else "a room"
 
 
 # ============================================================================================ panoramas
-SKIES = {  # name: (horizon colour, zenith colour)
-    "blue": ((0.72, 0.84, 0.96), (0.12, 0.32, 0.74)),
-    "sunset": ((0.98, 0.58, 0.28), (0.32, 0.18, 0.48)),
-    "grey overcast": ((0.80, 0.80, 0.82), (0.52, 0.54, 0.58)),
-    "night": ((0.12, 0.14, 0.28), (0.01, 0.02, 0.08)),
-    "pink dawn": ((0.98, 0.74, 0.74), (0.42, 0.52, 0.80)),
-}
-GROUNDS = {  # prompt phrase: colour
-    "green grass": (0.24, 0.50, 0.18),
-    "a sandy desert": (0.86, 0.72, 0.44),
-    "a blue sea": (0.08, 0.28, 0.52),
-    "white snow": (0.92, 0.93, 0.95),
-    "brown dirt": (0.44, 0.30, 0.18),
-}
-MOUNTAIN_COLOURS = ("purple", "grey", "green", "blue", "brown")
-SHAPE_COLOURS = ("red", "orange", "yellow", "green", "teal", "blue", "purple", "pink", "white", "black")
-SHAPE_KINDS = ("tower", "balloon")
-PANORAMA_MIN_SHARE = 0.005  # low enough for a sun or balloon that a view shows whole
-
-
-class SyntheticPanoramaData:
-    """``count`` procedural panoramas cut into :func:`panorama_layout` views of ``view_size`` pixels.
-
-    The landscape is a function of direction in the project's world (Z up), rendered to an
-    equirect of ``equirect_height`` rows (default ``2 * view_size``, finer than the views) in
-    Cycles' convention, then sampled into the layout's views (8 ring views, plus the two pole
-    views unless ``pole_views`` is False) with :func:`equirect_to_perspective`. ``meta`` holds
-    the equirect (uint8), the recipe and, per view, the share of each component it shows; every
-    view's prompt names the components covering at least 2 % of it, e.g. "a sunset sky with
-    clouds, purple mountains, a sandy desert and a red tower".
-    """
-
-    def __init__(
-        self,
-        count: int,
-        view_size: int = 64,
-        seed: int = 0,
-        split: str = "train",
-        *,
-        pole_views: bool = True,
-        equirect_height: int | None = None,
-    ) -> None:
-        self.count = positive_int("count", count)
-        self.view_size = positive_int("view_size", view_size)
-        if split not in SPLITS:
-            raise InputError("split", f"must be one of {tuple(SPLITS)}, got {split!r}")
-        self.split = split
-        self.seed = int(seed)
-        self.pole_views = bool(pole_views)
-        self.equirect_height = 2 * self.view_size if equirect_height is None else positive_int(
-            "equirect_height", equirect_height)
-        self.cameras = panorama_layout(self.view_size, pole_views=self.pole_views)
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, index: int) -> MultiViewSample:
-        index = _index(index, self.count)
-        rng = np.random.default_rng(np.random.SeedSequence([self.seed, SPLITS[self.split], index]))
-        recipe = _draw_landscape(rng)
-        height = self.equirect_height
-        dirs = equirect_directions(height, 2 * height)
-        colour, label = _landscape(dirs, recipe, edge=math.pi / height)
-        equirect = np.rint(np.clip(colour, 0.0, 1.0) * 255.0).astype(np.uint8)
-        names = recipe["labels"]
-        images, prompts, visible = [], [], []
-        for camera in self.cameras:
-            images.append(equirect_to_perspective(equirect, camera))
-            shares = _view_label_shares(camera, label, len(names))
-            shown = {names[k]: float(s) for k, s in enumerate(shares) if s > 0}
-            visible.append(shown)
-            prompts.append(_landscape_prompt(shown, recipe))
-        return MultiViewSample(
-            task="panorama",
-            images=np.stack(images),
-            cameras=list(self.cameras),
-            depths=None,
-            prompts=prompts,
-            keyframes=None,
-            meta={
-                "dataset": "synthetic-panorama",
-                "split": self.split,
-                "seed": self.seed,
-                "index": index,
-                "equirect": equirect,
-                "recipe": {k: v for k, v in recipe.items() if k not in ("clouds_waves", "ground_waves")},
-                "visible": visible,
-            },
-        )
-
-
-def _draw_landscape(rng: np.random.Generator) -> dict:
-    sky = str(rng.choice(list(SKIES)))
-    recipe: dict = {
-        "sky": sky,
-        "clouds": bool(rng.random() < 0.5) and sky != "night",
-        "clouds_waves": _draw_waves(rng, 5, (0.4, 1.2)),
-        "ground": str(rng.choice(list(GROUNDS))),
-        "ground_waves": _draw_waves(rng, 4, (0.1, 0.4)),
-        "horizon_deg": float(rng.uniform(-8.0, 2.0)),
-    }
-    if rng.random() < 0.6:
-        recipe["sun"] = {
-            "kind": "moon" if sky == "night" else "sun",
-            "azimuth": float(rng.uniform(-math.pi, math.pi)),
-            "elevation": math.radians(rng.uniform(12.0, 50.0)),
-            "radius": math.radians(rng.uniform(4.0, 8.0)),
-        }
-    if rng.random() < 0.6:
-        recipe["mountains"] = {
-            "colour": str(rng.choice(MOUNTAIN_COLOURS)),
-            "base_deg": float(rng.uniform(4.0, 10.0)),
-            "amplitudes_deg": rng.uniform(0.0, 4.0, size=4),
-            "phases": rng.uniform(0, 2 * math.pi, size=4),
-        }
-    shapes = []
-    for _ in range(int(rng.integers(0, 4))):
-        kind = str(rng.choice(SHAPE_KINDS))
-        shape = {"kind": kind, "colour": str(rng.choice(SHAPE_COLOURS)),
-                 "azimuth": float(rng.uniform(-math.pi, math.pi))}
-        if kind == "tower":
-            shape["half_width"] = math.radians(rng.uniform(3.0, 7.0))
-            shape["top"] = math.radians(rng.uniform(12.0, 35.0))
-        else:
-            shape["elevation"] = math.radians(rng.uniform(15.0, 50.0))
-            shape["radius"] = math.radians(rng.uniform(4.0, 8.0))
-        shapes.append(shape)
-    recipe["shapes"] = shapes
-    labels = ["sky", "ground"]
-    if "sun" in recipe:
-        labels.append("sun")
-    if "mountains" in recipe:
-        labels.append("mountains")
-    labels += [f"shape{k}" for k in range(len(shapes))]
-    recipe["labels"] = labels
-    return recipe
-
-
-def _landscape(dirs: np.ndarray, recipe: dict, edge: float) -> tuple[np.ndarray, np.ndarray]:
-    """Colour (H, W, 3) in [0, 1] and the label (index into ``recipe['labels']``) that owns each pixel."""
-    labels = recipe["labels"]
-    x, y, z = dirs[..., 0], dirs[..., 1], dirs[..., 2]
-    elevation = np.arcsin(np.clip(z, -1.0, 1.0))
-    azimuth = np.arctan2(y, x)
-    horizon = math.radians(recipe["horizon_deg"])
-    low, high = (np.array(c) for c in SKIES[recipe["sky"]])
-    t = np.sqrt(np.clip((elevation - horizon) / (math.pi / 2 - horizon), 0.0, 1.0))[..., None]
-    colour = low * (1.0 - t) + high * t
-    label = np.zeros(dirs.shape[:-1], np.int64)
-    if recipe["clouds"]:
-        amount = _smoothstep(0.3, 1.2, _noise(dirs.reshape(-1, 3), recipe["clouds_waves"]).reshape(z.shape))
-        amount *= _smoothstep(horizon, horizon + 0.15, elevation)
-        colour = colour * (1.0 - 0.8 * amount[..., None]) + 0.8 * amount[..., None] * np.array([0.95, 0.95, 0.97])
-    if "sun" in recipe:
-        sun = recipe["sun"]
-        centre = _unit(sun["azimuth"], sun["elevation"])
-        angle = np.arccos(np.clip(dirs @ centre, -1.0, 1.0))
-        disc = 1.0 - _smoothstep(sun["radius"] - edge, sun["radius"] + edge, angle)
-        glow = 0.35 * np.exp(-(angle / (3.0 * sun["radius"])) ** 2) * (1.0 - disc)
-        tint = np.array([1.0, 0.95, 0.75]) if sun["kind"] == "sun" else np.array([0.9, 0.9, 0.85])
-        colour = colour * (1.0 - disc - glow)[..., None] + tint * (disc + glow)[..., None]
-        label[disc > 0.5] = labels.index("sun")
-    if "mountains" in recipe:
-        m = recipe["mountains"]
-        ridge = math.radians(m["base_deg"]) + sum(
-            math.radians(a) * np.sin((k + 2) * azimuth + p)
-            for k, (a, p) in enumerate(zip(m["amplitudes_deg"], m["phases"], strict=True)))
-        ridge = np.maximum(ridge, horizon + math.radians(1.0))
-        inside = 1.0 - _smoothstep(-edge, edge, elevation - ridge)
-        shade = 0.8 + 0.2 * (elevation - horizon) / np.maximum(ridge - horizon, 1e-6)
-        tone = np.array(PALETTE[m["colour"]]) * 0.7 + 0.3 * low
-        colour = colour * (1.0 - inside[..., None]) + (tone * np.clip(shade, 0.6, 1.0)[..., None]) * inside[..., None]
-        label[inside > 0.5] = labels.index("mountains")
-    for k, shape in enumerate(recipe["shapes"]):
-        rgb = np.array(PALETTE[shape["colour"]])
-        if shape["kind"] == "tower":
-            offset = np.abs(np.angle(np.exp(1j * (azimuth - shape["azimuth"]))))
-            across = 1.0 - _smoothstep(shape["half_width"] - edge, shape["half_width"] + edge, offset)
-            up = 1.0 - _smoothstep(shape["top"] - edge, shape["top"] + edge, elevation)
-            inside = across * up
-        else:
-            centre = _unit(shape["azimuth"], shape["elevation"])
-            angle = np.arccos(np.clip(dirs @ centre, -1.0, 1.0))
-            inside = 1.0 - _smoothstep(shape["radius"] - edge, shape["radius"] + edge, angle)
-        colour = colour * (1.0 - inside[..., None]) + rgb * inside[..., None]
-        label[inside > 0.5] = labels.index(f"shape{k}")
-    ground = np.array(GROUNDS[recipe["ground"]])
-    below = 1.0 - _smoothstep(horizon - edge, horizon + edge, elevation)
-    texture = 1.0 + 0.08 * _noise(dirs.reshape(-1, 3), recipe["ground_waves"]).reshape(z.shape)
-    depth_shade = 0.75 + 0.25 * np.clip(1.0 + (elevation - horizon) / (math.pi / 2), 0.0, 1.0)
-    ground_colour = ground * (texture * depth_shade)[..., None]
-    colour = colour * (1.0 - below[..., None]) + ground_colour * below[..., None]
-    label[below > 0.5] = labels.index("ground")
-    return np.clip(colour, 0.0, 1.0), label
-
-
-def _unit(azimuth: float, elevation: float) -> np.ndarray:
-    return np.array([math.cos(elevation) * math.cos(azimuth), math.cos(elevation) * math.sin(azimuth),
-                     math.sin(elevation)])
-
-
-def _view_label_shares(camera: Camera, label: np.ndarray, count: int) -> np.ndarray:
-    """Share of the camera's pixels owned by each label (nearest equirect pixel of each pixel's ray)."""
-    height, width = label.shape
-    dirs = camera.ray_directions().reshape(-1, 3)
-    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
-    u = np.mod(0.5 - np.arctan2(dirs[:, 1], dirs[:, 0]) / (2 * math.pi), 1.0)
-    v = 1.0 - np.arccos(np.clip(dirs[:, 2], -1.0, 1.0)) / math.pi
-    cols = np.minimum((u * width).astype(np.int64), width - 1)
-    rows = np.minimum(((1.0 - v) * height).astype(np.int64), height - 1)
-    shares = np.bincount(label[rows, cols], minlength=count) / len(dirs)
-    return np.where(shares >= PANORAMA_MIN_SHARE, shares, 0.0)
-
-
-def _landscape_prompt(shown: dict[str, float], recipe: dict) -> str:
-    parts = []
-    if "sky" in shown:
-        clouds = " with clouds" if recipe["clouds"] else ""
-        parts.append(f"{_article(recipe['sky'])} {recipe['sky']} sky{clouds}")
-    if "sun" in shown:
-        parts.append("a bright sun" if recipe["sun"]["kind"] == "sun" else "a full moon")
-    if "mountains" in shown:
-        parts.append(f"{recipe['mountains']['colour']} mountains")
-    if "ground" in shown:
-        parts.append(recipe["ground"])
-    for k, shape in enumerate(recipe["shapes"]):
-        if f"shape{k}" in shown:
-            parts.append(f"{_article(shape['colour'])} {shape['colour']} {shape['kind']}")
-    return "a landscape with " + _join(parts) if parts else "a landscape"
-
-
-# ============================================================================================ helpers
-def _luminance(rgb: np.ndarray) -> float:
-    return float(0.2126 * rgb[0] + 0.7152 * rgb[1] + 0.0722 * rgb[2])
-
-
-def _article(phrase: str) -> str:
-    return "an" if phrase[:1].lower() in "aeiou" else "a"
-
-
-def _join(parts: list[str]) -> str:
-    if len(parts) <= 1:
-        return "".join(parts)
-    return ", ".join(parts[:-1]) + " and " + parts[-1]
-
-
-def _index(index: int, length: int) -> int:
-    if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
-        raise TypeError(f"index must be an integer, got {type(index).__name__}")
-    if index < 0:
-        index += length
-    if not 0 <= index < length:
-        raise IndexError(f"index out of range for {length} samples")
-    return int(index)
-

@@ -25,7 +25,8 @@ from backend.train.released_data import (
     skybox_to_perspective,
 )
 from backend.train.samples import MultiViewSample
-from backend.train.synthetic import PALETTE, PATTERN_WORDS, SyntheticDepthData, SyntheticPanoramaData
+from backend.train.synthetic import PALETTE, PATTERN_WORDS, SyntheticDepthData
+from backend.train.synthetic_panorama import SyntheticPanoramaData
 from backend.validation import InputError
 
 # ---------------------------------------------------------------------------------------------- fake ScanNet

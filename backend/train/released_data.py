@@ -19,7 +19,7 @@ import numpy as np
 from ..geometry.cameras import Camera, yaw_pitch_rotation
 from ..geometry.sampling import sample_bilinear
 from ..validation import InputError, positive_int
-from .samples import MultiViewSample
+from .samples import MultiViewSample, sample_index
 
 # ---------------------------------------------------------------------------------------------- ScanNet
 KEYFRAME_FILE = "key_frame_0.6.txt"
@@ -162,7 +162,7 @@ class ScanNetScenes:
 
     def window(self, index: int) -> tuple[str, tuple[int, ...]]:
         """(scene id, frame ids) of sample ``index``."""
-        return self._windows[_index(index, len(self))]
+        return self._windows[sample_index(index, len(self))]
 
     def __getitem__(self, index: int) -> MultiViewSample:
         scene, frames = self.window(index)
@@ -398,7 +398,7 @@ class MatterportSkybox:
 
     def initial_yaw(self, index: int) -> float:
         """``yaw0`` of sample ``index`` in degrees."""
-        index = _index(index, len(self))
+        index = sample_index(index, len(self))
         if self.yaw_offset is not None:
             return self.yaw_offset
         if self.split == "test":
@@ -406,7 +406,7 @@ class MatterportSkybox:
         return float(np.random.default_rng([self.seed, index, self.epoch]).integers(0, 360))
 
     def __getitem__(self, index: int) -> MultiViewSample:
-        index = _index(index, len(self))
+        index = sample_index(index, len(self))
         paths = self.panoramas[index]
         faces = [_read_rgb(self.root / p) for p in paths]
         for k, face in enumerate(faces):
@@ -449,15 +449,6 @@ class MatterportSkybox:
 
 
 # ---------------------------------------------------------------------------------------------- file helpers
-def _index(index: int, length: int) -> int:
-    if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
-        raise TypeError(f"index must be an integer, got {type(index).__name__}")
-    if index < 0:
-        index += length
-    if not 0 <= index < length:
-        raise IndexError(f"index out of range for {length} samples")
-    return int(index)
-
 
 def _read_rgb(path: Path) -> np.ndarray:
     if not path.is_file():

@@ -123,3 +123,14 @@ class MultiViewSample:
         for k in range(views):
             if not depths[k].any():
                 raise InputError(f"depths[{k}]", "has no valid pixel")
+
+
+def sample_index(index: int, length: int) -> int:
+    """A dataset index as Python sequences take it: negative counts from the end, bad ones raise."""
+    if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+        raise TypeError(f"index must be an integer, got {type(index).__name__}")
+    if index < 0:
+        index += length
+    if not 0 <= index < length:
+        raise IndexError(f"index out of range for {length} samples")
+    return int(index)

@@ -42,8 +42,8 @@ from ..geometry.render import render_textured
 from ..geometry.uv_atlas import ensure_uvs
 from ..scenes.demo_room import build_demo_room
 from ..validation import InputError, positive_int
-from .samples import MultiViewSample
-from .synthetic_common import PALETTE, SPLITS, article, draw_waves, join, luminance, noise, sample_index, smoothstep
+from .samples import MultiViewSample, sample_index
+from .synthetic_common import PALETTE, SPLITS, article, draw_waves, join, luminance, noise, smoothstep
 
 LIGHT_COLOURS = ("white", "beige", "grey")
 PATTERNS = ("solid", "stripes", "checker", "planks", "blotches")

@@ -52,14 +52,3 @@ def join(parts: list[str]) -> str:
     if len(parts) <= 1:
         return "".join(parts)
     return ", ".join(parts[:-1]) + " and " + parts[-1]
-
-
-def sample_index(index: int, length: int) -> int:
-    if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
-        raise TypeError(f"index must be an integer, got {type(index).__name__}")
-    if index < 0:
-        index += length
-    if not 0 <= index < length:
-        raise IndexError(f"index out of range for {length} samples")
-    return int(index)
-

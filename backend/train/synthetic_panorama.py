@@ -15,8 +15,8 @@ from ..geometry.cameras import Camera
 from ..geometry.equirect import equirect_directions, equirect_to_perspective
 from ..geometry.panorama import panorama_layout
 from ..validation import InputError, positive_int
-from .samples import MultiViewSample
-from .synthetic_common import PALETTE, SPLITS, article, draw_waves, join, noise, sample_index, smoothstep
+from .samples import MultiViewSample, sample_index
+from .synthetic_common import PALETTE, SPLITS, article, draw_waves, join, noise, smoothstep
 
 SKIES = {  # name: (horizon colour, zenith colour)
     "blue": ((0.72, 0.84, 0.96), (0.12, 0.32, 0.74)),

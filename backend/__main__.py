@@ -18,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
 
     from . import bench, cli_jobs, cli_models, demo
+    from .train import cli as cli_train
 
     bench.add_arguments(commands.add_parser("bench", help="run a benchmark", description=bench.__doc__))
     demo.add_arguments(commands.add_parser("demo", help="run the offline demo", description=demo.__doc__))
@@ -33,10 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     cli_jobs.add_panorama_arguments(
         commands.add_parser("panorama", help="make a 360 HDRI here", description=cli_jobs.__doc__)
     )
+    cli_train.add_arguments(
+        commands.add_parser("train", help="train the multi-view model (two stages)", description=cli_train.__doc__)
+    )
     args = parser.parse_args(argv)
     handlers = {
         "bench": bench.run, "demo": demo.run, "make-tiny-model": cli_models.run,
         "serve": cli_jobs.run_serve, "texture": cli_jobs.run_texture, "panorama": cli_jobs.run_panorama,
+        "train": cli_train.run,
     }
     try:
         return handlers[args.command](args)

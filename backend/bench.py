@@ -133,7 +133,25 @@ def bench_job(args: argparse.Namespace) -> dict:
     """A whole texturing job of the demo room over HTTP on the tiny models, per stage."""
     from .server.bench_job import run_job_benchmark
 
-    result = run_job_benchmark(args.views or 12, args.width, args.height, args.steps, args.size)
+    result = run_job_benchmark(args.views or 12, args.width, args.height, args.steps or 10, args.size)
+    result["machine"] = machine()
+    return result
+
+
+@benchmark("consistency")
+def bench_consistency(args: argparse.Namespace) -> dict:
+    """Train the tiny recipe (or load --run), generate held-out trajectories with and without CAA, score overlap."""
+    from .train.config import TrainConfig
+    from .train.consistency_bench import DEFAULT_CONFIG, DEFAULT_GUIDANCE, DEFAULT_STEPS, run_consistency_benchmark
+
+    config = TrainConfig.load(args.config) if args.config else None
+    if config is None and not args.run:
+        config = TrainConfig.load(DEFAULT_CONFIG)
+    result = run_consistency_benchmark(
+        config, args.run or args.out, train=not args.run, trajectories=args.heldout,
+        steps=args.steps or DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE if args.guidance is None else args.guidance,
+        progress=not args.json,
+    )
     result["machine"] = machine()
     return result
 
@@ -144,7 +162,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=1024, help="texture size (bake), equirect width (panorama)")
     parser.add_argument("--view-size", type=int, default=512, help="panorama view size in pixels (panorama)")
     parser.add_argument("--views", type=int, default=None, help="number of views (bake: 24, unet: 8, job: 12 frames)")
-    parser.add_argument("--heldout", type=int, default=8, help="held-out poses for PSNR (bake)")
+    parser.add_argument("--heldout", type=int, default=8,
+                        help="held-out poses for PSNR (bake), held-out trajectories (consistency)")
     parser.add_argument("--width", type=int, default=256, help="view width in pixels")
     parser.add_argument("--height", type=int, default=192, help="view height in pixels")
     parser.add_argument("--mode", choices=("blend", "best"), default="blend", help="bake blending (bake)")
@@ -154,7 +173,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed pairs of steps (unet)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (unet)")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="(unet)")
-    parser.add_argument("--steps", type=int, default=10, help="denoising steps (job)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (job: 10, consistency: 50)")
+    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (consistency: 3)")
+    parser.add_argument("--config", help="training recipe (consistency; default backend/train/recipes/tiny_depth.json)")
+    parser.add_argument("--run", help="evaluate this finished run folder instead of training (consistency)")
+    parser.add_argument("--out", help="keep the run trained by the benchmark in this folder (consistency)")
     parser.add_argument("--scaling", default="", help="view counts for the memory-scaling rows, e.g. 12,48,192")
 
 

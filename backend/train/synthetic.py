@@ -71,6 +71,7 @@ TRAIN_EYE_HEIGHT = (1.25, 1.45)
 HELDOUT_EYE_HEIGHT = (1.55, 1.65)
 EYE_BOB = 0.04  # largest change of eye height along a loop
 FOV_RANGE = (60.0, 80.0)
+STEP_RANGE = (15.0, 25.0)  # degrees around the loop between consecutive views: about half of a view overlaps
 
 
 # ============================================================================================ depth data
@@ -162,6 +163,7 @@ class SyntheticDepthData:
         *,
         texture_size: int | None = None,
         layout_jitter: bool = True,
+        step_deg: tuple[float, float] = STEP_RANGE,
     ) -> None:
         self.count = positive_int("count", count)
         self.views = positive_int("views", views)
@@ -174,6 +176,7 @@ class SyntheticDepthData:
         self.texture_size = default_texture_size(self.width) if texture_size is None else positive_int(
             "texture_size", texture_size)
         self.layout_jitter = bool(layout_jitter)
+        self.step_deg = _step_range(step_deg)
 
     def __len__(self) -> int:
         return self.count
@@ -185,11 +188,13 @@ class SyntheticDepthData:
 
     def cameras(self, index: int) -> list[Camera]:
         """The cameras of sample ``index`` without rendering it."""
-        return _loop_cameras(self._streams(index)[0], self.views, self.width, self.height, self.split)[0]
+        return _loop_cameras(self._streams(index)[0], self.views, self.width, self.height, self.split,
+                             self.step_deg)[0]
 
     def __getitem__(self, index: int) -> MultiViewSample:
         trajectory_rng, texture_rng, layout_rng = self._streams(index)
-        cameras, trajectory = _loop_cameras(trajectory_rng, self.views, self.width, self.height, self.split)
+        cameras, trajectory = _loop_cameras(
+            trajectory_rng, self.views, self.width, self.height, self.split, self.step_deg)
         cache = _room_cache(self.texture_size)
         names = cache.object_names
         materials = {name: _draw_material(texture_rng, name) for name in names}
@@ -234,7 +239,17 @@ class SyntheticDepthData:
         )
 
 
-def _loop_cameras(rng: np.random.Generator, views: int, width: int, height: int, split: str):
+def _step_range(step_deg: tuple[float, float]) -> tuple[float, float]:
+    low, high = (float(v) for v in step_deg)
+    if not (0.0 < low <= high <= 90.0):
+        raise InputError("step_deg", f"must be (low, high) with 0 < low <= high <= 90 degrees, got {step_deg}")
+    return low, high
+
+
+def _loop_cameras(
+    rng: np.random.Generator, views: int, width: int, height: int, split: str,
+    step_deg: tuple[float, float] = STEP_RANGE,
+):
     """``views`` cameras on an arc of a random loop through the room, looking outwards."""
     heights = TRAIN_EYE_HEIGHT if split == "train" else HELDOUT_EYE_HEIGHT
     params = {
@@ -243,7 +258,7 @@ def _loop_cameras(rng: np.random.Generator, views: int, width: int, height: int,
         "eye_height": float(rng.uniform(*heights)),
         "bob_phase": float(rng.uniform(0, 2 * math.pi)),
         "start": float(rng.uniform(0, 2 * math.pi)),
-        "step_deg": float(rng.uniform(15.0, 25.0)),
+        "step_deg": float(rng.uniform(*step_deg)),
         "direction": int(rng.choice([-1, 1])),
         "yaw_bias": float(rng.uniform(-0.4, 0.4)),
         "yaw_wobble": float(rng.uniform(0.0, 0.3)),

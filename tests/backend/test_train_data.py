@@ -311,6 +311,21 @@ def test_synthetic_heldout_trajectories_never_occur_in_train():
         np.testing.assert_array_equal(camera.cam_to_world, again.cam_to_world)
 
 
+def test_synthetic_camera_step_sets_how_many_neighbours_a_view_has():
+    """Smaller turns between views: more overlap, so more CAA neighbours per view; bad ranges are refused."""
+    from backend.train.geometry import trajectory_neighbours
+
+    def neighbours(step_deg):
+        sample = SyntheticDepthData(1, views=8, width=64, height=64, seed=3, step_deg=step_deg)[0]
+        assert 15.0 * (step_deg == (15.0, 25.0)) <= sample.meta["trajectory"]["step_deg"] <= step_deg[1]
+        return np.mean([len(n) for n in trajectory_neighbours(sample.cameras, list(sample.depths))])
+
+    assert neighbours((6.0, 10.0)) >= 3.0 > 2.0 >= neighbours((15.0, 25.0))
+    for bad in [(0.0, 5.0), (10.0, 5.0), (5.0, 120.0)]:
+        with pytest.raises(InputError, match="step_deg"):
+            SyntheticDepthData(1, step_deg=bad)
+
+
 def test_synthetic_prompts_name_what_each_view_shows():
     data = SyntheticDepthData(6, views=4, width=64, height=48, seed=2)
     checked_solid = 0

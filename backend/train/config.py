@@ -210,6 +210,25 @@ class TrainConfig:
         _at_least("save_every", self.save_every, 1)
 
 
+def check_same_recipe(config: TrainConfig, saved: dict, path: Path) -> None:
+    """Refuse to resume a run folder with another recipe than it was started with, naming the first field."""
+    ours = config.to_dict()
+
+    def differences(a, b, prefix=""):
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                yield from differences(a.get(key), b.get(key), f"{prefix}{key}.")
+        elif a != b:
+            yield prefix.rstrip(".")
+
+    changed = list(differences(ours, saved))
+    if changed:
+        raise InputError(
+            changed[0], f"differs from the recipe the run in {path.parent} was started with "
+            f"({len(changed)} field(s): {', '.join(changed[:5])}); use a new run folder"
+        )
+
+
 # ---------------------------------------------------------------------- reading
 def _build(cls: type, data: object, prefix: str):
     """A dataclass from a JSON object; every key must be a field, every value of the field's type."""

@@ -9,6 +9,7 @@ cameras are not tensors, so the default collation does not apply).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -134,3 +135,18 @@ def sample_index(index: int, length: int) -> int:
     if not 0 <= index < length:
         raise IndexError(f"index out of range for {length} samples")
     return int(index)
+
+
+class SampleRange:
+    """Samples ``start`` to ``stop`` of a data set, as a sequence of their own."""
+
+    def __init__(self, data: Sequence, start: int, stop: int):
+        self.data, self.start, self.stop = data, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, index: int):
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self.data[self.start + index]

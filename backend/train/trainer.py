@@ -62,7 +62,7 @@ from ..models.tiny import CAA_WEIGHTS
 from ..models.weights import load_added_weights
 from ..validation import InputError
 from .checkpoint import TrainState, optimizer_from_files, optimizer_to_files, write_atomic
-from .config import STAGES, TrainConfig
+from .config import STAGES, TrainConfig, check_same_recipe
 from .geometry import stack_geometry, trajectory_geometry
 from .models import KIND, build_models, caa_in_float32, export_model
 from .prepared import (
@@ -74,6 +74,7 @@ from .prepared import (
     prepare_data,
     reconstruction_psnr,
 )
+from .samples import SampleRange
 
 MODEL_FOLDER = "model"
 
@@ -118,7 +119,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         config_path = self.run_dir / "config.json"
         if config_path.is_file():
-            _check_same_config(config, json.loads(config_path.read_text()), config_path)
+            check_same_recipe(config, json.loads(config_path.read_text()), config_path)
         else:
             write_atomic(config_path, config.to_json())
         state_path = self.run_dir / "state.json"
@@ -134,9 +135,9 @@ class Trainer:
             rooms = SyntheticDepthData(d.train + d.multi_view_train, d.views, d.width, d.height, d.seed,
                                        split="train", step_deg=d.step_deg)
             if train_data is None:
-                train_data = _Slice(rooms, 0, d.train)
+                train_data = SampleRange(rooms, 0, d.train)
             if multi_view_data is None and d.multi_view_train:
-                multi_view_data = _Slice(rooms, d.train, d.train + d.multi_view_train)
+                multi_view_data = SampleRange(rooms, d.train, d.train + d.multi_view_train)
         self._samples = {"single": train_data, "multi": multi_view_data if multi_view_data is not None else train_data}
         self._data: dict[str, PreparedData] = {}
         self.optimizer: torch.optim.Optimizer | None = None
@@ -521,21 +522,6 @@ class Trainer:
         return (4, d.height // 8, d.width // 8)
 
 
-class _Slice:
-    """Samples ``start`` to ``stop`` of a data set, as a sequence of their own."""
-
-    def __init__(self, data: Sequence, start: int, stop: int):
-        self.data, self.start, self.stop = data, start, stop
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-    def __getitem__(self, index: int):
-        if not 0 <= index < len(self):
-            raise IndexError(index)
-        return self.data[self.start + index]
-
-
 _STAGE_LABELS = {
     "autoencoder": "stage 1a autoencoder",
     "single_view": "stage 1b single-view UNet",
@@ -585,24 +571,6 @@ def _autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     if mode == "bf16" or torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float16
-
-
-def _check_same_config(config: TrainConfig, saved: dict, path: Path) -> None:
-    ours = config.to_dict()
-
-    def differences(a, b, prefix=""):
-        if isinstance(a, dict) and isinstance(b, dict):
-            for key in sorted(set(a) | set(b)):
-                yield from differences(a.get(key), b.get(key), f"{prefix}{key}.")
-        elif a != b:
-            yield prefix.rstrip(".")
-
-    changed = list(differences(ours, saved))
-    if changed:
-        raise InputError(
-            changed[0], f"differs from the recipe the run in {path.parent} was started with "
-            f"({len(changed)} field(s): {', '.join(changed[:5])}); use a new run folder"
-        )
 
 
 def _progress_bar(enabled: bool, total: int, initial: int, label: str):

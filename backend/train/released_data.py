@@ -202,14 +202,7 @@ class ScanNetScenes:
         return resize_bilinear(image, self.width, self.height)
 
     def _prompt(self, path: Path) -> str:
-        text = _first_line(path)
-        if text:
-            return text
-        if self.default_prompt is not None:
-            return self.default_prompt
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: prompt file not found")
-        raise InputError(str(path), "prompt file is empty")
+        return _text_or_default(path, self.default_prompt, "prompt")
 
 
 def resize_bilinear(image: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -438,14 +431,7 @@ class MatterportSkybox:
         )
 
     def _caption(self, path: Path) -> str:
-        text = _first_line(path)
-        if text:
-            return text
-        if self.default_prompt is not None:
-            return self.default_prompt
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: caption file not found")
-        raise InputError(str(path), "caption file is empty")
+        return _text_or_default(path, self.default_prompt, "caption")
 
 
 # ---------------------------------------------------------------------------------------------- file helpers
@@ -495,6 +481,18 @@ def _read_ints(path: Path) -> list[int]:
         return [int(line) for line in path.read_text().split()]
     except ValueError as exc:
         raise InputError(str(path), f"expected one integer frame id per line ({exc})") from None
+
+
+def _text_or_default(path: Path, default: str | None, what: str) -> str:
+    """A prompt file's first line; ``default`` when it is missing or empty, else an error naming the file."""
+    text = _first_line(path)
+    if text:
+        return text
+    if default is not None:
+        return default
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {what} file not found")
+    raise InputError(str(path), f"{what} file is empty")
 
 
 def _first_line(path: Path) -> str:

@@ -350,7 +350,8 @@ class CorrespondenceAttention(nn.Module):
 class ZeroResNet(nn.Module):
     """GN -> ReLU -> conv3x3 -> GN -> ReLU -> conv3x3 (zero-initialised) plus identity.
 
-    Follows each CAA block of the depth task; starts as the identity.
+    Follows each CAA block of the depth task; starts as the identity. ``groups`` follows the
+    UNet's own normalisation (SD 2: 32).
     """
 
     def __init__(self, dim: int, groups: int = 32):
@@ -369,10 +370,12 @@ class ZeroResNet(nn.Module):
 class CAABlock(nn.Module):
     """A CAA block as placed in the UNet: attention, then (depth task) a zero-initialised ResNet."""
 
-    def __init__(self, dim: int, encoding_inputs: int, with_resnet: bool, mask_invalid: bool = True):
+    def __init__(
+        self, dim: int, encoding_inputs: int, with_resnet: bool, mask_invalid: bool = True, groups: int = 32
+    ):
         super().__init__()
         self.attention = CorrespondenceAttention(dim, encoding_inputs, mask_invalid)
-        self.resnet = ZeroResNet(dim) if with_resnet else None
+        self.resnet = ZeroResNet(dim, groups) if with_resnet else None
 
     def forward(self, hidden: torch.Tensor, geometry: LevelGeometry) -> torch.Tensor:
         hidden = self.attention(hidden, geometry)

@@ -77,8 +77,10 @@ class MultiViewUNet(nn.Module):
         encoding_inputs = 2 if task == "panorama" else 1
         with_resnet = task == "depth"
 
+        groups = unet.config.norm_num_groups
+
         def block(dim: int) -> CAABlock:
-            return CAABlock(dim, encoding_inputs, with_resnet, mask_invalid)
+            return CAABlock(dim, encoding_inputs, with_resnet, mask_invalid, groups)
 
         self.caa_down = nn.ModuleList(block(dim) for dim in channels)
         self.caa_mid = block(channels[-1])

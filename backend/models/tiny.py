@@ -54,9 +54,13 @@ def _build(seed: int, make: Callable[[], T]) -> T:
         return make()
 
 
-def tiny_unet(kind: str, seed: int = 0) -> UNet2DConditionModel:
+def tiny_unet(kind: str, seed: int = 0, norm_groups: int = 32) -> UNet2DConditionModel:
     """An SD 2 shaped UNet: levels 0-2 cross-attention blocks, level 3 plain, down- and upsamplers
-    on every level but the innermost (down) and outermost (up), linear attention projections."""
+    on every level but the innermost (down) and outermost (up), linear attention projections.
+
+    ``norm_groups`` 32 (SD 2's) makes every GroupNorm of the 32-channel levels a per-channel
+    norm; on 8 x 8 latents that discards each channel's mean, which is what sets a view's colour.
+    """
     if kind not in KIND_IN_CHANNELS:
         raise InputError("kind", f"must be one of {sorted(KIND_IN_CHANNELS)}, got {kind!r}")
     return _build(
@@ -69,7 +73,7 @@ def tiny_unet(kind: str, seed: int = 0) -> UNet2DConditionModel:
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
             block_out_channels=(32, 32, 64, 64),
             layers_per_block=1,
-            norm_num_groups=32,
+            norm_num_groups=norm_groups,
             cross_attention_dim=TEXT_HIDDEN,
             attention_head_dim=8,
             use_linear_projection=True,

@@ -42,6 +42,9 @@ class DataConfig:
     has more CAA neighbours. ``multi_view_train``: trajectories for stage 2 drawn apart from stage
     1's (0: stage 2 reuses stage 1's). A small base model memorises its own training scenes, and
     on those CAA has little left to add; on fresh scenes it learns what it must do on new ones.
+    ``pattern_scale`` stretches the textures' patterns: at 64 pixels a latent cell spans about
+    0.3 m of wall, the size of the finest stripes, so small views need coarser patterns for the
+    latents to carry them at all.
     """
 
     train: int = 64
@@ -52,6 +55,7 @@ class DataConfig:
     seed: int = 0
     step_deg: tuple[float, ...] = (15.0, 25.0)
     multi_view_train: int = 0
+    pattern_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -64,13 +68,17 @@ class ModelConfig:
     own VAE is kept unless the ``autoencoder`` stage has steps. ``vae_init``: ``"box"`` starts
     the tiny VAE as the box codec (:func:`~backend.train.trainer.box_autoencoder`: exact 8x8 mean
     colours, 19.9 dB on the synthetic rooms before any training), ``"random"`` from random
-    weights. ``seed`` seeds the tiny weights.
+    weights. ``unet_groups``: the tiny UNet's GroupNorm groups (32 as in SD 2, or a divisor of
+    32). At 32 every norm of its 32-channel levels is per channel, which on small latents
+    loses each channel's mean over the view, its overall colour: the base then cannot predict
+    that part of the noise, and its samples take random colour casts. ``seed`` seeds the tiny weights.
     """
 
     base: str = "tiny"
     vae_channels: tuple[int, ...] = (8, 16, 32, 64)
     vae_groups: int = 1
     vae_init: str = "box"
+    unet_groups: int = 32
     seed: int = 0
 
 
@@ -82,7 +90,12 @@ class StageConfig:
     (``multi_view``). ``warmup_steps`` ramp the rate up linearly first. ``snr_gamma`` > 0
     weighs each sample's epsilon-MSE by ``min(1, snr_gamma / SNR(t))`` (min-SNR weighting, Hang
     et al. 2023: low-noise steps, which dominate the plain loss, count less); 0 is the plain
-    epsilon-MSE of the released recipe. Unused by the autoencoder.
+    epsilon-MSE of the released recipe. ``high_noise_weight`` > 1 weighs it by
+    ``clamp(1 / SNR(t), 1, high_noise_weight)`` instead where the noise dominates (truncated-SNR
+    weighting, Salimans and Ho 2022): there a small epsilon error is a large error in the clean
+    latents the sampler's first steps move towards (at t = 999 it is multiplied by 200), so a
+    small model that ignores it starts every sample from over-saturated noise. Unused by the
+    autoencoder.
     """
 
     steps: int = 0
@@ -92,6 +105,7 @@ class StageConfig:
     warmup_steps: int = 0
     weight_decay: float = 0.01
     snr_gamma: float = 0.0
+    high_noise_weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -171,6 +185,8 @@ class TrainConfig:
                                  f"got {getattr(d, name)}")
         if len(d.step_deg) != 2 or not 0 < d.step_deg[0] <= d.step_deg[1] <= 90:
             raise InputError("data.step_deg", f"must be [low, high] with 0 < low <= high <= 90, got {list(d.step_deg)}")
+        if not 0.1 <= d.pattern_scale <= 10.0:
+            raise InputError("data.pattern_scale", f"must be between 0.1 and 10, got {d.pattern_scale}")
         m = self.model
         if not m.base:
             raise InputError("model.base", "must be 'tiny' or a model folder, hub id or checkpoint file")
@@ -178,6 +194,9 @@ class TrainConfig:
             raise InputError("model.vae_channels", f"needs 4 levels (factor 8, as SD 2's VAE), "
                              f"got {len(m.vae_channels)}")
         _at_least("model.vae_groups", m.vae_groups, 1)
+        if m.unet_groups < 1 or 32 % m.unet_groups:
+            raise InputError("model.unet_groups",
+                             f"must divide 32 (the tiny UNet's narrowest level), got {m.unet_groups}")
         for k, channels in enumerate(m.vae_channels):
             _at_least(f"model.vae_channels[{k}]", channels, 1)
             if channels % m.vae_groups:
@@ -198,6 +217,7 @@ class TrainConfig:
             _in_range(f"{name}.min_lr", stage.min_lr, 0.0, stage.lr)
             _in_range(f"{name}.weight_decay", stage.weight_decay, 0.0, 10.0)
             _in_range(f"{name}.snr_gamma", stage.snr_gamma, 0.0, 1e6)
+            _in_range(f"{name}.high_noise_weight", stage.high_noise_weight, 1.0, 1e6)
         _in_range("autoencoder.kl_weight", self.autoencoder.kl_weight, 0.0, 1.0)
         _in_range("multi_view.interpolation_ratio", self.multi_view.interpolation_ratio, 0.0, 1.0)
         _in_range("prompt_dropout", self.prompt_dropout, 0.0, 1.0)
@@ -211,8 +231,16 @@ class TrainConfig:
 
 
 def check_same_recipe(config: TrainConfig, saved: dict, path: Path) -> None:
-    """Refuse to resume a run folder with another recipe than it was started with, naming the first field."""
+    """Refuse to resume a run folder with another recipe than it was started with, naming the first field.
+
+    Fields the saved recipe lacks take their defaults, so runs started before a field existed
+    resume as long as they used what is now its default.
+    """
     ours = config.to_dict()
+    try:
+        saved = TrainConfig.from_dict(saved).to_dict()
+    except InputError:
+        pass  # compared as written: the first difference is then named below
 
     def differences(a, b, prefix=""):
         if isinstance(a, dict) and isinstance(b, dict):

@@ -97,7 +97,8 @@ def run_consistency_benchmark(
         pipeline = KeyframePipeline(models.sampler("depth"))
         d = config.data
         count = trajectories or d.heldout
-        heldout = SyntheticDepthData(count, d.views, d.width, d.height, d.seed, split="heldout", step_deg=d.step_deg)
+        heldout = SyntheticDepthData(count, d.views, d.width, d.height, d.seed, split="heldout",
+                                     step_deg=d.step_deg, pattern_scale=d.pattern_scale)
         generated = GeneratedSet()
         truth_scores, caa_scores, plain_scores = [], [], []
         started = time.perf_counter()

@@ -144,7 +144,7 @@ def build_models(config: TrainConfig, device: torch.device | str = "cpu") -> Tra
     """The base model the recipe starts from, with zero-initialised CAA blocks and condition branch."""
     m = config.model
     if m.base == "tiny":
-        unet = tiny_unet(KIND, m.seed)
+        unet = tiny_unet(KIND, m.seed, m.unet_groups)
         vae = tiny_autoencoder(m.vae_channels, m.vae_groups, m.seed + 1)
         if m.vae_init == "box":
             box_autoencoder(vae)

@@ -133,7 +133,7 @@ class Trainer:
             from .synthetic import SyntheticDepthData
 
             rooms = SyntheticDepthData(d.train + d.multi_view_train, d.views, d.width, d.height, d.seed,
-                                       split="train", step_deg=d.step_deg)
+                                       split="train", step_deg=d.step_deg, pattern_scale=d.pattern_scale)
             if train_data is None:
                 train_data = SampleRange(rooms, 0, d.train)
             if multi_view_data is None and d.multi_view_train:
@@ -381,10 +381,14 @@ class Trainer:
             target_views = ~batch.keyframes.to(self.device)
         prediction = models.model(model_input, timesteps, embeddings, geometry, condition)
         error = (prediction.float() - noise).pow(2).mean(dim=(1, 2, 3))
-        gamma = self.config.stage(batch.stage).snr_gamma
-        if gamma > 0:
+        cfg = self.config.stage(batch.stage)
+        if cfg.snr_gamma > 0 or cfg.high_noise_weight > 1:
             alphas = models.scheduler.alphas_cumprod.to(self.device)[timesteps]
-            error = error * torch.clamp(gamma * (1 - alphas) / alphas, max=1.0)
+            inverse_snr = (1 - alphas) / alphas
+            if cfg.snr_gamma > 0:
+                error = error * torch.clamp(cfg.snr_gamma * inverse_snr, max=1.0)
+            if cfg.high_noise_weight > 1:
+                error = error * torch.clamp(inverse_snr, 1.0, cfg.high_noise_weight)
         return error[target_views].mean()
 
     def _trainable(self, stage: str) -> list[nn.Parameter]:
@@ -508,7 +512,8 @@ class Trainer:
         from .synthetic import SyntheticDepthData
 
         held = SyntheticDepthData(
-            min(d.heldout, 4), d.views, d.width, d.height, d.seed, split="heldout", step_deg=d.step_deg)
+            min(d.heldout, 4), d.views, d.width, d.height, d.seed, split="heldout", step_deg=d.step_deg,
+            pattern_scale=d.pattern_scale)
         images = np.stack([held[k].images for k in range(len(held))])
         return torch.from_numpy(images).permute(0, 1, 4, 2, 3).float() / 127.5 - 1.0
 

@@ -70,11 +70,14 @@ def same(a: dict, b: dict) -> bool:
         ({"data": {"step_deg": [10, 5]}}, "data.step_deg", "low <= high"),
         ({"data": {"multi_view_train": -1}}, "data.multi_view_train", ">= 0"),
         ({"multi_view": {"lr": -1.0}}, "multi_view.lr", "positive"),
+        ({"single_view": {"high_noise_weight": 0.5}}, "single_view.high_noise_weight", "[1.0,"),
+        ({"data": {"pattern_scale": 0}}, "data.pattern_scale", "between 0.1 and 10"),
         ({"prompt_dropout": 1.5}, "prompt_dropout", "[0.0, 1.0]"),
         ({"data": {"width": 48}}, "data.width", "multiple of 64"),
         ({"data": {"views": 1}}, "data.views", "2 views"),
         ({"model": {"vae_channels": [8, 16, 32, 65], "vae_groups": 8}}, "model.vae_groups", "divide"),
         ({"model": {"vae_groups": 2}}, "model.vae_groups", "8 channels per group"),
+        ({"model": {"unet_groups": 3}}, "model.unet_groups", "divide 32"),
         ({"gradient_checkpointing": "yes"}, "gradient_checkpointing", "true or false"),
         ({"mixed_precision": "fp8"}, "mixed_precision", "bf16"),
         ({"multi_view": {"interpolation_ratio": 2}}, "multi_view.interpolation_ratio", "[0.0, 1.0]"),
@@ -182,6 +185,21 @@ def test_one_step_lowers_the_loss_on_a_fixed_batch(tmp_path, samples, stage):
     with torch.no_grad():
         after = float(trainer.loss(batch))
     assert after < before
+
+
+def test_high_noise_weight_scales_the_noisiest_samples_only(tmp_path, samples):
+    plain = make_trainer(tmp_path / "plain", samples, prompt_dropout=0.0)
+    weighted = make_trainer(tmp_path / "weighted", samples, prompt_dropout=0.0,
+                            single_view={"high_noise_weight": 50.0})
+    weighted.models.unet.load_state_dict(plain.models.unet.state_dict())
+    batch = plain.make_batch("single_view", 0)
+    alphas = plain.models.scheduler.alphas_cumprod
+    for t, weight in ((999, 50.0), (0, 1.0)):  # 1/SNR is 212 at t = 999 (capped) and ~0 at t = 0 (floored)
+        assert (1 - alphas[t]) / alphas[t] > 50 if t else (1 - alphas[t]) / alphas[t] < 1
+        batch.timesteps = torch.full_like(batch.timesteps, t)
+        with torch.no_grad():
+            ratio = float(weighted.loss(batch)) / float(plain.loss(batch))
+        assert ratio == pytest.approx(weight, rel=1e-4)
 
 
 def test_stage_two_trains_only_the_added_modules(tmp_path, samples):
@@ -308,6 +326,11 @@ def test_resume_continues_with_identical_optimizer_state(tmp_path, samples):
     with pytest.raises(InputError) as err:  # a run folder keeps its recipe
         Trainer(TrainConfig.from_dict(tiny_recipe(multi_view={"steps": 5})), tmp_path / "a", train_data=samples)
     assert err.value.field == "multi_view.steps"
+    # A run started before a field existed resumes while the field keeps its default.
+    saved = json.loads((tmp_path / "a" / "config.json").read_text())
+    del saved["data"]["pattern_scale"]
+    (tmp_path / "a" / "config.json").write_text(json.dumps(saved))
+    assert Trainer(config, tmp_path / "a", train_data=samples).finished
 
 
 # ---------------------------------------------------------------------- command line and bench
@@ -317,6 +340,7 @@ def trained_run(tmp_path_factory):
     recipe = folder / "recipe.json"
     recipe.write_text(json.dumps(tiny_recipe(
         autoencoder={"steps": 2}, single_view={"steps": 2}, multi_view={"steps": 2}, gradient_checkpointing=True,
+        model={"unet_groups": 8},
     )))
     assert main(["train", "--config", str(recipe), "--out", str(folder / "run"), "--no-progress"]) == 0
     return folder
@@ -336,6 +360,9 @@ def test_train_command_runs_every_stage_and_writes_a_loadable_model(trained_run,
     assert not list(run.glob("checkpoint-*"))  # finished stages keep no checkpoint
     sampler = ModelSet(ModelConfig(root=str(run / "model"), device="cpu", dtype="float32")).sampler("depth")
     assert sampler.vae.config.scaling_factor == pytest.approx(report["metrics"]["autoencoder_scaling_factor"])
+    # The recipe's UNet normalisation comes back, and the CAA blocks' ResNets follow it.
+    assert sampler.model.unet.config.norm_num_groups == 8
+    assert {m.num_groups for m in sampler.model.modules() if isinstance(m, torch.nn.GroupNorm)} == {8}
     sample = SyntheticDepthData(1, views=3, width=64, height=64, split="heldout")[0]
     result = KeyframePipeline(sampler)(sample.prompts, sample.cameras, list(sample.depths), SamplingSettings(steps=2))
     assert result.images.shape == (3, 64, 64, 3)

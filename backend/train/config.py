@@ -42,9 +42,6 @@ class DataConfig:
     has more CAA neighbours. ``multi_view_train``: trajectories for stage 2 drawn apart from stage
     1's (0: stage 2 reuses stage 1's). A small base model memorises its own training scenes, and
     on those CAA has little left to add; on fresh scenes it learns what it must do on new ones.
-    ``pattern_scale`` stretches the textures' patterns: at 64 pixels a latent cell spans about
-    0.3 m of wall, the size of the finest stripes, so small views need coarser patterns for the
-    latents to carry them at all.
     """
 
     train: int = 64
@@ -55,7 +52,6 @@ class DataConfig:
     seed: int = 0
     step_deg: tuple[float, ...] = (15.0, 25.0)
     multi_view_train: int = 0
-    pattern_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -185,8 +181,6 @@ class TrainConfig:
                                  f"got {getattr(d, name)}")
         if len(d.step_deg) != 2 or not 0 < d.step_deg[0] <= d.step_deg[1] <= 90:
             raise InputError("data.step_deg", f"must be [low, high] with 0 < low <= high <= 90, got {list(d.step_deg)}")
-        if not 0.1 <= d.pattern_scale <= 10.0:
-            raise InputError("data.pattern_scale", f"must be between 0.1 and 10, got {d.pattern_scale}")
         m = self.model
         if not m.base:
             raise InputError("model.base", "must be 'tiny' or a model folder, hub id or checkpoint file")

@@ -98,7 +98,7 @@ def run_consistency_benchmark(
         d = config.data
         count = trajectories or d.heldout
         heldout = SyntheticDepthData(count, d.views, d.width, d.height, d.seed, split="heldout",
-                                     step_deg=d.step_deg, pattern_scale=d.pattern_scale)
+                                     step_deg=d.step_deg)
         generated = GeneratedSet()
         truth_scores, caa_scores, plain_scores = [], [], []
         started = time.perf_counter()

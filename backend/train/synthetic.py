@@ -164,7 +164,6 @@ class SyntheticDepthData:
         texture_size: int | None = None,
         layout_jitter: bool = True,
         step_deg: tuple[float, float] = STEP_RANGE,
-        pattern_scale: float = 1.0,
     ) -> None:
         self.count = positive_int("count", count)
         self.views = positive_int("views", views)
@@ -178,9 +177,6 @@ class SyntheticDepthData:
             "texture_size", texture_size)
         self.layout_jitter = bool(layout_jitter)
         self.step_deg = _step_range(step_deg)
-        self.pattern_scale = float(pattern_scale)
-        if not 0.1 <= self.pattern_scale <= 10.0:
-            raise InputError("pattern_scale", f"must be between 0.1 and 10, got {pattern_scale}")
 
     def __len__(self) -> int:
         return self.count
@@ -201,7 +197,7 @@ class SyntheticDepthData:
             trajectory_rng, self.views, self.width, self.height, self.split, self.step_deg)
         cache = _room_cache(self.texture_size)
         names = cache.object_names
-        materials = {name: _draw_material(texture_rng, name, self.pattern_scale) for name in names}
+        materials = {name: _draw_material(texture_rng, name) for name in names}
         texture = _paint_texture(cache, materials)
         offsets = _furniture_offsets(layout_rng, names) if self.layout_jitter else np.zeros((len(names), 3))
         mesh = cache.mesh
@@ -302,9 +298,7 @@ def _furniture_offsets(rng: np.random.Generator, names: list[str]) -> np.ndarray
     return offsets
 
 
-def _draw_material(rng: np.random.Generator, name: str, scale: float = 1.0) -> Material:
-    """One object's paint; ``scale`` stretches its pattern (stripe and checker periods, plank
-    widths, blotch wavelengths) without changing which random numbers are drawn."""
+def _draw_material(rng: np.random.Generator, name: str) -> Material:
     if name == "ceiling":
         patterns = ("solid", "solid", "blotches", "planks")
         first = str(rng.choice(LIGHT_COLOURS))
@@ -323,12 +317,12 @@ def _draw_material(rng: np.random.Generator, name: str, scale: float = 1.0) -> M
         c2 = c1 * 0.6 if luminance(c1) > 0.45 else c1 + (1.0 - c1) * 0.45
     rgb = np.clip(np.stack([c1, c2]) + rng.uniform(-0.03, 0.03, size=(2, 3)), 0.0, 1.0)
     params = {
-        "period": float(rng.uniform(0.3, 0.7)) * scale,
+        "period": float(rng.uniform(0.3, 0.7)),
         "phase": rng.uniform(0, 2 * math.pi, size=2),
-        "waves": draw_waves(rng, 4, (0.5 * scale, 1.4 * scale)),
+        "waves": draw_waves(rng, 4, (0.5, 1.4)),
         "shading": draw_waves(rng, 3, (1.0, 3.0)),
         "swap": bool(rng.random() < 0.5),
-        "plank_width": float(rng.uniform(0.2, 0.4)) * scale,
+        "plank_width": float(rng.uniform(0.2, 0.4)),
         "plank_shades": rng.uniform(0.8, 1.1, size=64),
     }
     if name == "walls":

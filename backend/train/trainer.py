@@ -133,7 +133,7 @@ class Trainer:
             from .synthetic import SyntheticDepthData
 
             rooms = SyntheticDepthData(d.train + d.multi_view_train, d.views, d.width, d.height, d.seed,
-                                       split="train", step_deg=d.step_deg, pattern_scale=d.pattern_scale)
+                                       split="train", step_deg=d.step_deg)
             if train_data is None:
                 train_data = SampleRange(rooms, 0, d.train)
             if multi_view_data is None and d.multi_view_train:
@@ -512,8 +512,7 @@ class Trainer:
         from .synthetic import SyntheticDepthData
 
         held = SyntheticDepthData(
-            min(d.heldout, 4), d.views, d.width, d.height, d.seed, split="heldout", step_deg=d.step_deg,
-            pattern_scale=d.pattern_scale)
+            min(d.heldout, 4), d.views, d.width, d.height, d.seed, split="heldout", step_deg=d.step_deg)
         images = np.stack([held[k].images for k in range(len(held))])
         return torch.from_numpy(images).permute(0, 1, 4, 2, 3).float() / 127.5 - 1.0
 

@@ -71,7 +71,6 @@ def same(a: dict, b: dict) -> bool:
         ({"data": {"multi_view_train": -1}}, "data.multi_view_train", ">= 0"),
         ({"multi_view": {"lr": -1.0}}, "multi_view.lr", "positive"),
         ({"single_view": {"high_noise_weight": 0.5}}, "single_view.high_noise_weight", "[1.0,"),
-        ({"data": {"pattern_scale": 0}}, "data.pattern_scale", "between 0.1 and 10"),
         ({"prompt_dropout": 1.5}, "prompt_dropout", "[0.0, 1.0]"),
         ({"data": {"width": 48}}, "data.width", "multiple of 64"),
         ({"data": {"views": 1}}, "data.views", "2 views"),
@@ -328,7 +327,7 @@ def test_resume_continues_with_identical_optimizer_state(tmp_path, samples):
     assert err.value.field == "multi_view.steps"
     # A run started before a field existed resumes while the field keeps its default.
     saved = json.loads((tmp_path / "a" / "config.json").read_text())
-    del saved["data"]["pattern_scale"]
+    del saved["model"]["unet_groups"]
     (tmp_path / "a" / "config.json").write_text(json.dumps(saved))
     assert Trainer(config, tmp_path / "a", train_data=samples).finished
 

@@ -1,191 +1,83 @@
 """Correspondence-aware attention (CAA): each pixel attends to what its neighbour views see there.
 
-Every query pixel of view i attends to a handful of key tokens: bilinear samples of neighbour
-views' feature maps at (and around) its correspondences, each with a positional encoding of the
-displacement (panoramas) or the depth disagreement (scenes) added. The block is a transformer
-block (LayerNorm, attention, GEGLU feed-forward) whose output projection and last feed-forward
-layer start at zero, so a new block is exactly the identity.
+Every query pixel of view i attends to a handful of key tokens (:mod:`~backend.models.caa_tokens`):
+bilinear samples of neighbour views' feature maps at (and around) its correspondences, each with
+a positional encoding of the displacement (panoramas) or the depth disagreement (scenes) added.
+The block is a transformer block (LayerNorm, attention, GEGLU feed-forward) whose output
+projection and last feed-forward layer start at zero, so a new block is exactly the identity.
 
-Exact fast form. The released design projects every gathered token through full dim x dim key and
-value matrices (18 tokens per pixel in a panorama). With ``z_t = sample_t + pe_t`` and
-``LN(z) = gamma * zhat + beta``:
+Exact fast forms. With ``z_t = sample_t + pe_t`` and ``LN(z) = gamma * zhat + beta``, the keys'
+shift ``W_k beta`` is the same for every token of a query and cancels in the softmax, and the
+values' shift ``W_v beta`` passes through the weighted average unchanged (weights sum to one), so
+the block attends over the normalised tokens ``zhat_t`` with ``W diag(gamma)`` and adds
+``W_v beta`` once, through the output projection's bias. Over those tokens it either moves each
+head's query into input space or projects every token, whichever the shapes make cheaper
+(:mod:`~backend.models.caa_plan`); both give the released block's numbers, positional encoding
+and the released zero-vector keys included.
 
-* logits: ``q . W_k LN(z_t) = (W_k gamma)^T q . zhat_t + q . W_k beta``; the last term is the
-  same for every token of a query and cancels in the softmax, so each head's query is moved into
-  input space once (``qtilde = (W_k diag gamma)^T q``) and scored against the normalised samples.
-* values: ``sum_t a_t W_v LN(z_t) = (W_v diag gamma) sum_t a_t zhat_t + W_v beta`` (weights sum
-  to one), so tokens are averaged in input space and projected once per query.
+Work per query (the query projection, the output projection, the feed-forward) runs once for all
+views of a level in large matrix products; only the attention over key tokens runs per group of
+views (:class:`~backend.models.caa_tokens.ViewGroups`) and in chunks. Bilinear lookups are one
+``embedding_bag`` over the features stored pixel-major, with taps worked out once per job: it
+writes each token's vector straight into (pixel, token, channel) order and reads whole rows.
 
-Per query that is two dim x dim products instead of 2 x 18, for both the clean mode and the
-released code's behaviour, with the positional encoding included exactly.
-
-Bilinear lookups. Every key token is a weighted sum of four feature vectors (its bilinear taps).
-The taps' rows and weights depend only on the geometry, so they are worked out once per job and
-the lookups run as one ``embedding_bag`` over the features stored pixel-major: it writes each
-token's vector straight into (pixel, token, channel) order and reads whole contiguous rows, where
-``grid_sample`` on channel-major maps reads one strided float per channel and its output still
-has to be transposed. On the CPU that is four to eight times faster for the same numbers.
-
-What is left per (query, token) is memory traffic, so it is kept small: tokens without a valid
-correspondence are dropped rather than masked (a panorama pixel lies in one of its two ring
-neighbours, so half the tokens go); the keys' LayerNorm stays factored (centred tokens and one
-scale per token, never a normalised copy); and the work runs in cache-sized chunks, as does the
-feed-forward, whose hidden layer is eight times the block's width.
+Precision: LayerNorm statistics, the attention's logits and softmax, and the encodings are
+computed in float32 whatever the working dtype (float16 overflows a sum of squares of a
+1280-wide token of RMS 7; bfloat16 logits lose the softmax); matrix products and the stored
+activations use the working dtype.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .caa_plan import AttentionPlan, plan_attention
+from .caa_tokens import KeyTokens, LevelGeometry, ViewGroups
+
+__all__ = [
+    "HEAD_DIM",
+    "CAABlock",
+    "CorrespondenceAttention",
+    "GEGLUFeedForward",
+    "KeyTokens",
+    "LevelGeometry",
+    "SinusoidalEncoding",
+    "ViewGroups",
+    "ZeroResNet",
+]
+
 HEAD_DIM = 32
 LAYER_NORM_EPS = 1e-5
-CHUNK_ELEMENTS = 2**20  # query pixels x key tokens x channels per chunk: 4 MB fp32 stays in cache
 FEED_FORWARD_ROWS = 1024  # fewest query rows per feed-forward block
-ENCODING_CACHE_ELEMENTS = 64 * 2**20  # key encodings kept per level between steps (256 MB fp32)
+FEED_FORWARD_ELEMENTS = 2**20  # hidden-layer elements per feed-forward block: 4 MB in float32 stays in cache
 
 
-@dataclass
-class KeyTokens:
-    """Per query pixel, its key tokens as bilinear taps into the level's features.
+class Float32Buffers(nn.Module):
+    """A module whose buffers stay float32 through dtype casts of the model (moves still apply).
 
-    ``rows`` (V, P, T, 4) int32 index one sample's features laid out as (view * h * w + y * w + x,
-    channel); ``weights`` (V, P, T, 4) are the bilinear weights (0 for a tap outside the map);
-    ``valid`` (V, P, T); ``encoding_input`` (V, P, T, E). ``zero_invalid``: invalid tokens are
-    zero vectors, encoding included, rather than masked out.
+    Encoding frequencies reach 64 here and 1.7e9 in the released encodings: float16 cannot hold
+    the latter, and neither half type keeps the phases of the former.
     """
 
-    rows: torch.Tensor
-    weights: torch.Tensor
-    valid: torch.Tensor
-    encoding_input: torch.Tensor
-    zero_invalid: bool
-    _encodings: dict = field(default_factory=dict, repr=False, compare=False)
-
-    @property
-    def count(self) -> int:
-        return self.valid.shape[2]
-
-    def __post_init__(self):
-        # -inf for invalid tokens; rows without any valid token stay all 0, so their softmax is
-        # finite (the block drops their attention update). Added to the logits of every step.
-        usable = self.valid | ~self.valid.any(dim=-1, keepdim=True)
-        bias = torch.zeros(self.valid.shape, dtype=self.weights.dtype, device=self.valid.device)
-        self.logit_bias = bias.masked_fill_(~usable, float("-inf"))
-
-    def encoded(self, encoding: SinusoidalEncoding) -> torch.Tensor | None:
-        """The key encodings (V * P, T, C) for ``encoding``, computed once and kept, if small enough.
-
-        They depend only on the geometry, so every step and both blocks of a level share them.
-        """
-        key = (encoding.key, self.encoding_input.dtype, self.encoding_input.device)
-        if key not in self._encodings:
-            small = self.encoding_input[..., 0].numel() * encoding.dim <= ENCODING_CACHE_ELEMENTS
-            self._encodings[key] = self.encode(encoding) if small else None
-        return self._encodings[key]
-
-    def encode(self, encoding: SinusoidalEncoding, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Key encodings (Q, T, C) of the queries ``start:stop`` over (view, pixel), not cached."""
-        views, pixels, tokens = self.valid.shape
-        encoded = encoding(self.encoding_input.view(views * pixels, tokens, -1)[start:stop])
-        return encoded * self.valid.view(views * pixels, tokens, 1)[start:stop] if self.zero_invalid else encoded
+    def _apply(self, fn, recurse: bool = True):
+        kept = {name: buffer for name, buffer in self._buffers.items() if buffer is not None}
+        super()._apply(fn, recurse)
+        for name, buffer in kept.items():
+            self._buffers[name] = buffer.to(self._buffers[name].device)
+        return self
 
 
-@dataclass
-class LevelGeometry:
-    """Where every query pixel of one UNet level finds its key tokens; computed once per job.
-
-    Shapes use V views, P = h * w query pixels, N neighbour slots per view, S samples per slot
-    (K x K) and T = N * S key tokens per pixel (slot-major). ``source_view`` (V, N) long: the
-    view each slot reads (any view for an unused slot); ``grid`` (V, N, P, S, 2) float:
-    ``grid_sample`` coordinates (``align_corners=False``, zero padding) in that view's level
-    features; ``valid`` (V, P, T) bool; ``encoding_input`` (V, P, T, E) float: what the positional
-    encoding encodes (E = 2: displacement in query pixels; E = 1: relative depth error).
-    """
-
-    height: int
-    width: int
-    source_view: torch.Tensor
-    grid: torch.Tensor
-    valid: torch.Tensor
-    encoding_input: torch.Tensor
-    _tokens: dict = field(default_factory=dict, repr=False, compare=False)
-
-    def key_tokens(self, drop_invalid: bool) -> KeyTokens:
-        """The key tokens in the form the attention reads, worked out once per job and kept.
-
-        ``drop_invalid`` leaves out tokens without a valid correspondence (they are masked out of
-        the softmax anyway): each pixel's valid tokens come first and the list is cut at the
-        largest count any pixel has. A panorama view sees each pixel in one of its two ring
-        neighbours, so this halves the token work. Without it (the released behaviour) invalid
-        tokens stay, as zero vectors: their taps and encodings are zeroed.
-        """
-        key = (drop_invalid, self.grid.device, self.grid.dtype)
-        if key not in self._tokens:
-            rows, weights = self._taps()
-            valid, encoding_input = self.valid, self.encoding_input
-            if drop_invalid:
-                kept = max(1, int(valid.sum(dim=-1).max()))
-                order = torch.argsort((~valid).to(torch.uint8), dim=-1, stable=True)[..., :kept]
-                rows, weights, encoding_input = (
-                    t.gather(2, order[..., None].expand(*order.shape, t.shape[-1]))
-                    for t in (rows, weights, encoding_input)
-                )
-                valid = valid.gather(2, order)
-            else:
-                weights = weights * valid[..., None]
-            self._tokens[key] = KeyTokens(rows, weights, valid, encoding_input, zero_invalid=not drop_invalid)
-        return self._tokens[key]
-
-    def _taps(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each key token's four bilinear taps: rows (V, P, T, 4) int32 and weights (V, P, T, 4).
-
-        Rows index one sample's features laid out as (view * h * w + y * w + x, channel); a tap
-        outside the map gets weight 0 (``grid_sample``'s zero padding) and a row inside it.
-        """
-        views, slots, pixels, samples, _ = self.grid.shape
-        grid = self.grid.permute(0, 2, 1, 3, 4).reshape(views, pixels, slots * samples, 2).double()
-        x = ((grid[..., 0] + 1.0) * self.width - 1.0) / 2.0  # align_corners=False
-        y = ((grid[..., 1] + 1.0) * self.height - 1.0) / 2.0
-        x0, y0 = x.floor(), y.floor()
-        fx, fy = x - x0, y - y0
-        xs, ys = torch.stack([x0, x0 + 1, x0, x0 + 1], -1), torch.stack([y0, y0, y0 + 1, y0 + 1], -1)
-        weights = torch.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], -1)
-        inside = (xs >= 0) & (xs < self.width) & (ys >= 0) & (ys < self.height)
-        source = self.source_view[:, None, :, None].expand(-1, pixels, -1, samples).reshape(views, pixels, -1)
-        rows = (source[..., None] * self.height + ys.clamp(0, self.height - 1).long()) * self.width
-        rows = rows + xs.clamp(0, self.width - 1).long()
-        return rows.to(torch.int32), torch.where(inside, weights, 0.0).to(self.grid.dtype)
-
-    @property
-    def num_views(self) -> int:
-        return self.source_view.shape[0]
-
-    @property
-    def num_tokens(self) -> int:
-        return self.valid.shape[2]
-
-    def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> LevelGeometry:
-        return LevelGeometry(
-            self.height,
-            self.width,
-            self.source_view.to(device),
-            self.grid.to(device, dtype),
-            self.valid.to(device),
-            self.encoding_input.to(device, dtype),
-        )
-
-
-class SinusoidalEncoding(nn.Module):
+class SinusoidalEncoding(Float32Buffers):
     """sin/cos of each input scalar at ``dim // (2 * inputs)`` geometric frequencies, concatenated.
 
     Layout: all sines (input 0 over frequencies, then input 1, ...), then all cosines, so the
     encoding of 0 is ``[0 ... 0, 1 ... 1]``. Frequencies run from 1 to ``2 ** octaves`` radians per
     unit: displacements of a fraction of a pixel and depth errors of a few percent stay distinct.
+    Computed in the inputs' precision (float32 geometry, or float64).
     """
 
     def __init__(self, dim: int, inputs: int, octaves: float = 6.0):
@@ -197,7 +89,7 @@ class SinusoidalEncoding(nn.Module):
         self.register_buffer("freq_bands", 2.0 ** torch.linspace(0.0, octaves, count), persistent=False)
 
     def forward(self, values: torch.Tensor) -> torch.Tensor:
-        angles = (values[..., :, None] * self.freq_bands).flatten(-2)
+        angles = (values[..., :, None] * self.freq_bands.to(values.dtype)).flatten(-2)
         return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 
@@ -212,6 +104,9 @@ class GEGLUFeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden, gate = self.proj(x).chunk(2, dim=-1)
         return self.out(hidden * F.gelu(gate))
+
+
+Geometry = LevelGeometry | ViewGroups
 
 
 class CorrespondenceAttention(nn.Module):
@@ -240,8 +135,20 @@ class CorrespondenceAttention(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, hidden: torch.Tensor, geometry: LevelGeometry) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, geometry: Geometry) -> torch.Tensor:
         """``hidden`` (B * V, C, h, w), views of one sample consecutive -> the same shape."""
+        total, channels, height, width = hidden.shape
+        x, update = self.attention_update(hidden, geometry)
+        x = self._feed_forward((x + update).view(-1, channels)).view(x.shape)
+        # Same memory layout as the input: downstream kernels then run exactly as without CAA.
+        result = x.transpose(2, 3).reshape(total, channels, height, width)
+        return result if result.stride() == hidden.stride() else torch.empty_like(hidden).copy_(result)
+
+    def attention_update(self, hidden: torch.Tensor, geometry: Geometry) -> tuple[torch.Tensor, torch.Tensor]:
+        """The features pixel-major (B, V, P, C) and what the attention adds to them, before the feed-forward.
+
+        Pixels without a valid correspondence get no update when invalid keys are masked.
+        """
         total, channels, height, width = hidden.shape
         views = geometry.num_views
         if channels != self.dim or (height, width) != (geometry.height, geometry.width) or total % views:
@@ -253,22 +160,33 @@ class CorrespondenceAttention(nn.Module):
         # Features pixel-major, one row per (sample, view, pixel): what the token lookups read.
         table = hidden.view(batch, views, channels, pixels).transpose(2, 3).reshape(-1, channels)
         x = table.view(batch, views, pixels, channels)
-        # Everything per query runs once over the whole level in large matrix products; only the
-        # work per (query, key token) goes through cache-sized chunks.
-        query_encoding = self.encoding(torch.zeros_like(geometry.encoding_input[0, 0, 0]))
-        q = self.to_q(self.norm1(x + query_encoding)).view(batch, views, pixels, self.heads, HEAD_DIM)
-        attended, value_bias = self._attend_tokens(q, table, geometry)
+        groups = geometry.groups()
+        first = groups[0][1]
+        query_encoding = self.encoding(first.encoding_input.new_zeros(first.encoding_input.shape[-1]))
+        q = self.to_q(self.norm1(x + query_encoding.to(x.dtype))).view(batch, views, pixels, self.heads, HEAD_DIM)
+        attended = torch.empty_like(x) if len(groups) > 1 else None
+        attends = torch.ones(views, pixels, 1, dtype=torch.bool, device=x.device) if self.mask_invalid else None
+        projections = self._input_space_projections()
+        for owners, part in groups:
+            keys = part.key_tokens(drop_invalid=self.mask_invalid, dtype=x.dtype)
+            group_q = q if owners is None else q[:, owners]
+            result = self._attend_tokens(group_q, table, keys, views * pixels, projections)
+            if attended is None:
+                attended = result
+            else:
+                attended[:, owners] = result
+            if attends is not None:
+                has = keys.valid.any(dim=-1, keepdim=True)
+                if owners is None:
+                    attends = has
+                else:
+                    attends[owners] = has
         # The values' constant part goes through the output projection once, as part of its bias.
+        value_bias = projections[2]
         update = F.linear(attended, self.to_out.weight, self.to_out.bias + self.to_out.weight @ value_bias)
-        if self.mask_invalid:
-            # A pixel with no valid correspondence has nothing to attend to: no attention update.
-            x = torch.addcmul(x, update, geometry.valid.any(dim=-1, keepdim=True).to(x.dtype))
-        else:
-            x = x + update
-        x = self._feed_forward(x.view(-1, channels)).view(x.shape)
-        # Same memory layout as the input: downstream kernels then run exactly as without CAA.
-        result = x.transpose(2, 3).reshape(total, channels, height, width)
-        return result if result.stride() == hidden.stride() else torch.empty_like(hidden).copy_(result)
+        if attends is not None:
+            update = update * attends.to(x.dtype)
+        return x, update
 
     def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x + FF(LN(x))`` for rows of ``x`` (Q, C), in blocks of rows.
@@ -277,7 +195,7 @@ class CorrespondenceAttention(nn.Module):
         it falls out of the caches, in blocks of rows it stays in them (about twice as fast on
         a CPU at the widest level).
         """
-        rows = max(FEED_FORWARD_ROWS, CHUNK_ELEMENTS // (8 * self.dim))
+        rows = max(FEED_FORWARD_ROWS, FEED_FORWARD_ELEMENTS // (8 * self.dim))
         if x.shape[0] <= rows:
             return x + self.ff(self.norm2(x))
         out = torch.empty_like(x)
@@ -287,64 +205,95 @@ class CorrespondenceAttention(nn.Module):
         return out
 
     def _attend_tokens(
-        self, q: torch.Tensor, table: torch.Tensor, geometry: LevelGeometry
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention of queries ``q`` (B, V, P, heads, d) over their key tokens.
+        self,
+        q: torch.Tensor,
+        table: torch.Tensor,
+        keys: KeyTokens,
+        sample_rows: int,
+        projections: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """Attention of queries ``q`` (B, V', P, heads, d) over their key tokens ``keys``.
 
-        ``table`` holds the level's features, one row per (sample, view, pixel). Keys and values
-        are the LayerNorm-ed samples plus encodings. Returns the attended values (B, V, P, C)
-        without their constant part, and that part (``W_v beta``, the same for every query).
+        ``table`` holds the level's features, one row per (sample, view, pixel), ``sample_rows``
+        rows per sample. Keys and values are the LayerNorm-ed samples plus encodings. Returns the
+        attended values (B, V', P, C) without their constant part ``W_v beta``.
         """
         batch, views, pixels = q.shape[:3]
-        keys = geometry.key_tokens(drop_invalid=self.mask_invalid)
         tokens, channels, queries = keys.count, self.dim, views * pixels
-        # Queries of one sample, flattened over (view, pixel): every chunk below is a contiguous
-        # slice of each per-query array, so nothing is copied to line chunks up.
+        plan = plan_attention(queries, tokens, channels, self.heads, table.dtype, table.device)
+        # Queries flattened over (view, pixel): every chunk below is a contiguous slice of each
+        # per-query array, so nothing is copied to line chunks up.
         rows, weights = keys.rows.view(queries, tokens, 4), keys.weights.view(queries, tokens, 4)
-        logit_bias = keys.logit_bias.view(queries, 1, tokens)
+        logit_bias = keys.logit_bias.view(queries, 1, tokens) if self.mask_invalid else None
         encodings = keys.encoded(self.encoding)
-        w_k, w_v, value_bias = self._input_space_projections()
-        q = q.view(batch, queries, self.heads, HEAD_DIM)
+        q = q.reshape(batch, queries, self.heads, HEAD_DIM)
         attended = torch.empty(batch, queries, channels, dtype=table.dtype, device=table.device)
-        chunk = max(1, CHUNK_ELEMENTS // (tokens * channels))
         for sample in range(batch):
-            for start in range(0, queries, chunk):
-                stop = min(start + chunk, queries)
-                taps = (rows[start:stop] + sample * queries).view(-1, 4)
-                sampled = F.embedding_bag(
-                    taps, table, per_sample_weights=weights[start:stop].view(-1, 4), mode="sum"
-                ).view(stop - start, tokens, channels)
+            for start in range(0, queries, plan.chunk):
+                stop = min(start + plan.chunk, queries)
+                sampled = _lookup(table, rows[start:stop] + sample * sample_rows, weights[start:stop], plan)
                 encoding = encodings[start:stop] if encodings is not None else keys.encode(self.encoding, start, stop)
-                z = sampled.add_(encoding)
-                # The keys' LayerNorm, kept factored: centred tokens and one scale per token, which
-                # multiplies the logits and the attention weights instead of every channel.
-                centred = z.sub_(z.mean(dim=-1, keepdim=True))
-                scale = (torch.linalg.vector_norm(centred, dim=-1).square() / channels + LAYER_NORM_EPS).rsqrt()
-                scale = scale.unsqueeze(1)  # (Q, 1, T)
-                # Each head's query moved into input space (key matrix and LayerNorm gain folded in).
-                q_in = torch.einsum("nhd,hdc->nhc", q[sample, start:stop], w_k)
-                # One query per sequence and a handful of keys shared by all heads: two batched
-                # matrix products beat the fused attention kernels here (which also cap head sizes).
-                logits = torch.bmm(q_in, centred.transpose(1, 2)).mul_(scale / math.sqrt(HEAD_DIM))  # (Q, heads, T)
-                if self.mask_invalid:
-                    logits = logits.add_(logit_bias[start:stop])
-                attention = logits.softmax(dim=-1)
-                # In place at inference; training needs the softmax output intact for its backward.
-                attention = attention * scale if torch.is_grad_enabled() else attention.mul_(scale)
-                mixed = torch.bmm(attention, centred)  # (Q, heads, C): per-head averages
-                attended[sample, start:stop] = torch.einsum("nhc,hdc->nhd", mixed, w_v).reshape(-1, channels)
-        return attended.view(batch, views, pixels, channels), value_bias
+                # The keys' LayerNorm without its affine part (folded into the projections);
+                # its statistics are float32 whatever the working dtype.
+                normalised = F.layer_norm(sampled.add_(encoding), (channels,), eps=LAYER_NORM_EPS)
+                bias = logit_bias[start:stop] if logit_bias is not None else None
+                attend = _ATTEND[plan.form]
+                attended[sample, start:stop] = attend(q[sample, start:stop], normalised, bias, projections, plan)
+        return attended.view(batch, views, pixels, channels)
 
     def _input_space_projections(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Key and value matrices with the LayerNorm gain folded in, per head, and the value bias.
+        """Key and value matrices with the LayerNorm gain folded in (C, C each) and the value bias.
 
         ``W diag(gamma)`` maps normalised keys straight to projected ones; ``W_v beta`` is what
         the LayerNorm's shift adds to every value. Computed once per block call, not per chunk.
         """
         gamma, beta = self.norm1.weight, self.norm1.bias
-        w_k = (self.to_k.weight * gamma).view(self.heads, HEAD_DIM, self.dim)
-        w_v = (self.to_v.weight * gamma).view(self.heads, HEAD_DIM, self.dim)
-        return w_k, w_v, self.to_v(beta)
+        return self.to_k.weight * gamma, self.to_v.weight * gamma, self.to_v(beta)
+
+
+def _lookup(table: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+    """Bilinear samples (n, T, C) of ``table`` rows: each token the weighted sum of its four taps."""
+    n, tokens, _ = rows.shape
+    if plan.lookup == "embedding_bag":
+        flat = F.embedding_bag(rows.reshape(-1, 4), table, per_sample_weights=weights.reshape(-1, 4), mode="sum")
+        return flat.view(n, tokens, -1)
+    return torch.einsum("ntk,ntkc->ntc", weights, table[rows.long()])
+
+
+def _attend_input_space(q, normalised, bias, projections, plan: AttentionPlan) -> torch.Tensor:
+    """Each head's query moved into input space and scored against the normalised tokens.
+
+    The heads act as the query rows of one attention over the query's own tokens, so all heads
+    share one read of the tokens; the heads' weighted token averages are then projected per head.
+    """
+    n, heads, _ = q.shape
+    w_k, w_v = (w.view(heads, HEAD_DIM, -1) for w in projections[:2])
+    q_in = torch.einsum("nhd,hdc->nhc", q, w_k)  # (n, heads, C)
+    if plan.fused:
+        mask = bias[:, None] if bias is not None else None
+        mixed = F.scaled_dot_product_attention(
+            q_in[:, None], normalised[:, None], normalised[:, None], attn_mask=mask, scale=1.0 / math.sqrt(HEAD_DIM)
+        )[:, 0]
+    else:
+        logits = torch.bmm(q_in, normalised.transpose(1, 2)).mul_(1.0 / math.sqrt(HEAD_DIM))  # (n, heads, T)
+        if bias is not None:
+            logits = logits.add_(bias)
+        mixed = torch.bmm(logits.softmax(dim=-1), normalised)  # (n, heads, C): per-head averages
+    return torch.einsum("nhc,hdc->nhd", mixed, w_v).reshape(n, -1)
+
+
+def _attend_per_token(q, normalised, bias, projections, plan: AttentionPlan) -> torch.Tensor:
+    """Every token projected to keys and values in one matrix product, then a fused attention."""
+    n, heads, _ = q.shape
+    tokens = normalised.shape[1]
+    kv = F.linear(normalised, torch.cat(projections[:2])).view(n, tokens, 2, heads, HEAD_DIM)
+    keys, values = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # (n, heads, T, d)
+    mask = bias[:, None] if bias is not None else None
+    out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask, scale=1.0 / math.sqrt(HEAD_DIM))
+    return out.reshape(n, -1)
+
+
+_ATTEND = {"input_space": _attend_input_space, "per_token": _attend_per_token}
 
 
 class ZeroResNet(nn.Module):
@@ -377,6 +326,6 @@ class CAABlock(nn.Module):
         self.attention = CorrespondenceAttention(dim, encoding_inputs, mask_invalid)
         self.resnet = ZeroResNet(dim, groups) if with_resnet else None
 
-    def forward(self, hidden: torch.Tensor, geometry: LevelGeometry) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, geometry: Geometry) -> torch.Tensor:
         hidden = self.attention(hidden, geometry)
         return self.resnet(hidden) if self.resnet is not None else hidden

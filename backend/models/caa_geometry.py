@@ -26,8 +26,10 @@ on the released code's tokens, so its rules are reproduced as they are, quirks i
 * slots: exactly each view's own neighbours, in the order given (the released lists are
   ascending; see :func:`released_depth_neighbours` and :func:`released_panorama_neighbours`).
 
-Precision: correspondences and homographies are evaluated in float64 and rounded to float32,
-where the released code computed them in float32 (they agree to a few float32 ulps); from there
+Precision: depth correspondences are evaluated in float64 and rounded to float32, where the
+released code computed them in float32 (they agree to a few float32 ulps); panorama homographies
+and their products are computed in float32 with torch, as released, because the released
+displacement encoding follows their last bits (:mod:`~backend.models.released_encoding`); from there
 the released float32 steps (divide by the key scale, subtract 0.5, add the offsets, add 0.5,
 multiply back, round half to even, compare with the bounds) are repeated in float32, and the
 encoded depth scalars are float32 differences of the given float32 depths, bit for bit as
@@ -37,15 +39,12 @@ here view i's K unprojects and view j's projects, the same for views that share 
 When views have different neighbour counts a single :class:`LevelGeometry` would pad the
 shorter rows with invalid slots, which the released code does not have (they would join the
 softmax as zero keys and shift the depth encoding's pairs); such levels are returned as
-:class:`ViewGroups`, one geometry per count. Levels with a side of 1, views of different sizes
-and views without neighbours have no released behaviour (the released code divides by zero,
-cannot batch them, or has no keys) and are refused.
+:class:`~backend.models.caa_tokens.ViewGroups`, one geometry per count. Levels with a side of
+1, views of different sizes and views without neighbours have no released behaviour (the
+released code divides by zero, cannot batch them, or has no keys) and are refused.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -54,7 +53,7 @@ from ..geometry.cameras import Camera, pixel_grid
 from ..geometry.correspondence import depth_correspondences, query_pixels
 from ..geometry.panorama import rotation_correspondences
 from ..validation import InputError, depth_map
-from .caa import LevelGeometry
+from .caa_tokens import LevelGeometry, ViewGroups
 
 RELEASED_OVERLAP_THRESHOLD = 0.3
 """The released depth model's ``overlap_filter``: views are neighbours above this symmetric overlap."""
@@ -229,71 +228,6 @@ def panorama_geometry(
 
 
 # ---------------------------------------------------------------------------------------------------------- released
-@dataclass
-class ViewGroups:
-    """One level's geometry as several :class:`LevelGeometry`, each answering for some of the views.
-
-    The released code gives every view exactly its own neighbours: a view with two attends over
-    two keys, one with four over four, and its depth encoding pairs only its own scalars. A
-    :class:`LevelGeometry` has one slot count for all views, and padded slots would join the
-    softmax as zero keys. So views are grouped by slot count: ``parts[k]`` covers the views
-    ``members[k]`` (ascending; the group ``owners[k]`` and the views they read), holding the real
-    tokens of its owners and unused, invalid slots for the rest, and each view's output comes
-    from the part that owns it. Given the features, a CAA block (its ResNet too) computes every
-    view on its own, so this is exact, at one CAA pass per group over its members.
-    """
-
-    views: int
-    parts: tuple[LevelGeometry, ...]
-    members: tuple[torch.Tensor, ...]
-    owners: tuple[torch.Tensor, ...]
-
-    def __post_init__(self) -> None:
-        if not self.parts or not len(self.parts) == len(self.members) == len(self.owners):
-            raise ValueError("need members and owners for every part, and at least one part")
-        first = self.parts[0]
-        for part, members, owners in zip(self.parts, self.members, self.owners, strict=True):
-            if (part.height, part.width) != (first.height, first.width) or part.num_views != len(members):
-                raise ValueError("every part must cover one level size and exactly its members")
-            if not torch.isin(owners.cpu(), members.cpu()).all():
-                raise ValueError("a part's owners must be among its members")
-        owned = torch.cat([o.reshape(-1).cpu() for o in self.owners]).sort().values
-        if not torch.equal(owned, torch.arange(self.views)):
-            raise ValueError("every view must be owned by exactly one part")
-
-    @property
-    def height(self) -> int:
-        return self.parts[0].height
-
-    @property
-    def width(self) -> int:
-        return self.parts[0].width
-
-    @property
-    def num_views(self) -> int:
-        return self.views
-
-    def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> ViewGroups:
-        return ViewGroups(
-            self.views, tuple(p.to(device, dtype) for p in self.parts),
-            tuple(m.to(device) for m in self.members), tuple(o.to(device) for o in self.owners),
-        )
-
-    def apply(
-        self, block: Callable[[torch.Tensor, LevelGeometry], torch.Tensor], hidden: torch.Tensor
-    ) -> torch.Tensor:
-        """``block`` on each part's member views; each view's output is taken from its own part."""
-        if hidden.shape[0] % self.views:
-            raise ValueError(f"{hidden.shape[0]} feature maps are not a whole number of {self.views}-view samples")
-        views = hidden.unflatten(0, (-1, self.views))
-        out = torch.empty_like(hidden)
-        target = out.unflatten(0, (-1, self.views))
-        for part, members, owners in zip(self.parts, self.members, self.owners, strict=True):
-            result = block(views[:, members].flatten(0, 1), part).unflatten(0, (-1, len(members)))
-            target[:, owners] = result[:, torch.searchsorted(members, owners)]
-        return out
-
-
 class _Slot:
     """One neighbour's tokens for every query pixel: source view, level coordinates (P, S, 2),
     validity (P, S) and encoded quantity (P, S, E)."""
@@ -376,16 +310,26 @@ def _released_depth_landing(cam_i: Camera, z: np.ndarray, xy: np.ndarray, cam_j:
     return landed
 
 
-def _homography(source: Camera, target: Camera) -> np.ndarray:
-    """``K_t inv(R_t) R_s inv(K_s)``: pixels of ``source`` to ``target`` for a scene at infinity."""
-    return target.K @ np.linalg.inv(target.rotation) @ source.rotation @ np.linalg.inv(source.K)
+def _homography32(source: Camera, target: Camera) -> torch.Tensor:
+    """``K_t inv(R_t) R_s inv(K_s)`` (pixels of ``source`` to ``target`` for a scene at infinity), computed
+    as the released panorama computes it: float32 matrices, torch's inverse and products.
+
+    The released displacement encoding multiplies by up to 2 ** 79 (dim 320), so its output
+    follows the last bit of these numbers; computing them as it does is what lets the two agree.
+    """
+    def f32(matrix: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(matrix, np.float32))
+
+    return f32(target.K) @ torch.inverse(f32(target.rotation)) @ f32(source.rotation) @ torch.inverse(f32(source.K))
 
 
-def _apply_homography(matrix: np.ndarray, xy: np.ndarray) -> np.ndarray:
-    """Dehomogenised ``matrix @ (x, y, 1)`` for pixels (..., 2), with no z > 0 test (as released)."""
-    p = xy.astype(np.float64) @ matrix[:, :2].T + matrix[:, 2]
+def _apply_homography32(matrix: torch.Tensor, xy: np.ndarray) -> np.ndarray:
+    """Dehomogenised ``matrix @ (x, y, 1)`` in float32 for pixels (..., 2), no z > 0 test (as released)."""
+    points = torch.from_numpy(np.ascontiguousarray(xy, np.float32)).reshape(-1, 2)
+    homogeneous = torch.cat([points, torch.ones(len(points), 1)], dim=1).T  # (3, N), as released
+    p = (matrix @ homogeneous).T
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        return p[..., :2] / p[..., 2:]
+        return (p[:, :2] / p[:, 2:]).numpy().reshape(xy.shape)
 
 
 def _released_views(cameras: list[Camera], depths: list[np.ndarray] | None = None) -> list[np.ndarray] | None:
@@ -472,14 +416,14 @@ def _released_panorama_level(
     for i, row in enumerate(neighbours):
         slots = []
         for j in row:
-            landed = _apply_homography(_homography(cameras[i], cameras[j]), query).astype(np.float32)
+            landed = _apply_homography32(_homography32(cameras[i], cameras[j]), query.astype(np.float32))
             with np.errstate(invalid="ignore", over="ignore"):
                 level = (landed / key_scale - np.float32(0.5))[:, None, :] + offsets  # (P, S, 2)
                 full = (level + np.float32(0.5)) * key_scale
                 valid = (full[..., 0] > 0) & (full[..., 0] < image_w) & (full[..., 1] > 0) & (full[..., 1] < image_h)
-                back = _apply_homography(_homography(cameras[j], cameras[i]), full)
-                displacement = (back - query[:, None, :]) / query_scale
-            displacement = np.where(np.isfinite(displacement), displacement, 0.0).astype(np.float32)
+                back = _apply_homography32(_homography32(cameras[j], cameras[i]), full)
+                displacement = (back - query[:, None, :].astype(np.float32)) / np.float32(query_scale)
+            displacement = np.where(np.isfinite(displacement), displacement, np.float32(0.0))
             slots.append(_Slot(j, level, valid, displacement))
         rows.append(slots)
     return _assemble(height, width, rows, samples=len(offsets), inputs=2)
@@ -488,40 +432,34 @@ def _released_panorama_level(
 def _assemble(
     height: int, width: int, rows: list[list[_Slot]], samples: int, inputs: int
 ) -> LevelGeometry | ViewGroups:
-    """Views' own slots as one :class:`LevelGeometry`, or one per slot count as :class:`ViewGroups`."""
+    """Views' own slots as one :class:`LevelGeometry`, or one part per slot count as :class:`ViewGroups`."""
     counts = sorted({len(row) for row in rows})
     if len(counts) == 1:
         return _part(height, width, rows, list(range(len(rows))), samples, inputs)
-    parts, members, owners = [], [], []
+    parts, owners = [], []
     for count in counts:
         owner = [i for i, row in enumerate(rows) if len(row) == count]
-        member = sorted(set(owner) | {slot.source for i in owner for slot in rows[i]})
-        parts.append(_part(height, width, rows, member, samples, inputs, set(owner)))
-        members.append(torch.tensor(member, dtype=torch.long))
+        parts.append(_part(height, width, rows, owner, samples, inputs))
         owners.append(torch.tensor(owner, dtype=torch.long))
-    return ViewGroups(len(rows), tuple(parts), tuple(members), tuple(owners))
+    return ViewGroups(len(rows), tuple(parts), tuple(owners))
 
 
 def _part(
-    height: int, width: int, rows: list[list[_Slot]], member: list[int], samples: int, inputs: int,
-    owner: set[int] | None = None,
+    height: int, width: int, rows: list[list[_Slot]], owners: list[int], samples: int, inputs: int
 ) -> LevelGeometry:
-    """The geometry of the views ``member`` (sources renumbered among them); only ``owner`` views get tokens."""
-    views, pixels = len(member), height * width
-    count = max(len(rows[i]) for i in member if owner is None or i in owner)
-    index = {view: k for k, view in enumerate(member)}
+    """The tokens of the views ``owners``, one row each; every view has exactly ``len(rows[i])`` slots here."""
+    views, pixels = len(owners), height * width
+    count = len(rows[owners[0]])
     source = np.zeros((views, count), np.int64)
     coords = np.full((views, count, pixels, samples, 2), OUTSIDE)
     valid = np.zeros((views, pixels, count * samples), bool)
     values = np.zeros((views, pixels, count * samples, inputs), np.float32)
-    for k, i in enumerate(member):
-        if owner is not None and i not in owner:
-            continue
+    for k, i in enumerate(owners):
         for n, slot in enumerate(rows[i]):
             tokens = slice(n * samples, (n + 1) * samples)
             position = slot.coords.astype(np.float64)
             position[~np.isfinite(position).all(axis=-1)] = OUTSIDE
-            source[k, n] = index[slot.source]
+            source[k, n] = slot.source
             # Far outside is far outside: clipping keeps the grid finite in float32 and still reads zeros.
             coords[k, n] = np.clip(position, -1e7, 1e7)
             valid[k, :, tokens] = slot.valid

@@ -40,8 +40,8 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-from .caa import CAABlock, LevelGeometry
-from .caa_geometry import ViewGroups
+from .caa import CAABlock
+from .caa_tokens import LevelGeometry, ViewGroups
 from .condition import ConditionBranch
 
 Task = Literal["panorama", "depth"]
@@ -52,7 +52,7 @@ class MultiViewUNet(nn.Module):
 
     Inputs are flattened views: ``sample`` (B * V, C, h, w) with the V views of each sample
     consecutive. ``geometry`` maps a level's latent size (h, w) to its :class:`LevelGeometry`
-    (or :class:`~backend.models.caa_geometry.ViewGroups`); without it (or with one view) the CAA
+    (or :class:`~backend.models.caa_tokens.ViewGroups`); without it (or with one view) the CAA
     blocks are skipped and this is the plain UNet.
 
     ``released``: add the condition in place, as the released code does (module docstring);
@@ -153,8 +153,6 @@ class MultiViewUNet(nn.Module):
         level = geometry.get(tuple(hidden.shape[-2:]))
         if level is None:
             raise ValueError(f"no CAA geometry for a {tuple(hidden.shape[-2:])} feature map; have {sorted(geometry)}")
-        if isinstance(level, ViewGroups):
-            return level.apply(caa, hidden)
         return caa(hidden, level)
 
     def _pre_hook(self, caa: CAABlock):

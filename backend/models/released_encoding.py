@@ -15,8 +15,14 @@ and the output is one ``dim`` vector per token. The depth blocks encode one scal
 the sines of both scalars for the first token and the cosines of both for the second.
 
 Both modules keep their frequencies in float32 (up to ~1.7e9 radians per unit, as released) through
-any dtype cast of the model, since float16 cannot hold them; outputs take the input's dtype. The
-released code ran in float32, where the results match it.
+any dtype cast of the model, since float16 cannot hold them; outputs take the input's dtype (the
+geometry's float32, whatever the model's working dtype). The released code ran in float32, where
+the results match it. At such frequencies the encodings are not smooth in their inputs: the
+panorama encoding at dim 320 multiplies displacements by up to 2 ** 79, so a one-ulp change of a
+camera rotation moves the released block's own output by 0.1 to 0.3 (relative) at SD 2 widths.
+Agreement with the released code is therefore to its float32 noise floor, and only when the
+displacements are computed in float32 the way it computes them
+(:mod:`~backend.models.caa_geometry`).
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ import hashlib
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+from .caa import Float32Buffers
 
 RELEASED_BASE_SWITCH = 80
 """Up to this many frequencies the released encoder uses base 2, beyond it 5000 ** (1 / (count / 2.5))."""
@@ -43,7 +50,7 @@ def released_frequencies(count: int) -> torch.Tensor:
     return torch.pow(base, torch.arange(count, dtype=torch.float32))
 
 
-class _ReleasedEncoding(nn.Module):
+class _ReleasedEncoding(Float32Buffers):
     """Shared state: ``dim``, the frequencies (the released formula's, or a checkpoint's own) and a cache key."""
 
     family = "released"
@@ -62,13 +69,6 @@ class _ReleasedEncoding(nn.Module):
         digest = hashlib.sha1(bands.numpy().tobytes()).hexdigest()[:16]
         self.key = (self.family, dim, digest)
         self.register_buffer("freq_bands", bands, persistent=False)
-
-    def _apply(self, fn, recurse: bool = True):
-        # Moves follow the model; dtype casts do not: float16 cannot hold the released frequencies.
-        bands = self.freq_bands
-        super()._apply(fn, recurse)
-        self.freq_bands = bands.to(self.freq_bands.device)
-        return self
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, frequencies={self.count}"
@@ -105,10 +105,9 @@ class ReleasedDepthEncoding(_ReleasedEncoding):
 
     Here the last two axes before the channel, ``(..., P, T, 1)``, form one such sequence and any
     leading axes (views) are separate sequences, since the released code encodes each view apart.
-    For the ``(V, P, T, 1)`` key layout of :class:`~backend.models.caa.LevelGeometry` this is exact
-    when a whole view is encoded at once, which the per-level encoding cache does, and, in the
-    chunked path taken when that cache is too large, whenever T is even (pairs then never leave a
-    pixel) or chunks start at even pixels. An odd T with an odd chunk size pairs differently.
+    ``pairs_scalars`` tells :meth:`~backend.models.caa_tokens.KeyTokens.encode` so: it encodes a
+    range of queries view by view, each piece from the start of the pair its first scalar is in,
+    so chunks of any size pair exactly as the whole view does.
 
     Queries: the released code encodes a view's P query zeros the same way, so even pixels get an
     all-zero vector and odd pixels an all-one vector (``encoding(zeros(P, 1, 1))`` returns exactly
@@ -120,6 +119,7 @@ class ReleasedDepthEncoding(_ReleasedEncoding):
     """
 
     family = "released-depth"
+    pairs_scalars = True
 
     def __init__(self, dim: int, frequencies: torch.Tensor | None = None):
         if dim % 2:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..geometry.cameras import Camera
 from ..geometry.correspondence import overlap_matrix
-from ..models.caa_geometry import ViewGroups, depth_geometry, released_depth_neighbours
+from ..models.caa_geometry import depth_geometry, released_depth_neighbours
 from ..validation import InputError, depth_map
 from .sampling import MultiViewSampler, ProgressCallback, SamplingSettings, to_uint8, view_prompts
 
@@ -59,11 +59,9 @@ def isolated_views(geometry: dict | None, views: int) -> list[int]:
     if geometry is None:
         return list(range(views)) if views > 1 else []
     finest = geometry[max(geometry, key=lambda size: size[0] * size[1])]
-    parts = finest.parts if isinstance(finest, ViewGroups) else (finest,)
-    members = finest.members if isinstance(finest, ViewGroups) else (torch.arange(views),)
     connected = torch.zeros(views, dtype=torch.bool)
-    for part, part_views in zip(parts, members, strict=True):
-        connected[part_views.cpu()] |= part.valid.flatten(1).any(dim=1).cpu()
+    for owners, part in finest.groups():
+        connected[slice(None) if owners is None else owners.cpu()] |= part.valid.flatten(1).any(dim=1).cpu()
     return [int(v) for v in torch.nonzero(~connected).flatten()]
 
 

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from ..geometry.cameras import Camera
 from ..geometry.correspondence import overlap_matrix
-from ..models.caa import LevelGeometry
-from ..models.caa_geometry import OUTSIDE, ViewGroups, depth_geometry, grid_from_level_coords
+from ..models.caa_geometry import OUTSIDE, depth_geometry, grid_from_level_coords
+from ..models.caa_tokens import LevelGeometry, ViewGroups
 
 NEIGHBOUR_THRESHOLD = 0.3  # KeyframePipeline's default overlap threshold
 OVERLAP_STRIDE = 8  # the stride KeyframePipeline computes its overlap graph at

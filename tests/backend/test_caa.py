@@ -1,4 +1,5 @@
 import math
+from functools import cache
 
 import numpy as np
 import pytest
@@ -6,11 +7,22 @@ import torch
 import torch.nn.functional as F
 
 from backend.models import caa as caa_module
-from backend.models.caa import CorrespondenceAttention, LevelGeometry
+from backend.models import caa_tokens
+from backend.models.caa import CorrespondenceAttention
 from backend.models.caa_geometry import grid_from_level_coords
+from backend.models.caa_plan import AttentionPlan, plan_attention
+from backend.models.caa_tokens import LevelGeometry
 
 VIEWS, HEIGHT, WIDTH, SLOTS, SAMPLES, DIM = 3, 4, 5, 2, 3, 64
 TOKENS = SLOTS * SAMPLES
+PLANS = [
+    AttentionPlan("input_space", "embedding_bag", False, 7),
+    AttentionPlan("input_space", "embedding_bag", True, 7),
+    AttentionPlan("per_token", "embedding_bag", True, 7),
+    AttentionPlan("input_space", "gather", False, 5),
+    AttentionPlan("per_token", "gather", True, 5),
+]
+"""Every form, fused or not, both lookups; chunks of 7 and 5 queries split views and samples unevenly."""
 
 
 def random_tokens(seed: int, encoding_inputs: int, all_invalid_pixel: bool = True, valid_fraction: float = 0.7):
@@ -30,12 +42,14 @@ def random_tokens(seed: int, encoding_inputs: int, all_invalid_pixel: bool = Tru
     return geometry, (source, coords, valid, encoding)
 
 
-def randomised_block(encoding_inputs: int, mask_invalid: bool, seed: int = 0) -> CorrespondenceAttention:
+def randomised_block(encoding_inputs: int, mask_invalid: bool, seed: int = 0, dim: int = DIM) -> CorrespondenceAttention:
+    """Random weights whose matrices scale with the width, so wide blocks stay as well conditioned as narrow ones."""
     torch.manual_seed(seed)
-    block = CorrespondenceAttention(DIM, encoding_inputs, mask_invalid).double()
+    block = CorrespondenceAttention(dim, encoding_inputs, mask_invalid).double()
     with torch.no_grad():
         for param in block.parameters():
-            param.copy_(torch.randn_like(param) * 0.3)
+            scale = 0.3 * math.sqrt(DIM / param.shape[1]) if param.dim() == 2 else 0.3
+            param.copy_(torch.randn_like(param) * scale)
     return block
 
 
@@ -79,25 +93,69 @@ def reference(block: CorrespondenceAttention, hidden: torch.Tensor, raw) -> torc
     return out
 
 
+@cache
+def reference_case(encoding_inputs: int, mask_invalid: bool, valid_fraction: float, dim: int):
+    """Block, input, geometry and the literal reference's output of one case, computed once."""
+    geometry, raw = random_tokens(0, encoding_inputs, valid_fraction=valid_fraction)
+    block = randomised_block(encoding_inputs, mask_invalid, dim=dim)
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.randn(2 * VIEWS, dim, HEIGHT, WIDTH, dtype=torch.float64, generator=generator)  # two CFG halves
+    with torch.no_grad():
+        expected = reference(block, hidden, raw)
+    return block, hidden, geometry, expected
+
+
+def force_plan(monkeypatch, plan: AttentionPlan) -> None:
+    monkeypatch.setattr(caa_module, "plan_attention", lambda *args, **kwargs: plan)
+
+
 @pytest.mark.parametrize("encoding_inputs", [1, 2])
 @pytest.mark.parametrize("mask_invalid", [True, False])
 @pytest.mark.parametrize("cache_encodings", [True, False])
 @pytest.mark.parametrize("valid_fraction", [0.7, 0.3])
+@pytest.mark.parametrize("plan", PLANS, ids=lambda p: f"{p.form}-{p.lookup}-{'fused' if p.fused else 'bmm'}")
 def test_fast_attention_matches_the_literal_reference(
-    encoding_inputs, mask_invalid, cache_encodings, valid_fraction, monkeypatch
+    encoding_inputs, mask_invalid, cache_encodings, valid_fraction, plan, monkeypatch
 ):
-    geometry, raw = random_tokens(0, encoding_inputs, valid_fraction=valid_fraction)
+    block, hidden, geometry, expected = reference_case(encoding_inputs, mask_invalid, valid_fraction, DIM)
     if valid_fraction < 0.5:  # sparse validity: the attention really does leave invalid tokens out
         assert geometry.key_tokens(drop_invalid=True).count < TOKENS
-    block = randomised_block(encoding_inputs, mask_invalid)
-    hidden = torch.randn(2 * VIEWS, DIM, HEIGHT, WIDTH, dtype=torch.float64)  # two samples (CFG halves)
-    expected = reference(block, hidden, raw)
-    monkeypatch.setattr(caa_module, "CHUNK_ELEMENTS", 2 * 3 * VIEWS * TOKENS * DIM)  # uneven pixel chunks
+    force_plan(monkeypatch, plan)
     monkeypatch.setattr(caa_module, "FEED_FORWARD_ROWS", 7)  # uneven feed-forward row blocks
-    monkeypatch.setattr(caa_module, "ENCODING_CACHE_ELEMENTS", 2**30 if cache_encodings else 0)
+    monkeypatch.setattr(caa_module, "FEED_FORWARD_ELEMENTS", 0)
+    monkeypatch.setattr(caa_tokens, "ENCODING_CACHE_ELEMENTS", 2**30 if cache_encodings else 0)
     with torch.no_grad():
         got = block(hidden, geometry.to("cpu", torch.float64))
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dim", [320, 1280])
+@pytest.mark.parametrize("encoding_inputs", [1, 2])
+@pytest.mark.parametrize("plan", [None, *PLANS[1:3]], ids=lambda p: "planned" if p is None else p.form)
+def test_fast_attention_matches_the_reference_at_sd2_widths(dim, encoding_inputs, plan, monkeypatch):
+    """SD 2's widths split into 10 and 40 heads of 32 channels, as the released blocks do."""
+    block, hidden, geometry, expected = reference_case(encoding_inputs, False, 0.7, dim)
+    assert block.heads == dim // 32
+    if plan is not None:
+        force_plan(monkeypatch, plan)
+    with torch.no_grad():
+        got = block(hidden, geometry.to("cpu", torch.float64))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_the_plan_follows_the_shapes():
+    """Many tokens per query favour input-space queries, few tokens and fast arithmetic per-token keys."""
+    panorama_cpu = plan_attention(8 * 4096, 9, 320, 10, torch.float32, "cpu")
+    depth_gpu = plan_attention(12 * 768, 4, 320, 10, torch.float16, "cuda")
+    assert (panorama_cpu.form, panorama_cpu.fused) == ("input_space", False)
+    assert (depth_gpu.form, depth_gpu.fused) == ("per_token", True)
+    # Half precision always takes the fused kernel, which keeps the logits in float32.
+    assert plan_attention(8 * 4096, 9, 320, 10, torch.bfloat16, "cpu").fused
+    # Chunks fit the device's budget and never exceed the queries there are.
+    assert plan_attention(5, 9, 320, 10, torch.float32, "cpu").chunk == 5
+    big = plan_attention(10**6, 9, 1280, 40, torch.float32, "cpu")
+    assert 1 <= big.chunk * 4 * 1280 * (9 + 2 * 40) <= 4 * 2**20
+    assert plan_attention(10**6, 9, 1280, 40, torch.float16, "cuda").chunk > 100 * big.chunk
 
 
 def test_a_new_block_is_exactly_the_identity():

@@ -20,9 +20,7 @@ from backend.geometry.cameras import Camera, look_at, yaw_pitch_rotation
 from backend.geometry.correspondence import overlap_matrix
 from backend.geometry.panorama import panorama_layout
 from backend.geometry.render import render_depth
-from backend.models.caa import LevelGeometry
 from backend.models.caa_geometry import (
-    ViewGroups,
     depth_geometry,
     depth_level_geometry,
     panorama_geometry,
@@ -31,6 +29,7 @@ from backend.models.caa_geometry import (
     released_depth_overlap,
     released_panorama_neighbours,
 )
+from backend.models.caa_tokens import LevelGeometry, ViewGroups
 from backend.models.mv_unet import MultiViewUNet
 from backend.models.released import ReleasedDepthEncoding, use_released_behaviour
 from backend.models.tiny import tiny_unet
@@ -147,10 +146,10 @@ def reference_samples(features: torch.Tensor, positions: np.ndarray) -> torch.Te
 def view_part(level: LevelGeometry | ViewGroups, view: int) -> tuple[LevelGeometry, int, list[int]]:
     """The geometry holding ``view``'s tokens, the view's index in it, and its slots' source views (global)."""
     if isinstance(level, ViewGroups):
-        for part, members, owners in zip(level.parts, level.members, level.owners, strict=True):
+        for part, owners in zip(level.parts, level.owners, strict=True):
             if view in owners.tolist():
-                index = members.tolist().index(view)
-                return part, index, members[part.source_view[index]].tolist()
+                index = owners.tolist().index(view)
+                return part, index, part.source_view[index].tolist()
         raise AssertionError(f"view {view} has no owner")
     return level, view, level.source_view[view].tolist()
 
@@ -346,10 +345,10 @@ def test_grouped_depth_level_runs_each_view_as_released(depth_scene):
     tolerance = {"atol": 1e-5, "rtol": 1e-5}
     with torch.no_grad():
         expected = released_depth_attention(block, hidden, reference)
-        torch.testing.assert_close(level.apply(block, hidden), expected, **tolerance)
+        torch.testing.assert_close(block(hidden, level), expected, **tolerance)
         # Two samples (guidance halves) are handled view by view as well.
         torch.testing.assert_close(
-            level.apply(block, torch.cat([hidden, hidden])), torch.cat([expected, expected]), **tolerance
+            block(torch.cat([hidden, hidden]), level), torch.cat([expected, expected]), **tolerance
         )
 
     # One geometry padded with invalid slots to the longest row (the clean layout) is not it.

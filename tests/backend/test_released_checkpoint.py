@@ -12,7 +12,7 @@ import pytest
 import torch
 from released_reference import released_attention, released_pos_embedding
 
-from backend.models.caa import LevelGeometry
+from backend.models.caa_tokens import LevelGeometry
 from backend.models.mv_unet import MultiViewUNet, level_sizes
 from backend.models.released import (
     LoadReport,

@@ -1,0 +1,110 @@
+"""How a CAA block computes its attention over key tokens, chosen from the shapes.
+
+Both forms are exact; they cost differently. With ``zhat_t`` a key token normalised by the
+keys' LayerNorm (no affine), ``W_k`` and ``W_v`` the key and value matrices with the LayerNorm
+gain folded in, and ``h`` heads of ``d`` channels over ``C`` channels and ``T`` tokens:
+
+* ``input_space``: each head's query is moved into input space once, ``qtilde_h = W_k,h^T q_h``
+  (C x C per query), scored against the normalised tokens, and the heads' averages of tokens are
+  projected once (another C x C). About ``4 C^2 + 4 h T C`` flops per query, but every query
+  writes and reads ``h x C`` values twice. It wins when there are many tokens per query and
+  memory is fast next to arithmetic: panoramas (9 to 18 tokens), and the CPU.
+* ``per_token``: the released way, keys and values of every token projected (``4 T C^2``
+  flops per query as one large matrix product), then a plain attention with head size ``d``.
+  It wins with few tokens and fast arithmetic: the depth design (3 to 5 tokens) on a GPU.
+
+The cost of a form is its flops over the device's matrix rate plus its memory traffic over
+the device's bandwidth (:data:`BALANCE`); the cheaper one runs. The token lookup is the same
+for both: an ``embedding_bag`` over pixel-major features (it reads the four taps of a token and
+writes one vector; ``gather`` writes all four first, and is kept for devices or dtypes whose
+``embedding_bag`` lacks weights). Chunks of queries are sized so the working set fits the
+device's budget: a cache-sized block on a CPU, a bounded transient on a GPU.
+
+Half precision: logits are accumulated and kept in float32 by the fused attention
+(``scaled_dot_product_attention``); a plain ``bmm`` would round them to the working dtype. So
+the fused kernel always runs the ``per_token`` form, and the ``input_space`` form uses it in
+float16 and bfloat16; in float32 two batched matrix products are faster on a CPU for its
+shapes (heads as the query rows, a few tokens) and as accurate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Form = Literal["input_space", "per_token"]
+Lookup = Literal["embedding_bag", "gather"]
+
+
+@dataclass(frozen=True)
+class Balance:
+    """What a device sustains on these kernels: matrix flop/s, memory bytes/s, chunk working set."""
+
+    flops: float
+    bandwidth: float
+    chunk_bytes: int
+
+
+BALANCE: dict[tuple[str, bool], Balance] = {
+    # One CPU core (AVX-512, the figures scale with threads alike): measured with the per-form
+    # kernels at SD 2's widths; docs/benchmarks.md ("CAA block") has the runs.
+    ("cpu", False): Balance(flops=1.0e11, bandwidth=1.0e10, chunk_bytes=4 * 2**20),
+    ("cpu", True): Balance(flops=0.5e11, bandwidth=1.0e10, chunk_bytes=4 * 2**20),
+    # An H100/H200-class GPU: dense float32 without TF32, half on tensor cores, HBM3; chunks
+    # bound the transient memory instead of fitting a cache.
+    ("cuda", False): Balance(flops=5.0e13, bandwidth=2.5e12, chunk_bytes=256 * 2**20),
+    ("cuda", True): Balance(flops=4.0e14, bandwidth=2.5e12, chunk_bytes=256 * 2**20),
+}
+"""(device type, half precision) -> balance. Other devices use the CUDA figures."""
+
+WEIGHTED_BAG_DEVICES = ("cpu", "cuda")
+"""Devices whose ``embedding_bag`` takes per-sample weights in every dtype; others gather the taps."""
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """One level's way of attending: the form, the lookup, fused or not, and queries per chunk."""
+
+    form: Form
+    lookup: Lookup
+    fused: bool
+    chunk: int
+    seconds: tuple[tuple[str, float], ...] = ()  # the cost model's estimate per form, per query
+
+
+def is_half(dtype: torch.dtype) -> bool:
+    return dtype in (torch.float16, torch.bfloat16)
+
+
+def form_costs(tokens: int, dim: int, heads: int, element_size: int) -> dict[Form, tuple[float, float]]:
+    """(flops, bytes) per query of each form's token attention; the lookup they share is left out."""
+    input_space = (4.0 * dim * dim + 4.0 * heads * tokens * dim, element_size * (4.0 * heads + 3.0 * tokens) * dim)
+    per_token = (4.0 * tokens * dim * dim + 4.0 * tokens * dim, element_size * 7.0 * tokens * dim)
+    return {"input_space": input_space, "per_token": per_token}
+
+
+def working_bytes(form: Form, tokens: int, dim: int, heads: int, element_size: int) -> int:
+    """Bytes one query holds at once inside a chunk: its tokens plus the form's intermediates."""
+    extra = 2 * heads * dim if form == "input_space" else 2 * tokens * dim
+    return element_size * (tokens * dim + extra)
+
+
+def plan_attention(
+    queries: int, tokens: int, dim: int, heads: int, dtype: torch.dtype, device: torch.device | str
+) -> AttentionPlan:
+    """The cheaper exact form for ``queries`` queries of ``tokens`` key tokens each, and its chunk size."""
+    device_type = torch.device(device).type
+    half = is_half(dtype)
+    balance = BALANCE.get((device_type, half)) or BALANCE[("cuda", half)]
+    element_size = torch.empty((), dtype=dtype).element_size()
+    seconds = {
+        form: flops / balance.flops + traffic / balance.bandwidth
+        for form, (flops, traffic) in form_costs(tokens, dim, heads, element_size).items()
+    }
+    form: Form = min(seconds, key=seconds.get)
+    fused = form == "per_token" or half
+    chunk = max(1, min(queries, balance.chunk_bytes // working_bytes(form, tokens, dim, heads, element_size)))
+    lookup: Lookup = "embedding_bag" if device_type in WEIGHTED_BAG_DEVICES else "gather"
+    return AttentionPlan(form, lookup, fused, chunk, tuple(sorted(seconds.items())))

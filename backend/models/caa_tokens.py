@@ -73,7 +73,7 @@ class KeyTokens:
 
         An encoding with ``pairs_scalars`` set (the released depth encoding) encodes each view's
         (pixels, tokens) scalars as one sequence in pairs, so a range is encoded view by view,
-        each piece from the pair its first scalar belongs to.
+        each piece widened by a pixel where a pair crosses its start or its end.
         """
         views, pixels, tokens = self.valid.shape
         stop = views * pixels if stop is None else stop
@@ -81,9 +81,11 @@ class KeyTokens:
         if getattr(encoding, "pairs_scalars", False):
             pieces = []
             for view in range(start // pixels, (stop - 1) // pixels + 1):
-                first, last = max(start, view * pixels), min(stop, (view + 1) * pixels)
-                begin = first - ((first - view * pixels) * tokens) % 2  # a pair never starts mid-pixel
-                pieces.append(encoding(values[begin:last])[first - begin:])
+                origin, end = view * pixels, (view + 1) * pixels
+                first, last = max(start, origin), min(stop, end)
+                begin = first - ((first - origin) * tokens) % 2
+                until = min(end, last + ((last - origin) * tokens) % 2)
+                pieces.append(encoding(values[begin:until])[first - begin:last - begin])
             encoded = torch.cat(pieces)
         else:
             encoded = encoding(values[start:stop])

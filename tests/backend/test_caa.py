@@ -181,3 +181,31 @@ def test_shape_mismatch_is_reported():
     block = CorrespondenceAttention(DIM, 2)
     with pytest.raises(ValueError, match="do not match"):
         block(torch.randn(VIEWS, DIM, HEIGHT + 1, WIDTH), geometry)
+
+
+@pytest.mark.parametrize("tokens", [3, 4])  # odd and even neighbour counts
+@pytest.mark.parametrize("chunk", [1, 2, 5, 7, 1000])
+def test_chunks_pair_the_released_depth_encoding_as_the_whole_level_does(tokens, chunk, monkeypatch):
+    """The released depth encoding pairs consecutive scalars of a view: chunks must start on a pair."""
+    from backend.models.released_encoding import ReleasedDepthEncoding
+
+    rng = np.random.default_rng(tokens)
+    views, height, width, dim = 3, 5, 3, 64  # 15 pixels: odd, so views' pairs straddle chunk and view ends
+    pixels = height * width
+    source = torch.from_numpy(np.array([[(v + 1 + n) % views for n in range(tokens)] for v in range(views)]))
+    coords = rng.uniform(-0.5, [width - 0.5, height - 0.5], size=(views, tokens, pixels, 1, 2))
+    valid = torch.from_numpy(rng.random((views, pixels, tokens)) < 0.8)
+    values = torch.from_numpy(rng.uniform(0.0, 2.0, size=(views, pixels, tokens, 1)))
+    geometry = LevelGeometry(height, width, source, grid_from_level_coords(coords, height, width).double(), valid, values)
+    block = randomised_block(1, mask_invalid=False)
+    block.encoding = ReleasedDepthEncoding(dim)
+    hidden = torch.randn(2 * views, dim, height, width, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    whole_plan = AttentionPlan("input_space", "embedding_bag", False, 10**6)
+    force_plan(monkeypatch, whole_plan)
+    with torch.no_grad():
+        whole = block(hidden, geometry)
+    force_plan(monkeypatch, AttentionPlan("input_space", "embedding_bag", False, chunk))
+    monkeypatch.setattr(caa_tokens, "ENCODING_CACHE_ELEMENTS", 0)  # every chunk encodes its own range
+    with torch.no_grad():
+        chunked = block(hidden, LevelGeometry(height, width, source, geometry.grid, valid, values))
+    assert (chunked - whole).abs().max() <= 1e-5

@@ -194,8 +194,9 @@ def tiny_multiview(kind: str, unet: UNet2DConditionModel | None = None, seed: in
     from .mv_unet import MultiViewUNet
 
     unet = unet if unet is not None else tiny_unet(kind, seed)
-    model = MultiViewUNet(unet, TASK_OF_KIND[kind], with_condition=kind == "depth")
     with _seeded(seed + 1), torch.no_grad():
+        # Built inside the seeded block too: the added blocks' own initialisation draws random numbers.
+        model = MultiViewUNet(unet, TASK_OF_KIND[kind], with_condition=kind == "depth")
         for module in model.added_modules().values():
             for param in module.parameters():
                 param.add_(torch.randn_like(param) * 0.02)

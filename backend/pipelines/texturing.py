@@ -71,8 +71,7 @@ def run_texture_job(job: TextureJob, models: ModelSet, ctx: JobContext) -> dict[
 
 def _run(job: TextureJob, sampler: MultiViewSampler, ctx: JobContext) -> dict[str, Any]:
     max_in_between = max(1, MAX_IN_BETWEEN >> ctx.memory_level)
-    settings = SamplingSettings(job.settings.steps, job.settings.guidance_scale, job.settings.negative_prompt,
-                                job.settings.seed)
+    settings = SamplingSettings.of(job.settings)
     prompts = _prompts(job)
 
     with ctx.stage("keyframe_selection"):
@@ -232,6 +231,10 @@ def _report(job: TextureJob, ctx: JobContext, generated: Generated, unwrapped: b
         "texture_bits": int(job.texture_bits),
         "unwrapped": bool(unwrapped),
         "memory_level": int(ctx.memory_level),
+        "scheduler": job.settings.scheduler,
+        "steps": int(job.settings.steps),
+        "guidance_scale": float(job.settings.guidance_scale),
+        "seed": int(job.settings.seed),
         "coverage": round(coverage, 5),
         "seconds": {stage: round(seconds, 3) for stage, seconds in ctx.seconds.items()},
         **consistency,

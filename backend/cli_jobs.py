@@ -11,6 +11,7 @@ import json
 import os
 from pathlib import Path
 
+from .sampling_options import DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, SCHEDULERS, scheduler_summary
 from .validation import InputError
 
 
@@ -106,13 +107,24 @@ def _run_local(job, args: argparse.Namespace) -> int:
     return 0
 
 
+def add_scheduler_argument(parser: argparse.ArgumentParser, default: str | None) -> None:
+    """``--scheduler``: every name with its steps, the default and the fast setting marked."""
+    what = "denoising scheduler" if default else "denoising scheduler instead of the job's own"
+    parser.add_argument("--scheduler", choices=list(SCHEDULERS), default=default,
+                        help=f"{what}: {scheduler_summary()}")
+
+
 def add_texture_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("job", help="a texture job .npz (the wire format Blender writes)")
     parser.add_argument("--out", required=True, help="output folder")
+    add_scheduler_argument(parser, None)
+    parser.add_argument("--steps", type=int, help="denoising steps (default: the job's own)")
     add_model_arguments(parser)
 
 
 def run_texture(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from .protocol import read_job
 
     path = Path(args.job)
@@ -121,6 +133,10 @@ def run_texture(args: argparse.Namespace) -> int:
     job = read_job(path.read_bytes())
     if job.kind != "texture":
         raise InputError("kind", f"{path} holds a {job.kind} job; use the panorama command for it")
+    overrides = {name: value for name, value in (("scheduler", args.scheduler), ("steps", args.steps))
+                 if value is not None}
+    if overrides:
+        job.settings = replace(job.settings, **overrides).validate()
     return _run_local(job, args)
 
 
@@ -128,8 +144,9 @@ def add_panorama_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", action="append", required=True,
                         help="text prompt; repeat once per view for per-view prompts")
     parser.add_argument("--negative-prompt", default="")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--guidance", type=float, default=9.0)
+    add_scheduler_argument(parser, DEFAULT_SCHEDULER)
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"denoising steps (default: {DEFAULT_STEPS})")
+    parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--height", type=int, default=1024, help="equirect height (width is twice that)")
     parser.add_argument("--view-size", type=int, default=512, help="size of each generated view")
@@ -140,6 +157,7 @@ def add_panorama_arguments(parser: argparse.ArgumentParser) -> None:
 def run_panorama(args: argparse.Namespace) -> int:
     from .protocol import GenerationSettings, PanoramaJob, read_job
 
-    settings = GenerationSettings(args.prompt, args.negative_prompt, args.steps, args.guidance, args.seed)
+    settings = GenerationSettings(args.prompt, args.negative_prompt, args.steps, args.guidance, args.seed,
+                                  args.scheduler)
     job = read_job(PanoramaJob(settings, args.height, args.view_size).to_bytes())  # validated like a sent job
     return _run_local(job, args)

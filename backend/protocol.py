@@ -19,6 +19,7 @@ import numpy as np
 
 from .geometry.cameras import Camera
 from .geometry.mesh import Mesh
+from .sampling_options import DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, scheduler_name
 from .validation import InputError, as_array, depth_map, in_range, positive_int
 
 API_VERSION = 1
@@ -71,13 +72,18 @@ def unpack_arrays(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[dict
 
 @dataclass
 class GenerationSettings:
-    """What every generation job shares: prompts, guidance, seed."""
+    """What every generation job shares: prompts, guidance, seed, the scheduler and its steps.
+
+    ``scheduler`` names an entry of ``backend.sampling_options.SCHEDULERS``; jobs that leave it
+    out get the default (DDIM), as before the field existed.
+    """
 
     prompts: list[str]
     negative_prompt: str = ""
-    steps: int = 50
-    guidance_scale: float = 9.0
+    steps: int = DEFAULT_STEPS
+    guidance_scale: float = DEFAULT_GUIDANCE
     seed: int = 0
+    scheduler: str = DEFAULT_SCHEDULER
 
     def validate(self) -> GenerationSettings:
         if isinstance(self.prompts, str):
@@ -92,6 +98,7 @@ class GenerationSettings:
         self.guidance_scale = in_range("guidance_scale", self.guidance_scale, 0.0, 100.0)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise InputError("seed", f"must be an integer in [0, 2^63), got {self.seed!r}")
+        self.scheduler = scheduler_name("scheduler", self.scheduler)
         return self
 
 
@@ -164,6 +171,7 @@ class TextureJob:
 
     def validate(self) -> TextureJob:
         """Checks across fields (counts, sizes, names); the same for jobs read and jobs built in code."""
+        self.settings.validate()
         prompts = [self.settings.prompts] if isinstance(self.settings.prompts, str) else self.settings.prompts
         views = len(self.cameras)
         if len(prompts) not in (1, views):

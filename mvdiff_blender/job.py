@@ -76,7 +76,7 @@ def generation_settings(settings, prompt: str, views: int, per_view=None) -> Gen
         raise JobError("Write a prompt first")
     try:
         return GenerationSettings(prompts, settings.negative_prompt, settings.steps, settings.guidance,
-                                  settings.seed).validate()
+                                  settings.seed, settings.scheduler).validate()
     except InputError as err:
         raise JobError(f"{err.field}: {err.problem}") from None
 

@@ -17,6 +17,14 @@ from bpy.props import (
     StringProperty,
 )
 
+from ..backend.sampling_options import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_SCHEDULER,
+    DEFAULT_STEPS,
+    SCHEDULERS,
+    scheduler_description,
+)
+
 CAMERA_SOURCES = [
     ("SELECTED", "Selected Cameras", "The camera objects in the selection, in name order"),
     ("ANIMATED", "Animated Camera", "One camera's pose on every step-th frame of a frame range"),
@@ -28,6 +36,8 @@ UV_SOURCES = [
     ("UNWRAP", "Unwrap", "Let the backend unwrap; the result goes into a new UV map named MVDiffusion"),
 ]
 TEXTURE_SIZES = [(str(s), f"{s} px", f"{s} x {s} texels") for s in (256, 512, 1024, 2048, 4096)]
+# The backend's scheduler names are the identifiers, so the job sends the choice as it is.
+SCHEDULER_ITEMS = [(name, choice.label, scheduler_description(name)) for name, choice in SCHEDULERS.items()]
 
 
 def _is_camera(_self, obj: bpy.types.Object) -> bool:
@@ -47,10 +57,15 @@ class MVDIFF_PG_scene(bpy.types.PropertyGroup):
     )
     negative_prompt: StringProperty(name="Negative Prompt", description="What the textures should not show",
                                     default="blurry, low quality")
-    steps: IntProperty(name="Steps", description="Denoising steps per view", default=50, min=1, max=1000,
+    scheduler: EnumProperty(
+        name="Scheduler", items=SCHEDULER_ITEMS, default=DEFAULT_SCHEDULER,
+        description="How the views are denoised. DDIM is what MVDiffusion was released with; the multistep "
+                    "solvers need fewer steps: set Steps to the count each option names",
+    )
+    steps: IntProperty(name="Steps", description="Denoising steps per view", default=DEFAULT_STEPS, min=1, max=1000,
                        soft_max=100)
-    guidance: FloatProperty(name="Guidance", description="Classifier-free guidance scale", default=9.0, min=0.0,
-                            max=100.0, soft_max=20.0)
+    guidance: FloatProperty(name="Guidance", description="Classifier-free guidance scale", default=DEFAULT_GUIDANCE,
+                            min=0.0, max=100.0, soft_max=20.0)
     seed: IntProperty(name="Seed", description="Random seed; the same seed and inputs give the same result",
                       default=0, min=0)
 

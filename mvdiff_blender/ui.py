@@ -55,6 +55,7 @@ class MVDIFF_PT_texture(_Panel, bpy.types.Panel):
         col.prop(settings, "height", text="Y")
 
         col = layout.column()
+        col.prop(settings, "scheduler")
         col.prop(settings, "steps")
         col.prop(settings, "guidance")
         col.prop(settings, "seed")

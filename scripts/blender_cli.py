@@ -40,6 +40,17 @@ def split_argv(argv: list[str]) -> tuple[str | None, list[str]]:
     return blend, ours
 
 
+def add_scheduler_argument(parser: argparse.ArgumentParser) -> None:
+    """``--scheduler``, with the backend's scheduler names (this checkout's ``backend/sampling_options.py``)."""
+    root = str(SCRIPTS.parent)
+    if root not in sys.path:
+        sys.path.append(root)
+    from backend.sampling_options import SCHEDULERS, scheduler_summary
+
+    parser.add_argument("--scheduler", choices=list(SCHEDULERS),
+                        help=f"denoising scheduler (default: the scene's setting): {scheduler_summary()}")
+
+
 def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("backend (default: the add-on's preferences)")
     group.add_argument("--url", help="connect to a running backend at this URL instead of starting one")

@@ -21,6 +21,7 @@ import blender_cli  # noqa: E402
 def add_arguments(parser) -> None:
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--negative-prompt")
+    blender_cli.add_scheduler_argument(parser)
     parser.add_argument("--steps", type=int)
     parser.add_argument("--guidance", type=float)
     parser.add_argument("--seed", type=int)
@@ -34,8 +35,9 @@ def main() -> int:
     args, _addon = blender_cli.setup(__doc__.splitlines()[0], add_arguments)
     settings = bpy.context.scene.mvdiff
     settings.world_prompt = args.prompt
-    for option, prop in (("negative_prompt", "negative_prompt"), ("steps", "steps"), ("guidance", "guidance"),
-                         ("seed", "seed"), ("height", "world_height"), ("view_size", "world_view_size"),
+    for option, prop in (("negative_prompt", "negative_prompt"), ("scheduler", "scheduler"), ("steps", "steps"),
+                         ("guidance", "guidance"), ("seed", "seed"), ("height", "world_height"),
+                         ("view_size", "world_view_size"),
                          ("strength", "world_strength")):
         value = getattr(args, option)
         if value is not None:

@@ -37,6 +37,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--walk-views", type=int)
     parser.add_argument("--width", type=int)
     parser.add_argument("--height", type=int)
+    blender_cli.add_scheduler_argument(parser)
     parser.add_argument("--steps", type=int)
     parser.add_argument("--guidance", type=float)
     parser.add_argument("--seed", type=int)
@@ -61,8 +62,8 @@ def configure(args, settings) -> list[bpy.types.Object]:
     else:
         targets = [o for o in scene.objects if o.type == "MESH" and not o.hide_render]
     settings.prompt = args.prompt
-    for option, prop in (("negative_prompt", "negative_prompt"), ("steps", "steps"), ("guidance", "guidance"),
-                         ("seed", "seed"), ("width", "width"), ("height", "height"),
+    for option, prop in (("negative_prompt", "negative_prompt"), ("scheduler", "scheduler"), ("steps", "steps"),
+                         ("guidance", "guidance"), ("seed", "seed"), ("width", "width"), ("height", "height"),
                          ("texture_size", "texture_size"), ("orbit_views", "orbit_views"),
                          ("orbit_rings", "orbit_rings"), ("walk_views", "walk_views")):
         value = getattr(args, option)

@@ -29,7 +29,6 @@ read serve all components.
 
 from __future__ import annotations
 
-import inspect
 import os
 import pickle
 import re
@@ -39,10 +38,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, SchedulerMixin, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from ..sampling_options import DEFAULT_SCHEDULER
 from ..validation import InputError
+from .schedulers import build_scheduler, scheduler_class
 
 KIND_IN_CHANNELS = {"depth": 5, "base": 4, "inpaint": 9}
 """UNet input channels per task: latent (4) + depth (1); latent only; latent + mask (1) + masked image (4)."""
@@ -66,13 +67,17 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 @dataclass
 class Components:
-    """The parts of an SD 2 pipeline MVDiffusion uses; ``scheduler`` is always DDIM."""
+    """The parts of an SD 2 pipeline MVDiffusion uses.
+
+    ``scheduler`` carries the source's training schedule, in the default scheduler's class; jobs
+    build the scheduler they ask for from its config (``backend/models/schedulers.py``).
+    """
 
     unet: UNet2DConditionModel
     vae: AutoencoderKL
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
-    scheduler: DDIMScheduler
+    scheduler: SchedulerMixin
     kind: str
     source: str
 
@@ -86,7 +91,7 @@ def load_components(
     device: str | torch.device = "cpu",
     config: str | os.PathLike | None = None,
 ) -> Components:
-    """Load UNet, VAE, text encoder, tokenizer and a DDIM scheduler for ``kind`` from ``source``.
+    """Load UNet, VAE, text encoder, tokenizer and the noise schedule for ``kind`` from ``source``.
 
     ``offline`` defaults to whether ``HF_HUB_OFFLINE`` is set; it only matters for hub ids (as
     ``source`` or ``config``). ``config`` is used only when ``source`` is a checkpoint file.
@@ -197,7 +202,7 @@ def _from_pretrained(field: str, ref: str, kind: str, local_only: bool, dtype: t
         vae = AutoencoderKL.from_pretrained(ref, subfolder="vae", torch_dtype=dtype, local_files_only=local_only)
         text_encoder = CLIPTextModel.from_pretrained(ref, subfolder="text_encoder", local_files_only=local_only)
         tokenizer = CLIPTokenizer.from_pretrained(ref, subfolder="tokenizer", local_files_only=local_only)
-        scheduler = _ddim(ref, local_only)
+        scheduler = _scheduler(ref, local_only)
     except (OSError, ValueError) as err:
         if is_hub:
             raise _hub_failure(field, ref, local_only, err) from None
@@ -205,11 +210,10 @@ def _from_pretrained(field: str, ref: str, kind: str, local_only: bool, dtype: t
     return unet, vae, text_encoder.eval(), tokenizer, scheduler
 
 
-def _ddim(ref: str, local_only: bool) -> DDIMScheduler:
-    """DDIM with the source's schedule; keys of other scheduler classes (PNDM's ``skip_prk_steps``) are dropped."""
-    raw = DDIMScheduler.load_config(ref, subfolder="scheduler", local_files_only=local_only)
-    accepted = inspect.signature(DDIMScheduler.__init__).parameters
-    return DDIMScheduler.from_config({key: value for key, value in raw.items() if key in accepted})
+def _scheduler(ref: str, local_only: bool) -> SchedulerMixin:
+    """The source's schedule, whatever class its config names, as the default scheduler."""
+    raw = scheduler_class(DEFAULT_SCHEDULER).load_config(ref, subfolder="scheduler", local_files_only=local_only)
+    return build_scheduler(DEFAULT_SCHEDULER, raw)
 
 
 def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
@@ -274,7 +278,7 @@ def _from_single_file(path: Path, kind: str, config, offline: bool, dtype: torch
     try:
         unet_config = UNet2DConditionModel.load_config(ref, subfolder="unet", local_files_only=local_only)
         tokenizer = CLIPTokenizer.from_pretrained(ref, subfolder="tokenizer", local_files_only=local_only)
-        scheduler = _ddim(ref, local_only)
+        scheduler = _scheduler(ref, local_only)
         text_config = CLIPTextConfig.from_pretrained(ref, subfolder="text_encoder", local_files_only=local_only)
     except (OSError, ValueError) as err:
         if where == "hub" and config is None:

@@ -2,7 +2,7 @@
 
 The real SD 2 models take gigabytes and a download; these take a few megabytes and no network.
 They keep SD 2's *structure* (four UNet levels with cross attention on the first three, a
-factor-8 VAE with 4 latent channels, a CLIP text encoder, SD 2's epsilon DDIM schedule), so code
+factor-8 VAE with 4 latent channels, a CLIP text encoder, SD 2's epsilon noise schedule), so code
 that hooks into specific blocks, counts levels or computes latent sizes behaves as it would with
 the real weights. Their outputs are noise. Every builder is deterministic for a given seed and
 leaves the caller's global random state untouched.
@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, SchedulerMixin, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from ..sampling_options import DEFAULT_SCHEDULER
 from ..validation import InputError
 from .loading import KIND_IN_CHANNELS
+from .schedulers import build_scheduler
 from .weights import save_added_weights
 
 TEXT_HIDDEN = 32
@@ -131,9 +133,9 @@ def tiny_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=MAX_TOKENS)
 
 
-def tiny_scheduler() -> DDIMScheduler:
-    """DDIM with SD 2's training schedule, the sampler MVDiffusion uses."""
-    return DDIMScheduler(**SD2_SCHEDULER)
+def tiny_scheduler() -> SchedulerMixin:
+    """SD 2's training schedule in the default scheduler's class (what SD 2's own folders carry)."""
+    return build_scheduler(DEFAULT_SCHEDULER, SD2_SCHEDULER)
 
 
 def tiny_pipeline(kind: str, seed: int = 0):
@@ -194,8 +196,9 @@ def tiny_multiview(kind: str, unet: UNet2DConditionModel | None = None, seed: in
     from .mv_unet import MultiViewUNet
 
     unet = unet if unet is not None else tiny_unet(kind, seed)
-    model = MultiViewUNet(unet, TASK_OF_KIND[kind], with_condition=kind == "depth")
     with _seeded(seed + 1), torch.no_grad():
+        # Built inside the seeded block too: the added blocks' own initialisation draws random numbers.
+        model = MultiViewUNet(unet, TASK_OF_KIND[kind], with_condition=kind == "depth")
         for module in model.added_modules().values():
             for param in module.parameters():
                 param.add_(torch.randn_like(param) * 0.02)

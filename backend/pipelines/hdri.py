@@ -68,7 +68,7 @@ def make_panorama(job: PanoramaJob, sampler: MultiViewSampler, ctx: JobContext) 
         raise InputError("view_size", f"must be a multiple of {factor}, got {view_size}")
     cameras = panorama_layout(view_size, ring_views=RING_VIEWS, pole_views=True)
     prompts = layout_prompts(settings.prompts, len(cameras))
-    sampling = SamplingSettings(settings.steps, settings.guidance_scale, settings.negative_prompt, settings.seed)
+    sampling = SamplingSettings.of(settings)
 
     def on_step(info: StepInfo) -> None:
         ctx.progress("views", info.step, info.total)
@@ -144,6 +144,7 @@ def panorama_report(job: PanoramaJob, panorama: Panorama, seconds: dict[str, flo
             "knee": DEFAULT_KNEE,
         },
         "seed": settings.seed,
+        "scheduler": settings.scheduler,
         "steps": settings.steps,
         "guidance_scale": settings.guidance_scale,
         "prompts": list(settings.prompts),

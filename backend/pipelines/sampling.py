@@ -3,6 +3,10 @@
 All views of a job and both guidance halves go through the UNet in one batch (unconditional
 views first, then the text-conditioned ones, each half with its views consecutive), so CAA
 mixes views within a half and never across them, as in the released code.
+
+The loop steps whichever scheduler the settings name (``backend/sampling_options.py``): a new
+instance per run, built from the model's training schedule, since one sampler serves every job
+of a process and multistep schedulers keep state between steps.
 """
 
 from __future__ import annotations
@@ -13,9 +17,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler
+from diffusers import AutoencoderKL, SchedulerMixin
 
 from ..models.mv_unet import MultiViewUNet
+from ..models.schedulers import build_scheduler, clean_estimate, step
+from ..sampling_options import DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, scheduler_name
 from ..validation import InputError, in_range, positive_int
 
 
@@ -39,18 +45,26 @@ ProgressCallback = Callable[[StepInfo], None]
 
 @dataclass
 class SamplingSettings:
-    """Sampling defaults of the released MVDiffusion: DDIM, 50 steps, guidance 9."""
+    """One run's sampling options; the defaults (``backend/sampling_options.py``) are the released MVDiffusion's."""
 
-    steps: int = 50
-    guidance_scale: float = 9.0
+    steps: int = DEFAULT_STEPS
+    guidance_scale: float = DEFAULT_GUIDANCE
     negative_prompt: str = ""
     seed: int = 0
+    scheduler: str = DEFAULT_SCHEDULER  # a name of backend.sampling_options.SCHEDULERS
+
+    @classmethod
+    def of(cls, settings) -> SamplingSettings:
+        """The sampling part of a job's ``GenerationSettings`` (``backend/protocol.py``)."""
+        return cls(settings.steps, settings.guidance_scale, settings.negative_prompt, settings.seed,
+                   settings.scheduler)
 
     def validated(self) -> SamplingSettings:
         positive_int("steps", self.steps)
         in_range("guidance_scale", self.guidance_scale, 0.0, 100.0)
         if not isinstance(self.seed, int):
             raise InputError("seed", f"must be an integer, got {self.seed!r}")
+        scheduler_name("scheduler", self.scheduler)
         return self
 
 
@@ -65,12 +79,16 @@ def view_prompts(prompts: str | Sequence[str], views: int) -> list[str]:
 
 
 class MultiViewSampler:
-    """Text encoding, the guided DDIM loop over all views, and decoding; no task specifics."""
+    """Text encoding, the guided denoising loop over all views, and decoding; no task specifics.
+
+    ``scheduler`` (any diffusers scheduler) gives only the model's training schedule, its config;
+    every run builds the scheduler its settings name from that config and steps it alone.
+    """
 
     def __init__(self, model: MultiViewUNet, vae: AutoencoderKL, text_encoder, tokenizer, scheduler):
         self.model, self.vae = model, vae
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
-        self.scheduler = DDIMScheduler.from_config(scheduler.config)
+        self.schedule = scheduler.config  # a FrozenDict: read by every run, changed by none
         # Both guidance halves in one UNet call is fastest; one call per half halves the peak
         # memory of a step (the halves never exchange anything, so results are the same).
         self.split_guidance = False
@@ -97,6 +115,10 @@ class MultiViewSampler:
             raise InputError("cameras", f"all views must share one size, a multiple of {factor} pixels")
         return width, height
 
+    def new_scheduler(self, name: str = DEFAULT_SCHEDULER) -> SchedulerMixin:
+        """A fresh scheduler ``name`` on the model's training schedule, for one run only."""
+        return build_scheduler(name, self.schedule)
+
     def on_device(self, geometry: dict | None) -> dict | None:
         if geometry is None:
             return None
@@ -115,7 +137,7 @@ class MultiViewSampler:
         progress: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
     ) -> tuple[np.ndarray, torch.Tensor]:
-        """Noise (from the seed unless given) -> guided denoising -> float images (V, H, W, 3)."""
+        """Noise (from the seed unless given; unit variance) -> guided denoising -> float images (V, H, W, 3)."""
         width, height = size
         if latents is None:
             latents = self.initial_noise(len(prompts), height, width, settings.seed)
@@ -133,12 +155,15 @@ class MultiViewSampler:
         return self.text_encoder(ids)[0].to(self.dtype)
 
     def initial_noise(self, views: int, height: int, width: int, seed: int) -> torch.Tensor:
-        """Independent Gaussian noise per view from one seed, the same on every device."""
+        """Independent unit Gaussian noise per view from one seed, the same on every device.
+
+        The loop scales it by its scheduler's ``init_noise_sigma`` (1 for DDIM, DPM-Solver and UniPC).
+        """
         generator = torch.Generator("cpu").manual_seed(seed)
         channels = self.vae.config.latent_channels
         noise = torch.randn(views, channels, height // self.latent_factor, width // self.latent_factor,
                             generator=generator)
-        return noise.to(self.device, self.dtype) * self.scheduler.init_noise_sigma
+        return noise.to(self.device, self.dtype)
 
     @torch.no_grad()
     def denoise(
@@ -153,22 +178,26 @@ class MultiViewSampler:
         cancel: threading.Event | None = None,
         condition: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Run the guided loop; ``extra_channels`` (V, k, h, w) are appended to every UNet input.
+        """Run the guided loop from unit-variance ``latents``; ``extra_channels`` (V, k, h, w) are
+        appended to every UNet input.
 
         ``condition`` (V, 5, h, w) feeds the interpolation module's condition branch, the same for
-        both guidance halves.
+        both guidance halves. The scheduler is ``settings.scheduler``, new for this run.
         """
+        settings.validated()
         guided = settings.guidance_scale > 1.0
         embeds = torch.cat([negative_embeds, prompt_embeds]) if guided else prompt_embeds
         if extra_channels is not None:
             extra_channels = torch.cat([extra_channels] * 2) if guided else extra_channels
-        self.scheduler.set_timesteps(settings.steps, device=self.device)
-        timesteps = self.scheduler.timesteps
+        scheduler = self.new_scheduler(settings.scheduler)
+        scheduler.set_timesteps(settings.steps, device=self.device)
+        timesteps = scheduler.timesteps
+        latents = latents * scheduler.init_noise_sigma
         for index, t in enumerate(timesteps):
             if cancel is not None and cancel.is_set():
                 raise Cancelled(f"cancelled before step {index + 1} of {len(timesteps)}")
-            model_input = torch.cat([latents] * 2) if guided else latents
-            model_input = self.scheduler.scale_model_input(model_input, t)
+            scaled = scheduler.scale_model_input(latents, t)
+            model_input = torch.cat([scaled] * 2) if guided else scaled
             if extra_channels is not None:
                 model_input = torch.cat([model_input, extra_channels], dim=1)
             if guided and self.split_guidance:
@@ -179,10 +208,10 @@ class MultiViewSampler:
             if guided:
                 uncond, text = noise.chunk(2)
                 noise = uncond + settings.guidance_scale * (text - uncond)
-            output = self.scheduler.step(noise, t, latents, eta=0.0)
-            latents = output.prev_sample
+            latents = step(scheduler, noise, t, latents)
             if progress is not None:
-                progress(StepInfo(index + 1, len(timesteps), int(t), latents, output.pred_original_sample))
+                predicted = clean_estimate(scheduler, noise, t, scaled)
+                progress(StepInfo(index + 1, len(timesteps), int(t), latents, predicted))
         return latents
 
     @torch.no_grad()

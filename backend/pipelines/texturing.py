@@ -60,11 +60,18 @@ def run_texture_job(job: TextureJob, models: ModelSet, ctx: JobContext) -> dict[
     sampler = models.sampler("depth")
     sampler.check_views(job.cameras)  # sizes the UNet's levels can halve down to its innermost
     # Each memory level trades speed for memory: guidance halves in separate UNet calls, and
-    # interpolation batches half as long (fewer views attend to each other at once).
-    sampler.split_guidance = ctx.memory_level >= 1
+    # interpolation batches half as long (fewer views attend to each other at once). The sampler
+    # is shared between jobs, so its memory setting is put back afterwards.
+    split, sampler.split_guidance = sampler.split_guidance, ctx.memory_level >= 1
+    try:
+        return _run(job, sampler, ctx)
+    finally:
+        sampler.split_guidance = split
+
+
+def _run(job: TextureJob, sampler: MultiViewSampler, ctx: JobContext) -> dict[str, Any]:
     max_in_between = max(1, MAX_IN_BETWEEN >> ctx.memory_level)
-    settings = SamplingSettings(job.settings.steps, job.settings.guidance_scale, job.settings.negative_prompt,
-                                job.settings.seed)
+    settings = SamplingSettings.of(job.settings)
     prompts = _prompts(job)
 
     with ctx.stage("keyframe_selection"):
@@ -224,6 +231,10 @@ def _report(job: TextureJob, ctx: JobContext, generated: Generated, unwrapped: b
         "texture_bits": int(job.texture_bits),
         "unwrapped": bool(unwrapped),
         "memory_level": int(ctx.memory_level),
+        "scheduler": job.settings.scheduler,
+        "steps": int(job.settings.steps),
+        "guidance_scale": float(job.settings.guidance_scale),
+        "seed": int(job.settings.seed),
         "coverage": round(coverage, 5),
         "seconds": {stage: round(seconds, 3) for stage, seconds in ctx.seconds.items()},
         **consistency,

@@ -25,11 +25,12 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from ..sampling_options import DEFAULT_SCHEDULER, SCHEDULERS, scheduler_name
 from ..validation import InputError
 from .config import TrainConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "recipes" / "tiny_depth.json"
-DEFAULT_STEPS = 50
+DEFAULT_STEPS = SCHEDULERS[DEFAULT_SCHEDULER].steps
 DEFAULT_GUIDANCE = 3.0
 
 
@@ -58,6 +59,7 @@ def run_consistency_benchmark(
     steps: int = DEFAULT_STEPS,
     guidance: float = DEFAULT_GUIDANCE,
     seed: int = 0,
+    scheduler: str = DEFAULT_SCHEDULER,
     progress: bool = False,
     sheet: bool = True,
 ) -> dict:
@@ -65,7 +67,9 @@ def run_consistency_benchmark(
 
     Without ``run_dir`` a temporary folder holds the run and is deleted afterwards. ``config``
     defaults to the tiny recipe when training and to the run's own ``config.json`` otherwise.
+    ``scheduler`` names the sampler of ``backend.sampling_options.SCHEDULERS`` the views are made with.
     """
+    scheduler_name("scheduler", scheduler)  # before a training run, not after it
     import torch
 
     from ..engine import ModelConfig, ModelSet
@@ -105,7 +109,7 @@ def run_consistency_benchmark(
         for k in range(count):
             sample = heldout[k]
             cameras, depths = sample.cameras, list(sample.depths)
-            settings = SamplingSettings(steps=steps, guidance_scale=guidance, seed=seed + k)
+            settings = SamplingSettings(steps=steps, guidance_scale=guidance, seed=seed + k, scheduler=scheduler)
             joint = pipeline(sample.prompts, cameras, depths, settings)
             alone = pipeline(sample.prompts, cameras, depths, settings, neighbours=[[] for _ in cameras])
             generated.truth.append(sample.images)
@@ -138,7 +142,7 @@ def run_consistency_benchmark(
             "stage_seconds": stage_seconds,
             "trained_here": train,
             "generate_seconds": round(generate_seconds, 2),
-            "sampling": {"steps": steps, "guidance": guidance, "seed": seed, "scheduler": "DDIM"},
+            "sampling": {"steps": steps, "guidance": guidance, "seed": seed, "scheduler": scheduler},
             "autoencoder_psnr_heldout_db": state.metrics.get("autoencoder_psnr_heldout"),
             "final_losses": {k: v for k, v in state.metrics.items() if k.endswith("_loss")},
             "device": device,

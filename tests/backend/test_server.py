@@ -136,8 +136,11 @@ def _oversized_npz() -> bytes:
         (lambda: pack_arrays({}, {"api_version": 99, "kind": "panorama"}), 422, "api_version"),
         (lambda: depth_with_nan(texture_job()).to_bytes(), 422, "depths[0]"),
         (_oversized_npz, 422, "body"),
+        (lambda: pack_arrays({}, {"api_version": 1, "kind": "panorama",
+                                  "settings": {"prompts": ["sky"], "scheduler": "euler"}}), 422, "scheduler"),
     ],
-    ids=["garbage", "empty", "pickle", "missing-settings", "wrong-version", "nan-depth", "zip-bomb"],
+    ids=["garbage", "empty", "pickle", "missing-settings", "wrong-version", "nan-depth", "zip-bomb",
+         "unknown-scheduler"],
 )
 def test_bad_bodies_are_refused_naming_the_field_and_store_nothing(backend, body, status, field):
     before = tree_listing(backend.store.parent)

@@ -215,6 +215,7 @@ def test_memory_level_2_splits_guidance_and_shortens_windows(models, scene, tmp_
     ctx.on_progress = lambda *event: (recorder.progress.append(event), split.append(sampler.split_guidance))
     report = run_texture_job(make_job(scene), models, ctx)
     assert all(split)
+    assert sampler.split_guidance is False  # the shared sampler is put back for the next job
     # At most 10 >> 2 = 2 in-between frames per batch: [1, 2], [3] and [5, 6].
     totals = {total for stage, _, total in recorder.progress if stage == "interpolation"}
     assert totals == {3 * STEPS}

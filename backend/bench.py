@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], dict]] = {}
+DEFAULT_VIEW_SIZE = (256, 192)
 
 
 def benchmark(name: str):
@@ -119,11 +120,33 @@ def bench_unet(args: argparse.Namespace) -> dict:
     from .models.benchmark import SD2_CHANNELS, run_unet_benchmark
 
     channels = SD2_CHANNELS if args.channels == "sd2" else tuple(int(c) for c in args.channels.split(","))
-    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
+    dtype = getattr(torch, args.dtype)
     scaling = tuple(int(v) for v in args.scaling.split(",")) if args.scaling else ()
+    size = (args.width, args.height) if args.size_given else None
     result = run_unet_benchmark(
-        args.task, args.views or 8, channels, args.neighbours, args.repeats, args.device, dtype, scaling
+        args.task, args.views or 8, channels, args.neighbours, args.repeats, args.device, dtype, scaling, size
     )
+    result["machine"] = machine()
+    return result
+
+
+@benchmark("caa")
+def bench_caa(args: argparse.Namespace) -> dict:
+    """One CAA block of each released design at each SD 2 level, ours against the literal per-token form."""
+    from .models.caa_bench import run_caa_benchmark
+
+    dtype = getattr(torch, args.dtype)
+    result = run_caa_benchmark(repeats=args.repeats, threads=args.threads, device=args.device, dtype=dtype)
+    result["machine"] = machine()
+    return result
+
+
+@benchmark("precision")
+def bench_precision(args: argparse.Namespace) -> dict:
+    """The CAA block in float32, float16 and bfloat16 against float64, and a plain attention's floor."""
+    from .models.caa_bench import run_precision_benchmark
+
+    result = run_precision_benchmark(device=args.device)
     result["machine"] = machine()
     return result
 
@@ -164,15 +187,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--views", type=int, default=None, help="number of views (bake: 24, unet: 8, job: 12 frames)")
     parser.add_argument("--heldout", type=int, default=8,
                         help="held-out poses for PSNR (bake), held-out trajectories (consistency)")
-    parser.add_argument("--width", type=int, default=256, help="view width in pixels")
-    parser.add_argument("--height", type=int, default=192, help="view height in pixels")
+    parser.add_argument("--width", type=int, default=None,
+                        help="view width in pixels (default 256; unet: the task's released size, 512 or 256)")
+    parser.add_argument("--height", type=int, default=None,
+                        help="view height in pixels (default 192; unet: the task's released size, 512 or 192)")
     parser.add_argument("--mode", choices=("blend", "best"), default="blend", help="bake blending (bake)")
     parser.add_argument("--channels", default="64,128,256,256", help="UNet block channels, or 'sd2' (unet)")
     parser.add_argument("--neighbours", type=int, default=4, help="CAA neighbours per view (unet, depth task)")
     parser.add_argument("--task", choices=("panorama", "depth"), default="panorama", help="CAA design (unet)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed pairs of steps (unet)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (unet)")
-    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="(unet)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds, interleaved (unet, caa)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (caa)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device (unet, caa, precision)")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                        help="working dtype (unet, caa)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (job: 10, consistency: 50)")
     parser.add_argument("--guidance", type=float, default=None, help="guidance scale (consistency: 3)")
     parser.add_argument("--config", help="training recipe (consistency; default backend/train/recipes/tiny_depth.json)")
@@ -182,9 +210,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # --width/--height default to the ScanNet-like view; ``unet`` takes each task's own size instead.
+    args.size_given = args.width is not None or args.height is not None
+    args.width = DEFAULT_VIEW_SIZE[0] if args.width is None else args.width
+    args.height = DEFAULT_VIEW_SIZE[1] if args.height is None else args.height
     result = BENCHMARKS[args.name](args)
     for key, value in result.items():
-        if key != "machine":
+        if key not in ("machine", "cases"):
             print(f"{key:>20}: {value}", file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps(result))

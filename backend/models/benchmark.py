@@ -1,12 +1,14 @@
 """Speed and memory of one multi-view UNet step with and without CAA (``bench unet``).
 
 The step is the one a pipeline runs: all views and both classifier-free guidance halves in one
-batch, at the ScanNet-like 192 x 256 image size (latents 24 x 32). Two tasks:
+batch, at the image size each released design runs at (:data:`TASK_IMAGE_SIZE`). Two tasks:
 
-* ``panorama``: 8 views 45 degrees apart, each attending to 3 x 3 neighbourhoods in its two ring
-  neighbours (18 key tokens per pixel, the released panorama design).
-* ``depth``: views along the demo room's loop, each attending to its best-overlapping
-  neighbours, every CAA block followed by the depth task's zero-initialised ResNet.
+* ``panorama``: views of the 8-view ring, 45 degrees apart at 512 x 512 (latents 64 x 64), each
+  attending to 3 x 3 neighbourhoods in its ring neighbours (18 key tokens per pixel, the released
+  panorama design). Fewer views are the first views of that ring, so each keeps its overlaps.
+* ``depth``: views along the demo room's loop at 192 x 256 (latents 24 x 32), each attending to
+  its best-overlapping neighbours, every CAA block followed by the depth task's
+  zero-initialised ResNet.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ from .mv_unet import MultiViewUNet
 
 SMALL_CHANNELS = (64, 128, 256, 256)
 SD2_CHANNELS = (320, 640, 1280, 1280)
+TASK_IMAGE_SIZE = {"panorama": (512, 512), "depth": (256, 192)}
+"""(width, height) of the views each released design generates: MVDiffusion's panorama and ScanNet sizes."""
+PANORAMA_RING = 8
 
 
 def sd2_structured_unet(channels: tuple[int, ...], in_channels: int = 5, cross_dim: int | None = None):
@@ -51,6 +56,7 @@ def trajectory_neighbours(count: int, neighbours: int, width: int = 256, height:
     room = build_demo_room()
     cameras = trajectory(max(count, 24), width=width, height=height)[:count]
     depths = [render_depth(room.mesh, camera) for camera in cameras]
+    neighbours = min(neighbours, count - 1)
     if count <= 24:
         overlap = overlap_matrix(cameras, depths, stride=8)
         np.fill_diagonal(overlap, -1.0)
@@ -70,6 +76,17 @@ def ring_cameras(count: int, width: int = 256, height: int = 192) -> list[Camera
         pose[:3, :3] = yaw_pitch_rotation(360.0 / count * k, 0.0)
         cameras.append(Camera.from_fov(90.0, width, height, pose))
     return cameras
+
+
+def ring_views(count: int, width: int, height: int) -> tuple[list[Camera], list[list[int]]]:
+    """The first ``count`` views of the 8-view ring and their ring neighbours among them.
+
+    All eight have two neighbours; with fewer, the two ends of the arc have one.
+    """
+    ring = max(PANORAMA_RING, count)
+    cameras = ring_cameras(ring, width, height)[:count]
+    graph = [[j for j in ((i - 1) % ring, (i + 1) % ring) if j < count and j != i] for i in range(count)]
+    return cameras, [sorted(set(row), key=row.index) for row in graph]
 
 
 def peak_memory_mb(fn, device: torch.device) -> float:
@@ -147,28 +164,30 @@ def run_unet_benchmark(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     scaling: tuple[int, ...] = (),
+    image_size: tuple[int, int] | None = None,
 ) -> dict:
     torch.manual_seed(0)
     dev = torch.device(device)
     in_channels = 4 if task == "panorama" else 5
+    width, height = image_size or TASK_IMAGE_SIZE[task]
     unet = sd2_structured_unet(channels, in_channels).to(dev)
     model = MultiViewUNet(unet, task).to(dev, dtype)  # casts the wrapped UNet too
     cross_dim = unet.config.cross_attention_dim
 
     def batch(count: int):
         if task == "panorama":
-            cameras = ring_cameras(count)
-            graph = [[(i - 1) % count, (i + 1) % count] for i in range(count)]
+            cameras, graph = ring_views(count, width, height)
             geometry = panorama_geometry(cameras, graph)
         else:
-            cameras, depths, graph = trajectory_neighbours(count, neighbours)
+            cameras, depths, graph = trajectory_neighbours(count, neighbours, width, height)
             geometry = depth_geometry(cameras, depths, graph)
         geometry = {k: v.to(dev, dtype) for k, v in geometry.items()}
-        sample = torch.randn(2 * count, in_channels, 24, 32, device=dev, dtype=dtype)  # both guidance halves
+        latent = (height // 8, width // 8)
+        sample = torch.randn(2 * count, in_channels, *latent, device=dev, dtype=dtype)  # both guidance halves
         text = torch.randn(2 * count, 77, cross_dim, device=dev, dtype=dtype)
-        return sample, text, geometry
+        return sample, text, geometry, graph
 
-    sample, text, geometry = batch(views)
+    sample, text, geometry, graph = batch(views)
     with torch.no_grad():
         plain_out = model(sample, 500, text)
         caa_out = model(sample, 500, text, geometry)
@@ -184,18 +203,18 @@ def run_unet_benchmark(
         "zero_caa_max_abs_diff": zero_diff,
         "views": views,
         "batch": 2 * views,
-        "neighbours": 2 if task == "panorama" else neighbours,
+        "neighbours": max(len(row) for row in graph),
         "key_tokens": int(next(iter(geometry.values())).num_tokens),
         # Tokens left per pixel once those without a valid correspondence are dropped (largest level).
         "key_tokens_attended": int(next(iter(geometry.values())).key_tokens(drop_invalid=True).count),
-        "config": {"channels": list(channels), "latent": [24, 32], "task": task, "cfg": True,
+        "config": {"channels": list(channels), "latent": [height // 8, width // 8], "task": task, "cfg": True,
                    "dtype": str(dtype).replace("torch.", ""), "device": device},
         "caa_parameters_m": round(sum(p.numel() for p in model.added_state_dict().values()) / 1e6, 2),
     }
     if scaling:
         rows = []
         for count in scaling:
-            sample, text, geometry = batch(count)
+            sample, text, geometry, _ = batch(count)
             geometry_mb = sum(
                 t.numel() * t.element_size() for g in geometry.values()
                 for t in (g.source_view, g.grid, g.valid, g.encoding_input)

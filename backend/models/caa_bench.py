@@ -85,32 +85,43 @@ def random_block(design: str, dim: int, seed: int = 0, released: bool = True) ->
     return block.eval()
 
 
-def _interleaved(calls: list[Callable[[], object]], repeats: int) -> list[float]:
+def _interleaved(calls: list[Callable[[], object]], repeats: int, device: torch.device) -> list[float]:
     """Median seconds of each call, the calls taking turns so machine noise hits them alike."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     timings = [[] for _ in calls]
     with torch.no_grad():
         for call in calls:
             call()
         for _ in range(repeats):
             for k, call in enumerate(calls):
+                sync()
                 start = time.perf_counter()
                 call()
+                sync()
                 timings[k].append(time.perf_counter() - start)
     return [statistics.median(t) for t in timings]
 
 
-def _plan_label(block: CAABlock, level: LevelGeometry | ViewGroups, batch: int) -> str:
+def _plan_label(block: CAABlock, level: LevelGeometry | ViewGroups, dtype: torch.dtype, device) -> str:
+    """The forms the cost model picks for the level's groups (queries per sample: the block's chunks run per sample)."""
     forms = set()
     for _, part in level.groups():
         tokens = part.key_tokens(drop_invalid=block.attention.mask_invalid).count
-        plan = plan_attention(batch * part.num_views * part.height * part.width, tokens,
-                              block.attention.dim, block.attention.heads, torch.float32, "cpu")
+        plan = plan_attention(part.num_views * part.height * part.width, tokens,
+                              block.attention.dim, block.attention.heads, dtype, device)
         forms.add(plan.form + ("/fused" if plan.fused else ""))
     return "+".join(sorted(forms))
 
 
-def run_caa_benchmark(repeats: int = 5, designs: tuple[str, ...] = DESIGNS, threads: int = 1) -> dict:
+def run_caa_benchmark(
+    repeats: int = 5, designs: tuple[str, ...] = DESIGNS, threads: int = 1, device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> dict:
     """``bench caa``: each design's block at each SD 2 level, ours against the literal form, interleaved."""
+    dev = torch.device(device)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -118,21 +129,22 @@ def run_caa_benchmark(repeats: int = 5, designs: tuple[str, ...] = DESIGNS, thre
         for design in designs:
             scene = design_scene(design)
             for level, dim in zip(scene.levels, SD2_CHANNELS, strict=True):
-                block = random_block(design, dim, seed=dim)
+                block = random_block(design, dim, seed=dim).to(dev, dtype)
+                level = level.to(dev, dtype)
                 hidden = torch.randn(2 * scene.views, dim, level.height, level.width,
-                                     generator=torch.Generator().manual_seed(1))
+                                     generator=torch.Generator().manual_seed(1)).to(dev, dtype)
                 with torch.no_grad():
                     ours_out = block(hidden, level)
                     literal_out = literal_block(block, hidden, level)
                 calls = [partial(block, hidden, level), partial(literal_block, block, hidden, level)]
-                ours, literal = _interleaved(calls, repeats)
+                ours, literal = _interleaved(calls, repeats, dev)
                 rows.append({
                     "design": design,
                     "channels": dim,
                     "latent": [level.height, level.width],
                     "views": scene.views,
                     "groups": len(level.groups()),
-                    "form": _plan_label(block, level, 2),
+                    "form": _plan_label(block, level, dtype, dev),
                     "ours_s": round(ours, 4),
                     "released_form_s": round(literal, 4),
                     "ratio": round(ours / literal, 4),
@@ -146,6 +158,8 @@ def run_caa_benchmark(repeats: int = 5, designs: tuple[str, ...] = DESIGNS, thre
         "worst_ratio": max(row["ratio"] for row in rows),
         "threads": threads,
         "repeats": repeats,
+        "device": device,
+        "dtype": str(dtype).replace("torch.", ""),
     }
 
 
@@ -173,22 +187,24 @@ def _precision_geometry(design: str, size: int = 8, seed: int = 0) -> LevelGeome
 
 
 def _floor(
-    attention: CorrespondenceAttention, hidden64: torch.Tensor, level: LevelGeometry, dtype, update_only: bool
+    attention: CorrespondenceAttention, hidden64: torch.Tensor, level: LevelGeometry, dtype, update_only: bool,
+    device: str = "cpu",
 ) -> torch.Tensor:
     """A plain attention in ``dtype`` on the same inputs: exact tokens rounded to ``dtype``, then
-    LayerNorm, projections, ``scaled_dot_product_attention`` and feed-forward in ``dtype``."""
+    LayerNorm, projections, ``scaled_dot_product_attention`` and feed-forward in ``dtype`` on ``device``."""
     views, channels, height, width = level.num_views, *hidden64.shape[1:]
     features = hidden64.view(-1, views, channels, height, width)
     zeros = level.encoding_input.new_zeros(height * width, 1, level.encoding_input.shape[-1])
-    query_encoding = attention.encoding(zeros)[:, 0].to(dtype)
-    low = _cast(attention, dtype)
+    query_encoding = attention.encoding(zeros)[:, 0].to(device, dtype)
+    low = _cast(attention, dtype).to(device)
     out = torch.empty_like(features, dtype=dtype)
     for view in range(views):
         keys, valid = view_tokens(attention, features, level, view)
         b = keys.shape[0]
-        x = features[:, view].reshape(b, channels, -1).transpose(1, 2).reshape(-1, channels).to(dtype)
-        y = literal_transformer(low, x, keys.reshape(-1, *keys.shape[2:]).to(dtype), valid.repeat(b, 1),
-                                query_encoding.repeat(b, 1), fused=True, update_only=update_only)
+        x = features[:, view].reshape(b, channels, -1).transpose(1, 2).reshape(-1, channels).to(device, dtype)
+        keys = keys.reshape(-1, *keys.shape[2:]).to(device, dtype)
+        y = literal_transformer(low, x, keys, valid.repeat(b, 1).to(device), query_encoding.repeat(b, 1),
+                                fused=True, update_only=update_only).cpu()
         out[:, view] = y.view(b, -1, channels).transpose(1, 2).reshape(b, channels, height, width)
     return out.view_as(hidden64)
 
@@ -211,7 +227,7 @@ def common_inputs(hidden: torch.Tensor) -> torch.Tensor:
 
 def run_precision_benchmark(
     dims: tuple[int, ...] = (320, 1280), key_rms: tuple[float, ...] = KEY_RMS, designs: tuple[str, ...] = DESIGNS,
-    dtypes: tuple[torch.dtype, ...] = PRECISION_DTYPES, size: int = 8,
+    dtypes: tuple[torch.dtype, ...] = PRECISION_DTYPES, size: int = 8, device: str = "cpu",
 ) -> dict:
     """``bench precision``: our block in each dtype and a plain attention in it, against float64.
 
@@ -239,13 +255,14 @@ def run_precision_benchmark(
                 change64 = literal_attention(block, hidden, level64) - hidden
             for dtype in dtypes:
                 with torch.no_grad():
-                    low = _cast(block, dtype)
-                    level = level64.to("cpu", dtype)
-                    _, update = low.attention_update(hidden.to(dtype), level)
-                    update = update.transpose(2, 3).reshape(hidden.shape)
-                    change = low(hidden.to(dtype), level).double() - hidden
-                    floor_update = _floor(block, hidden, level64, dtype, update_only=True)
-                    floor_change = _floor(block, hidden, level64, dtype, update_only=False).double() - hidden
+                    low = _cast(block, dtype).to(device)
+                    level = level64.to(device, dtype)
+                    inputs = hidden.to(device, dtype)
+                    _, update = low.attention_update(inputs, level)
+                    update = update.transpose(2, 3).reshape(hidden.shape).cpu()
+                    change = low(inputs, level).double().cpu() - hidden
+                    floor_update = _floor(block, hidden, level64, dtype, True, device)
+                    floor_change = _floor(block, hidden, level64, dtype, False, device).double() - hidden
                 finite &= bool(torch.isfinite(update).all() and torch.isfinite(change).all())
                 for k, rms in enumerate(key_rms):
                     part = slice(2 * views * k, 2 * views * (k + 1))

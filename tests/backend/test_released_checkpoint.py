@@ -387,48 +387,62 @@ def test_depth_query_encoding_alternates_per_pixel():
     assert torch.equal(encoding(torch.zeros(1)), torch.zeros(64))  # a lone query: the even-pixel vector
 
 
-def released_depth_block(block, hidden, geometry, sources):
-    """The released depth CAA for one sample, view by view: keys (P, T, C), query encoding of (P, 1, 1) zeros."""
+def released_block(block, hidden, geometry, sources, samples: int = 1):
+    """The released CAA for one sample, view by view: keys (P, T, C) slot-major, query encoding of (P, 1, E) zeros."""
     views, dim, height, width = hidden.shape
     pixels = height * width
     frequencies = block.encoding.freq_bands
+    inputs = geometry.encoding_input.shape[-1]
     out = hidden.clone()
     for view in range(views):
-        samples = [
+        reads = [
             torch.nn.functional.grid_sample(hidden[source][None], geometry.grid[view, slot][None], align_corners=False)
             for slot, source in enumerate(sources[view])
         ]
-        keys = torch.stack([s[0, :, :, 0].T for s in samples], dim=1)  # (P, T, C)
+        keys = torch.cat([r[0].permute(1, 2, 0) for r in reads], dim=1)  # (P, T, C), T = slots x samples
+        assert keys.shape[1] == len(sources[view]) * samples
         x = hidden[view].reshape(dim, pixels).T[:, None]  # (P, 1, C)
         key_encoding = released_pos_embedding(geometry.encoding_input[view], frequencies)
-        query_encoding = released_pos_embedding(torch.zeros(pixels, 1, 1).double(), frequencies)
+        query_encoding = released_pos_embedding(torch.zeros(pixels, 1, inputs).double(), frequencies)
         x = released_attention(block, x, keys, geometry.valid[view], key_encoding, query_encoding)
         out[view] = x[:, 0].T.reshape(dim, height, width)
     return out
 
 
-def test_caa_with_released_depth_encoding_matches_the_released_block():
-    """An odd token count makes the pairs cross pixels; odd pixels' all-one query encodings vanish in norm1."""
+@pytest.mark.parametrize("design", ["depth", "panorama"])
+@pytest.mark.parametrize("dim", [64, 320, 1280])
+def test_fast_and_literal_blocks_match_the_released_block(design, dim):
+    """The released head split (dim // 32 heads of 32) at SD 2's widths, zero-vector keys, released encodings.
+
+    Depth: an odd token count makes the pairs cross pixels; odd pixels' all-one query encodings
+    vanish in norm1. The literal form that ``bench caa`` times against must be this block too.
+    """
     from backend.models.caa import CorrespondenceAttention
+    from backend.models.literal_caa import literal_attention
 
     torch.manual_seed(0)
-    views, height, width, slots, dim = 3, 3, 4, 3, 64
-    pixels = height * width
-    sources = [[1, 2, 0], [0, 2, 1], [0, 1, 2]]
+    views, height, width = 3, 3, 4
+    slots, samples, inputs = (3, 1, 1) if design == "depth" else (2, 9, 2)
+    pixels, tokens = height * width, slots * samples
+    sources = [[1, 2, 0], [0, 2, 1], [0, 1, 2]] if design == "depth" else [[2, 1], [0, 2], [1, 0]]
     geometry = LevelGeometry(
         height, width, torch.tensor(sources),
-        torch.rand(views, slots, pixels, 1, 2) * 2.4 - 1.2,
-        torch.rand(views, pixels, slots) < 0.7,
-        torch.rand(views, pixels, slots, 1) * 2,
+        torch.rand(views, slots, pixels, samples, 2) * 2.4 - 1.2,
+        torch.rand(views, pixels, tokens) < 0.7,
+        torch.rand(views, pixels, tokens, inputs) * 2 - (1.0 if design == "panorama" else 0.0),
     ).to("cpu", torch.float64)
-    block = CorrespondenceAttention(dim, 1).double()
+    block = CorrespondenceAttention(dim, inputs).double()
     with torch.no_grad():
         for param in block.parameters():
-            param.copy_(torch.randn_like(param) * 0.3)
-    block.encoding, block.mask_invalid = ReleasedDepthEncoding(dim).double(), False
+            param.copy_(torch.randn_like(param) * (0.3 * math.sqrt(64 / param.shape[1]) if param.dim() == 2 else 0.3))
+    encoding = ReleasedDepthEncoding(dim) if design == "depth" else ReleasedPanoramaEncoding(dim)
+    block.encoding, block.mask_invalid = encoding, False
+    assert block.heads == dim // 32
     hidden = torch.randn(views, dim, height, width, dtype=torch.float64)
     with torch.no_grad():
-        torch.testing.assert_close(block(hidden, geometry), released_depth_block(block, hidden, geometry, sources))
+        expected = released_block(block, hidden, geometry, sources, samples)
+        torch.testing.assert_close(block(hidden, geometry), expected)
+        torch.testing.assert_close(literal_attention(block, hidden, geometry, per_sample=design == "depth"), expected)
 
 
 def test_released_encodings_keep_float32_frequencies_through_casts():

@@ -10,6 +10,7 @@ builds small random-weight models in code, for tests and the offline demo.
 
 from __future__ import annotations
 
+import gc
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,9 +95,15 @@ class ModelSet:
         return TINY if self.config.source(task) == TINY else self.config.source(task)
 
     def release(self) -> None:
-        """Drop every model and give the GPU memory back."""
+        """Drop every model and give the memory back.
+
+        A multi-view UNet reaches itself through the forward hooks it installs on its own UNet,
+        so dropping the last reference leaves a cycle that only the garbage collector frees:
+        collect first, or the weights stay allocated (and the CUDA cache keeps their blocks).
+        """
         with self._lock:
             self._samplers.clear()
+        gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

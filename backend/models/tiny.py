@@ -140,15 +140,18 @@ def tiny_scheduler() -> SchedulerMixin:
 
 def tiny_pipeline(kind: str, seed: int = 0):
     """The diffusers pipeline SD 2 ships for ``kind``, assembled from tiny components."""
+    return sd2_pipeline(
+        kind, unet=tiny_unet(kind, seed), vae=tiny_vae(seed + 1), text_encoder=tiny_text_encoder(seed + 2),
+        tokenizer=tiny_tokenizer(), scheduler=tiny_scheduler(),
+    )
+
+
+def sd2_pipeline(kind: str, **parts):
+    """The diffusers pipeline class SD 2's repository for ``kind`` names, built from ``parts``
+    (unet, vae, text_encoder, tokenizer, scheduler); the depth estimator, safety checker and
+    feature extractor are absent."""
     from diffusers import StableDiffusionDepth2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
 
-    parts = {
-        "unet": tiny_unet(kind, seed),
-        "vae": tiny_vae(seed + 1),
-        "text_encoder": tiny_text_encoder(seed + 2),
-        "tokenizer": tiny_tokenizer(),
-        "scheduler": tiny_scheduler(),
-    }
     if kind == "depth":
         return StableDiffusionDepth2ImgPipeline(**parts, depth_estimator=None, feature_extractor=None)
     pipeline_class = StableDiffusionPipeline if kind == "base" else StableDiffusionInpaintPipeline

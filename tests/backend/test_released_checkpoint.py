@@ -1,16 +1,17 @@
 """Released MVDiffusion checkpoints: key map, safe and strict loading, and the released encodings.
 
-The released state dicts here are written from the suffix tables of mvdiffusion.md §11 (names and
-shapes), independently of ``backend.models.released``'s own tables, so a wrong map shows up as
-missing or unexpected keys.
+The released state dicts come from ``released_state``, written from the suffix tables of
+mvdiffusion.md §11 (names and shapes) independently of ``backend.models.released``'s own tables,
+so a wrong map shows up as missing or unexpected keys.
 """
 
 import math
-import re
 
 import pytest
+import released_state
 import torch
 from released_reference import released_attention, released_pos_embedding
+from released_state import reference_frequencies
 
 from backend.models.caa_tokens import LevelGeometry
 from backend.models.mv_unet import MultiViewUNet, level_sizes
@@ -26,111 +27,15 @@ from backend.models.released import (
 from backend.models.tiny import tiny_text_encoder, tiny_unet, tiny_vae
 from backend.validation import InputError
 
-CHANNELS = (32, 32, 64, 64)  # tiny_unet's block_out_channels
 KIND = {"panorama": "base", "depth": "depth"}
 
 
 # -- released state dicts, from the reference's tables --------------------------------------------------------------
-def reference_frequencies(count: int) -> torch.Tensor:
-    base = 2 if count <= 80 else 5000 ** (1 / (count / 2.5))
-    return base ** torch.linspace(0, count - 1, count)[None, None]
-
-
-def attention_suffixes(dim: int, task: str) -> dict[str, tuple[int, ...]]:
-    """§11 'Pano CAA suffixes'; the depth design nests them under ``attn1.``."""
-    table = {
-        "transformer.attn1.to_q.weight": (dim, dim),
-        "transformer.attn1.to_k.weight": (dim, dim),
-        "transformer.attn1.to_v.weight": (dim, dim),
-        "transformer.attn1.to_out.weight": (dim, dim),
-        "transformer.attn1.to_out.bias": (dim,),
-        "transformer.ff.net.0.proj.weight": (8 * dim, dim),
-        "transformer.ff.net.0.proj.bias": (8 * dim,),
-        "transformer.ff.net.2.weight": (dim, 4 * dim),
-        "transformer.ff.net.2.bias": (dim,),
-        "transformer.norm1.weight": (dim,),
-        "transformer.norm1.bias": (dim,),
-        "transformer.norm2.weight": (dim,),
-        "transformer.norm2.bias": (dim,),
-    }
-    nest = "" if task == "panorama" else "attn1."
-    return {nest + suffix: shape for suffix, shape in table.items()}
-
-
-def resnet_suffixes(dim: int) -> dict[str, tuple[int, ...]]:
-    """§11 'Depth ResNet': conv1/conv2 3x3 without bias, bn1/bn2 GroupNorms."""
-    return {
-        "resnet.conv1.weight": (dim, dim, 3, 3),
-        "resnet.bn1.weight": (dim,),
-        "resnet.bn1.bias": (dim,),
-        "resnet.conv2.weight": (dim, dim, 3, 3),
-        "resnet.bn2.weight": (dim,),
-        "resnet.bn2.bias": (dim,),
-    }
-
-
-def released_blocks() -> list[tuple[str, int]]:
-    """§3: encoder blocks at each down level, the mid block, decoder blocks in up-block order."""
-    blocks = [(f"mv_base_model.cp_blocks_encoder.{i}.", c) for i, c in enumerate(CHANNELS)]
-    blocks.append(("mv_base_model.cp_blocks_mid.", CHANNELS[-1]))
-    blocks += [(f"mv_base_model.cp_blocks_decoder.{i}.", c) for i, c in enumerate(reversed(CHANNELS))]
-    return blocks
-
-
-def old_vae_names(state: dict) -> dict:
-    """diffusers 0.16 named the VAE mid-block attention query/key/value/proj_attn (issue #16)."""
-    old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
-    out = {}
-    for key, value in state.items():
-        match = re.match(r"^(.*mid_block\.attentions\.\d+)\.(to_q|to_k|to_v|to_out\.0)\.(.*)$", key)
-        out[f"{match[1]}.{old[match[2]]}.{match[3]}" if match else key] = value
-    return out
-
-
 def make_released_state(task: str, seed: int = 1) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-
-    def rand(shape):
-        return torch.randn(shape, generator=generator)
-
-    state = {f"mv_base_model.unet.{k}": rand(v.shape) for k, v in tiny_unet(KIND[task], seed=5).state_dict().items()}
-    nest = "" if task == "panorama" else "attn1."
-    for prefix, dim in released_blocks():
-        for suffix, shape in attention_suffixes(dim, task).items():
-            state[prefix + suffix] = rand(shape)
-        state[prefix + nest + "pe.freq_bands"] = reference_frequencies(dim // 4 if task == "panorama" else dim // 2)
-        if task == "depth":
-            for suffix, shape in resnet_suffixes(dim).items():
-                state[prefix + suffix] = rand(shape)
-    state.update({f"vae.{k}": v for k, v in old_vae_names(tiny_vae(seed=3).state_dict()).items()})
-    state.update({f"text_encoder.text_model.{k}": v.half() for k, v in tiny_text_encoder(seed=4).state_dict().items()})
-    state["text_encoder.text_model.embeddings.position_ids"] = torch.arange(77)[None]
-    if task == "depth":
-        for suffix, shape in condition_shapes().items():
-            state["mv_base_model." + suffix] = rand(shape)
-    return state
-
-
-def condition_shapes() -> dict[str, tuple[int, ...]]:
-    """§8: a 5 -> width 3x3 lift, then per injection point GN, 3x3 conv, GN, 1x1 conv, all with biases.
-
-    Down encoders end at each down block's input width; the released up encoders are hard-coded
-    to SD 2's (1280, 1280, 1280, 640), i.e. (c3, c3, c2, c1) in block widths, here (64, 64, 64, 32).
-    """
-    width = CHANNELS[0]
-    shapes = {"condition_conv_in.weight": (width, 5, 3, 3), "condition_conv_in.bias": (width,)}
-    down = (width, CHANNELS[0], CHANNELS[1], CHANNELS[2])  # down_blocks[i].resnets[0].in_channels
-    up = (CHANNELS[3], CHANNELS[3], CHANNELS[2], CHANNELS[1])
-    for part, outs in (("downblocks", down), ("upblocks", up)):
-        for i, out in enumerate(outs):
-            prefix = f"condition_{part}.{i}."
-            shapes.update({
-                prefix + "norm1.weight": (width,), prefix + "norm1.bias": (width,),
-                prefix + "conv1.weight": (out, width, 3, 3), prefix + "conv1.bias": (out,),
-                prefix + "norm2.weight": (out,), prefix + "norm2.bias": (out,),
-                prefix + "conv2.weight": (out, out, 1, 1), prefix + "conv2.bias": (out,),
-            })
-    return shapes
+    text_encoder = {k: v.half() for k, v in tiny_text_encoder(seed=4).state_dict().items()}
+    return released_state.make_released_state(
+        task, tiny_unet(KIND[task], seed=5), tiny_vae(seed=3).state_dict(), text_encoder, seed=seed
+    )
 
 
 @pytest.fixture(scope="module")

@@ -176,3 +176,20 @@ def test_tiny_folders_carry_multiview_weights_that_load_strictly(tmp_path):
         assert not report.missing and not report.unexpected
         # Random, not zero: offline runs exercise the blocks.
         assert model.caa_down[0].attention.to_out.weight.abs().max() > 0
+
+
+def test_release_frees_the_models_at_once():
+    """The multi-view UNet reaches itself through its hooks: release must not wait for a garbage collection."""
+    import gc
+    import weakref
+
+    from backend.engine import ModelConfig, ModelSet
+
+    models = ModelSet(ModelConfig.tiny())
+    model = weakref.ref(models.sampler("depth").model)
+    gc.disable()
+    try:
+        models.release()
+        assert model() is None and models.loaded() == {}
+    finally:
+        gc.enable()

@@ -117,7 +117,8 @@ def bench_panorama(args: argparse.Namespace) -> dict:
 @benchmark("unet")
 def bench_unet(args: argparse.Namespace) -> dict:
     """One multi-view UNet step (all views, both guidance halves) with and without CAA."""
-    from .models.benchmark import SD2_CHANNELS, run_unet_benchmark
+    from .models.benchmark import run_unet_benchmark
+    from .models.sd2_configs import SD2_CHANNELS
 
     channels = SD2_CHANNELS if args.channels == "sd2" else tuple(int(c) for c in args.channels.split(","))
     dtype = getattr(torch, args.dtype)

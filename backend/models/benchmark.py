@@ -25,26 +25,32 @@ from ..geometry.correspondence import overlap_matrix
 from ..geometry.render import render_depth
 from ..scenes.demo_room import build_demo_room, trajectory
 from .caa_geometry import depth_geometry, panorama_geometry
+from .loading import KIND_IN_CHANNELS
 from .mv_unet import MultiViewUNet
+from .sd2_configs import SD2_CHANNELS, SD2_UNET, random_unet, unet_config
 
 SMALL_CHANNELS = (64, 128, 256, 256)
-SD2_CHANNELS = (320, 640, 1280, 1280)
 TASK_IMAGE_SIZE = {"panorama": (512, 512), "depth": (256, 192)}
 """(width, height) of the views each released design generates: MVDiffusion's panorama and ScanNet sizes."""
 PANORAMA_RING = 8
 
 
 def sd2_structured_unet(channels: tuple[int, ...], in_channels: int = 5, cross_dim: int | None = None):
-    """SD 2's UNet layout (four levels, cross attention on the first three, 2 layers per block)."""
-    if cross_dim is None:
-        cross_dim = 1024 if channels == SD2_CHANNELS else channels[0]
-    head_dims = tuple(max(1, c // 64) for c in channels)
-    return UNet2DConditionModel(
-        sample_size=64, in_channels=in_channels, out_channels=4, block_out_channels=channels,
-        layers_per_block=2, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=cross_dim,
-        attention_head_dim=head_dims, use_linear_projection=True, norm_num_groups=32,
-    ).eval()
+    """SD 2's UNet layout (four levels, cross attention on the first three, 2 layers per block).
+
+    At SD 2's own widths this is the real config (:mod:`.sd2_configs`) with random weights; other
+    widths keep the layout, 64-channel heads and a text context as wide as the first level.
+    """
+    kind = next(k for k, c in KIND_IN_CHANNELS.items() if c == in_channels)
+    if tuple(channels) == SD2_CHANNELS and cross_dim in (None, SD2_UNET["cross_attention_dim"]):
+        return random_unet(kind)
+    config = {
+        **unet_config(kind),
+        "block_out_channels": tuple(channels),
+        "attention_head_dim": tuple(max(1, c // 64) for c in channels),
+        "cross_attention_dim": cross_dim or channels[0],
+    }
+    return UNet2DConditionModel(**config).eval()
 
 
 def trajectory_neighbours(count: int, neighbours: int, width: int = 256, height: int = 192):

@@ -29,13 +29,14 @@ import torch
 
 from ..geometry.render import render_depth
 from ..scenes.demo_room import build_demo_room, trajectory
-from .benchmark import SD2_CHANNELS, ring_cameras
+from .benchmark import ring_cameras
 from .caa import CAABlock, CorrespondenceAttention
 from .caa_geometry import depth_geometry, panorama_geometry, released_depth_neighbours, released_panorama_neighbours
 from .caa_plan import plan_attention
 from .caa_tokens import LevelGeometry, ViewGroups
 from .literal_caa import literal_attention, literal_block, literal_transformer, view_tokens
 from .released_encoding import ReleasedDepthEncoding, ReleasedPanoramaEncoding
+from .sd2_configs import SD2_CHANNELS
 
 DESIGNS = ("panorama", "depth")
 

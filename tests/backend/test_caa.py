@@ -42,7 +42,7 @@ def random_tokens(seed: int, encoding_inputs: int, all_invalid_pixel: bool = Tru
     return geometry, (source, coords, valid, encoding)
 
 
-def randomised_block(encoding_inputs: int, mask_invalid: bool, seed: int = 0, dim: int = DIM) -> CorrespondenceAttention:
+def randomised_block(encoding_inputs: int, mask_invalid: bool, seed: int = 0, dim: int = DIM):
     """Random weights whose matrices scale with the width, so wide blocks stay as well conditioned as narrow ones."""
     torch.manual_seed(seed)
     block = CorrespondenceAttention(dim, encoding_inputs, mask_invalid).double()
@@ -196,7 +196,8 @@ def test_chunks_pair_the_released_depth_encoding_as_the_whole_level_does(tokens,
     coords = rng.uniform(-0.5, [width - 0.5, height - 0.5], size=(views, tokens, pixels, 1, 2))
     valid = torch.from_numpy(rng.random((views, pixels, tokens)) < 0.8)
     values = torch.from_numpy(rng.uniform(0.0, 2.0, size=(views, pixels, tokens, 1)))
-    geometry = LevelGeometry(height, width, source, grid_from_level_coords(coords, height, width).double(), valid, values)
+    grid = grid_from_level_coords(coords, height, width).double()
+    geometry = LevelGeometry(height, width, source, grid, valid, values)
     block = randomised_block(1, mask_invalid=False)
     block.encoding = ReleasedDepthEncoding(dim)
     hidden = torch.randn(2 * views, dim, height, width, dtype=torch.float64, generator=torch.Generator().manual_seed(3))

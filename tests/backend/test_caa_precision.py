@@ -11,10 +11,11 @@ import math
 import pytest
 import torch
 
-from backend.models.benchmark import SD2_CHANNELS, sd2_structured_unet, trajectory_neighbours
+from backend.models.benchmark import trajectory_neighbours
 from backend.models.caa_bench import KEY_RMS, run_precision_benchmark
 from backend.models.caa_geometry import depth_geometry
 from backend.models.mv_unet import MultiViewUNet
+from backend.models.sd2_configs import random_unet
 
 pytestmark = pytest.mark.slow
 
@@ -51,14 +52,15 @@ def test_half_precision_is_as_accurate_as_a_plain_attention(precision, dtype):
 @pytest.fixture(scope="module")
 def sd2_depth_model():
     torch.manual_seed(0)
-    model = MultiViewUNet(sd2_structured_unet(SD2_CHANNELS, 5), "depth").eval()
+    model = MultiViewUNet(random_unet("depth"), "depth").eval()
     with torch.no_grad():  # trained-like CAA weights: a zero block would hide the attention
-        for name, param in model.added_state_dict().items():
-            target = model.get_submodule(name.rsplit(".", 1)[0]).get_parameter(name.rsplit(".", 1)[1])
+        for name, param in model.named_parameters():
+            if not name.startswith(("caa_", "condition")):
+                continue
             if "norm" in name:
-                target.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn_like(target))
-            elif target.dim() > 1:
-                target.copy_(torch.randn_like(target) / math.sqrt(math.prod(target.shape[1:])))
+                param.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn_like(param))
+            elif param.dim() > 1:
+                param.copy_(torch.randn_like(param) / math.sqrt(math.prod(param.shape[1:])))
     return model
 
 

@@ -25,10 +25,16 @@ from .config import ServerConfig
 from .serve import build
 
 
-def demo_room_job(frames: int, width: int, height: int, steps: int, texture_size: int) -> TextureJob:
-    """The demo room along its camera loop (a third of it), with depths, to be textured."""
+def demo_room_job(
+    frames: int, width: int, height: int, steps: int, texture_size: int, loop_share: float = 1 / 3
+) -> TextureJob:
+    """The demo room along ``loop_share`` of its camera loop (frames evenly spaced), with depths, to be textured.
+
+    On a third of the loop consecutive frames overlap so much that about half become keyframes;
+    on the whole loop every frame of twelve is one.
+    """
     room = build_demo_room()
-    cameras = trajectory(max(frames, 3 * frames), width=width, height=height)[:frames]
+    cameras = trajectory(max(frames, round(frames / loop_share)), width=width, height=height)[:frames]
     depths = [render_depth(room.mesh, camera) for camera in cameras]
     settings = GenerationSettings(["a cosy living room, wooden floor, white walls"], steps=steps, seed=0)
     return TextureJob(settings, cameras, depths, room.mesh, texture_size)

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .caa_plan import AttentionPlan, plan_attention
+from .caa_plan import AttentionPlan, plan_attention, resnet_channels_last
 from .caa_tokens import KeyTokens, LevelGeometry, ViewGroups
 
 __all__ = [
@@ -152,13 +152,15 @@ class CorrespondenceAttention(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def forward(self, hidden: torch.Tensor, geometry: Geometry) -> torch.Tensor:
-        """``hidden`` (B * V, C, h, w), views of one sample consecutive -> the same shape."""
+        """``hidden`` (B * V, C, h, w), views of one sample consecutive -> the same shape and layout."""
+        return same_layout(self.channels_last(hidden, geometry), hidden)
+
+    def channels_last(self, hidden: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+        """The block's output as (B * V, C, h, w) with channels-last memory: how it is computed, uncopied."""
         total, channels, height, width = hidden.shape
         x, update = self.attention_update(hidden, geometry)
-        x = self._feed_forward((x + update).view(-1, channels)).view(x.shape)
-        # Same memory layout as the input: downstream kernels then run exactly as without CAA.
-        result = x.transpose(2, 3).reshape(total, channels, height, width)
-        return result if result.stride() == hidden.stride() else torch.empty_like(hidden).copy_(result)
+        x = self._feed_forward((x + update).view(-1, channels))
+        return x.view(total, height, width, channels).permute(0, 3, 1, 2)
 
     def attention_update(self, hidden: torch.Tensor, geometry: Geometry) -> tuple[torch.Tensor, torch.Tensor]:
         """The features pixel-major (B, V, P, C) and what the attention adds to them, before the feed-forward.
@@ -344,5 +346,13 @@ class CAABlock(nn.Module):
         self.resnet = ZeroResNet(dim, groups) if with_resnet else None
 
     def forward(self, hidden: torch.Tensor, geometry: Geometry) -> torch.Tensor:
-        hidden = self.attention(hidden, geometry)
-        return self.resnet(hidden) if self.resnet is not None else hidden
+        if self.resnet is None:
+            return self.attention(hidden, geometry)
+        if resnet_channels_last(hidden.shape[-2], hidden.shape[-1], hidden.device):
+            return same_layout(self.resnet(self.attention.channels_last(hidden, geometry)), hidden)
+        return self.resnet(self.attention(hidden, geometry))
+
+
+def same_layout(result: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``result`` in ``like``'s memory layout, so the kernels after a block run exactly as without it."""
+    return result if result.stride() == like.stride() else torch.empty_like(like).copy_(result)

@@ -6,19 +6,22 @@ gain folded in, and ``h`` heads of ``d`` channels over ``C`` channels and ``T`` 
 
 * ``input_space``: each head's query is moved into input space once, ``qtilde_h = W_k,h^T q_h``
   (C x C per query), scored against the normalised tokens, and the heads' averages of tokens are
-  projected once (another C x C). About ``4 C^2 + 4 h T C`` flops per query, but every query
-  writes and reads ``h x C`` values twice. It wins when there are many tokens per query and
-  memory is fast next to arithmetic: panoramas (9 to 18 tokens), and the CPU.
+  projected once (another C x C). About ``4 C^2 + 4 h T C`` flops per query, all in small
+  batched products (one per head or per query), and every query writes and reads ``h x C``
+  values twice. It wins with many tokens per query: panoramas (9 to 18 tokens).
 * ``per_token``: the released way, keys and values of every token projected (``4 T C^2``
   flops per query as one large matrix product), then a plain attention with head size ``d``.
-  It wins with few tokens and fast arithmetic: the depth design (3 to 5 tokens) on a GPU.
+  It wins with few tokens on wide levels, where ``h x C`` per query outweighs ``T x C``: the
+  depth design (3 to 5 tokens) at 1280 channels, and on a GPU, whose large products are cheap.
 
-The cost of a form is its flops over the device's matrix rate plus its memory traffic over
-the device's bandwidth (:data:`BALANCE`); the cheaper one runs. The token lookup is the same
-for both: an ``embedding_bag`` over pixel-major features (it reads the four taps of a token and
-writes one vector; ``gather`` writes all four first, and is kept for devices or dtypes whose
-``embedding_bag`` lacks weights). Chunks of queries are sized so the working set fits the
-device's budget: a cache-sized block on a CPU, a bounded transient on a GPU.
+The cost of a form is its large-product flops over the device's dense rate, its small batched
+products over the batched rate, and its memory traffic over the bandwidth (:data:`BALANCE`);
+the cheaper one runs. The token lookup is the same for both: an ``embedding_bag`` over
+pixel-major features (it reads the four taps of a token and writes one vector; ``gather``
+writes all four first, and is kept for devices whose ``embedding_bag`` lacks weights). Chunks
+of queries are sized so the working set fits the device's budget (a cache-sized block on a CPU,
+a bounded transient on a GPU), but hold at least :data:`MIN_CHUNK_QUERIES`: each chunk costs a
+dozen kernel calls, which at 1280 channels outweighs staying in cache.
 
 Half precision: logits are accumulated and kept in float32 by the fused attention
 (``scaled_dot_product_attention``); a plain ``bmm`` would round them to the working dtype. So
@@ -40,24 +43,31 @@ Lookup = Literal["embedding_bag", "gather"]
 
 @dataclass(frozen=True)
 class Balance:
-    """What a device sustains on these kernels: matrix flop/s, memory bytes/s, chunk working set."""
+    """What a device sustains on these kernels: large and small batched products (flop/s), memory
+    traffic (bytes/s), and the working set of one chunk."""
 
-    flops: float
+    dense_flops: float
+    batched_flops: float
     bandwidth: float
     chunk_bytes: int
 
 
 BALANCE: dict[tuple[str, bool], Balance] = {
-    # One CPU core (AVX-512, the figures scale with threads alike): measured with the per-form
-    # kernels at SD 2's widths; docs/benchmarks.md ("CAA block") has the runs.
-    ("cpu", False): Balance(flops=1.0e11, bandwidth=1.0e10, chunk_bytes=4 * 2**20),
-    ("cpu", True): Balance(flops=0.5e11, bandwidth=1.0e10, chunk_bytes=4 * 2**20),
-    # An H100/H200-class GPU: dense float32 without TF32, half on tensor cores, HBM3; chunks
-    # bound the transient memory instead of fitting a cache.
-    ("cuda", False): Balance(flops=5.0e13, bandwidth=2.5e12, chunk_bytes=256 * 2**20),
-    ("cuda", True): Balance(flops=4.0e14, bandwidth=2.5e12, chunk_bytes=256 * 2**20),
+    # One core of the 2-core AMD EPYC (AVX-512) the CPU figures come from, fitted to both forms'
+    # kernels at SD 2's widths (docs/benchmarks.md, "CAA block"). Dense products run on oneDNN
+    # (:func:`~backend.models.caa.linear`); the batched ones on MKL.
+    ("cpu", False): Balance(dense_flops=2.15e11, batched_flops=2.0e11, bandwidth=8.0e9, chunk_bytes=4 * 2**20),
+    ("cpu", True): Balance(dense_flops=2.0e11, batched_flops=0.8e11, bandwidth=8.0e9, chunk_bytes=4 * 2**20),
+    # An H100/H200-class GPU, from its data sheet (no GPU figure has been measured here yet):
+    # float32 without TF32 and half on tensor cores, small batched products at a quarter of
+    # that, HBM3; chunks bound the transient memory instead of fitting a cache.
+    ("cuda", False): Balance(dense_flops=5.0e13, batched_flops=1.2e13, bandwidth=2.5e12, chunk_bytes=256 * 2**20),
+    ("cuda", True): Balance(dense_flops=4.0e14, batched_flops=1.0e14, bandwidth=2.5e12, chunk_bytes=256 * 2**20),
 }
 """(device type, half precision) -> balance. Other devices use the CUDA figures."""
+
+MIN_CHUNK_QUERIES = 64
+"""Fewest queries per chunk (unless there are fewer): below this the calls per chunk dominate."""
 
 WEIGHTED_BAG_DEVICES = ("cpu", "cuda")
 """Devices whose ``embedding_bag`` takes per-sample weights in every dtype; others gather the taps."""
@@ -74,14 +84,29 @@ class AttentionPlan:
     seconds: tuple[tuple[str, float], ...] = ()  # the cost model's estimate per form, per query
 
 
+CHANNELS_LAST_MIN_PIXELS = 192
+"""On a CPU, oneDNN runs the depth blocks' 3 x 3 convolutions faster on channels-last maps from about
+this many pixels per map (SD 2's 24 x 32 and 12 x 16 levels: 20 % and 15 % faster), and slower on
+the small 1280-channel levels (6 x 8: 30 %, 3 x 4: twice as slow)."""
+
+
+def resnet_channels_last(height: int, width: int, device: torch.device | str) -> bool:
+    """Whether a CAA block's ResNet runs on the channels-last features the attention leaves behind.
+
+    The attention works pixel-major, so those features are channels-last already; the other way
+    costs a transpose, which pays where the convolution kernels prefer channels-first.
+    """
+    return torch.device(device).type == "cpu" and height * width >= CHANNELS_LAST_MIN_PIXELS
+
+
 def is_half(dtype: torch.dtype) -> bool:
     return dtype in (torch.float16, torch.bfloat16)
 
 
-def form_costs(tokens: int, dim: int, heads: int, element_size: int) -> dict[Form, tuple[float, float]]:
-    """(flops, bytes) per query of each form's token attention; the lookup they share is left out."""
-    input_space = (4.0 * dim * dim + 4.0 * heads * tokens * dim, element_size * (4.0 * heads + 3.0 * tokens) * dim)
-    per_token = (4.0 * tokens * dim * dim + 4.0 * tokens * dim, element_size * 7.0 * tokens * dim)
+def form_costs(tokens: int, dim: int, heads: int, element_size: int) -> dict[Form, tuple[float, float, float]]:
+    """(dense flops, batched flops, bytes) per query of each form's token attention; the shared lookup is left out."""
+    input_space = (0.0, 4.0 * dim * dim + 4.0 * heads * tokens * dim, element_size * (4.0 * heads + 3.0 * tokens) * dim)
+    per_token = (4.0 * tokens * dim * dim, 4.0 * tokens * dim, element_size * 7.0 * tokens * dim)
     return {"input_space": input_space, "per_token": per_token}
 
 
@@ -100,11 +125,12 @@ def plan_attention(
     balance = BALANCE.get((device_type, half)) or BALANCE[("cuda", half)]
     element_size = torch.empty((), dtype=dtype).element_size()
     seconds = {
-        form: flops / balance.flops + traffic / balance.bandwidth
-        for form, (flops, traffic) in form_costs(tokens, dim, heads, element_size).items()
+        form: dense / balance.dense_flops + batched / balance.batched_flops + traffic / balance.bandwidth
+        for form, (dense, batched, traffic) in form_costs(tokens, dim, heads, element_size).items()
     }
     form: Form = min(seconds, key=seconds.get)
     fused = form == "per_token" or half
-    chunk = max(1, min(queries, balance.chunk_bytes // working_bytes(form, tokens, dim, heads, element_size)))
+    fitting = balance.chunk_bytes // working_bytes(form, tokens, dim, heads, element_size)
+    chunk = max(1, min(queries, max(fitting, MIN_CHUNK_QUERIES)))
     lookup: Lookup = "embedding_bag" if device_type in WEIGHTED_BAG_DEVICES else "gather"
     return AttentionPlan(form, lookup, fused, chunk, tuple(sorted(seconds.items())))

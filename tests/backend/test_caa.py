@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from backend.models import caa as caa_module
-from backend.models import caa_tokens
+from backend.models import caa_plan, caa_tokens
 from backend.models.caa import CorrespondenceAttention
 from backend.models.caa_geometry import grid_from_level_coords
 from backend.models.caa_plan import AttentionPlan, plan_attention
@@ -144,18 +144,22 @@ def test_fast_attention_matches_the_reference_at_sd2_widths(dim, encoding_inputs
 
 
 def test_the_plan_follows_the_shapes():
-    """Many tokens per query favour input-space queries, few tokens and fast arithmetic per-token keys."""
+    """Many tokens per query favour input-space queries, few tokens on wide levels per-token keys."""
     panorama_cpu = plan_attention(8 * 4096, 9, 320, 10, torch.float32, "cpu")
     depth_gpu = plan_attention(12 * 768, 4, 320, 10, torch.float16, "cuda")
+    depth_wide_cpu = plan_attention(12 * 48, 4, 1280, 40, torch.float32, "cpu")
     assert (panorama_cpu.form, panorama_cpu.fused) == ("input_space", False)
     assert (depth_gpu.form, depth_gpu.fused) == ("per_token", True)
+    assert depth_wide_cpu.form == "per_token"
     # Half precision always takes the fused kernel, which keeps the logits in float32.
     assert plan_attention(8 * 4096, 9, 320, 10, torch.bfloat16, "cpu").fused
-    # Chunks fit the device's budget and never exceed the queries there are.
+    # Chunks fit the device's budget where that leaves enough queries per chunk, hold at least
+    # MIN_CHUNK_QUERIES otherwise, and never exceed the queries there are.
     assert plan_attention(5, 9, 320, 10, torch.float32, "cpu").chunk == 5
-    big = plan_attention(10**6, 9, 1280, 40, torch.float32, "cpu")
-    assert 1 <= big.chunk * 4 * 1280 * (9 + 2 * 40) <= 4 * 2**20
-    assert plan_attention(10**6, 9, 1280, 40, torch.float16, "cuda").chunk > 100 * big.chunk
+    narrow = plan_attention(10**6, 9, 320, 10, torch.float32, "cpu")
+    assert caa_plan.MIN_CHUNK_QUERIES < narrow.chunk and narrow.chunk * 4 * 320 * (9 + 2 * 10) <= 4 * 2**20
+    assert plan_attention(10**6, 9, 1280, 40, torch.float32, "cpu").chunk == caa_plan.MIN_CHUNK_QUERIES
+    assert plan_attention(10**6, 9, 1280, 40, torch.float16, "cuda").chunk > 1000
 
 
 def test_a_new_block_is_exactly_the_identity():

@@ -13,8 +13,8 @@
 #      with the fast scheduler at its recommended steps, through the same commands a user runs.
 # --quick runs everything on the tiny models with 2 steps, to check the script itself on any machine.
 #
-# The GPU machine may lack diffusers and xatlas: wheels in .whl/ (see docs/benchmarks.md) are
-# installed into /tmp/site first when the import fails. Budget: under 8 minutes on an H100/H200.
+# The GPU machine may lack diffusers, xatlas and OpenEXR: wheels in .whl/ (see docs/benchmarks.md)
+# are installed into /tmp/site first when an import fails. Budget: under 8 minutes on an H100/H200.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -28,14 +28,14 @@ PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-if ! "$PY" -c "import diffusers, xatlas" 2>/dev/null; then
+if ! "$PY" -c "import diffusers, xatlas, OpenEXR" 2>/dev/null; then
     if ls .whl/*.whl >/dev/null 2>&1; then
         echo "== installing the carried wheels into /tmp/site" >&2
         "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
         export PYTHONPATH="/tmp/site:$PYTHONPATH"
     fi
 fi
-"$PY" -c "import diffusers, xatlas, torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" >&2
+"$PY" -c "import diffusers, xatlas, OpenEXR, torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" >&2
 
 started=$(date +%s)
 record() {  # record LABEL COMMAND...: run a command, keep its last line (JSON) with the label

@@ -98,7 +98,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
     ``F.linear`` calls MKL's sgemm there, which runs its AVX2 code on AMD processors: half the
     rate of oneDNN's AVX-512 kernels for the same product (150-210 against 260-470 GFLOP/s on
-    two EPYC cores at these blocks' shapes); on Intel processors the two are on a par. The rows
+    two EPYC cores at these blocks' shapes; no Intel processor was at hand to compare). The rows
     (N, C) already are a channels-last image of N x 1 pixels, so nothing is copied either way.
     """
     if x.device.type != "cpu" or x.dtype != torch.float32 or not torch.backends.mkldnn.is_available():

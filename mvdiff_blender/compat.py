@@ -52,13 +52,33 @@ def online_access_allowed() -> bool:
 DEPTH_OUTPUT_ITEM = "Depth"
 
 
+def _single_channel(image_format) -> None:
+    """One channel where the node allows it: 5.0's File Output offers BW for EXR, 4.2's only RGB/RGBA.
+
+    The enum's items depend on the node and the format at run time, so the value is tried rather
+    than looked up. Depth is read from the first channel either way; RGB only makes the file larger.
+    """
+    try:
+        image_format.color_mode = "BW"
+    except TypeError:
+        image_format.color_mode = "RGB"
+
+
+def compositor_tree(scene):
+    """The node tree the scene's compositor runs: 5.0's node-group datablock, or 4.x's ``scene.node_tree``
+    (None until nodes are used)."""
+    if COMPOSITOR_IS_NODE_GROUP:
+        return scene.compositing_node_group
+    return scene.node_tree
+
+
 def _configure_exr_format(image_format) -> None:
     # 5.0 defaults File Output to multi-layer EXR and only allows OPEN_EXR once media_type is IMAGE.
     if hasattr(image_format, "media_type"):
         image_format.media_type = "IMAGE"
     image_format.file_format = "OPEN_EXR"
     image_format.color_depth = "32"
-    image_format.color_mode = "BW"
+    _single_channel(image_format)
     if hasattr(image_format, "exr_codec"):
         image_format.exr_codec = "ZIP"
 
@@ -86,24 +106,35 @@ def setup_depth_compositor(scene, view_layer, directory: str, file_prefix: str, 
         output.file_output_items.new("FLOAT", DEPTH_OUTPUT_ITEM)
         tree.links.new(layers.outputs["Depth"], output.inputs[DEPTH_OUTPUT_ITEM])
         return
+    # A scene that never used nodes gets Blender's default tree (Render Layers -> Composite) here.
+    # 4.x has no way to delete a scene's embedded tree, so that default stays, unused once
+    # use_nodes is off again: what the user's own first "Use Nodes" would have created.
     state.set(scene, "use_nodes", True)
     tree = scene.node_tree
     for node in tree.nodes:
         if node.bl_idname == "CompositorNodeOutputFile":
             state.set(node, "mute", True)
-    added = []
-    state.defer(lambda: [tree.nodes.remove(node) for node in added])
+    added: list[str] = []
+
+    def remove_added() -> None:
+        # By name: a Python reference to a node that something else removed meanwhile is dangling.
+        for name in added:
+            node = tree.nodes.get(name)
+            if node is not None:
+                tree.nodes.remove(node)
+
+    state.defer(remove_added)
     layers = tree.nodes.new("CompositorNodeRLayers")
-    added.append(layers)
+    added.append(layers.name)
     layers.scene = scene
     layers.layer = view_layer.name
     if not any(node.bl_idname == "CompositorNodeComposite" for node in tree.nodes):
         composite = tree.nodes.new("CompositorNodeComposite")  # 4.x refuses to render without one
-        added.append(composite)
+        added.append(composite.name)
         if "Image" in layers.outputs:
             tree.links.new(layers.outputs["Image"], composite.inputs["Image"])
     output = tree.nodes.new("CompositorNodeOutputFile")
-    added.append(output)
+    added.append(output.name)
     output.base_path = directory
     _configure_exr_format(output.format)
     output.file_slots[0].path = file_prefix + DEPTH_OUTPUT_ITEM

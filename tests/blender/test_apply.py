@@ -236,6 +236,7 @@ def test_apply_world_new_and_current(apply, scene, tmp_path):
 
     # The user's own World: their nodes stay, the add-on's nodes are added once and reused.
     user = bpy.data.worlds.new("Mine")
+    apply.compat.enable_nodes(user)  # 4.x: a new World has no node tree until use_nodes is set
     sky = user.node_tree.nodes.new("ShaderNodeTexSky")
     user_background = next(n for n in user.node_tree.nodes if n.type == "BACKGROUND")
     user.node_tree.links.new(sky.outputs["Color"], user_background.inputs["Color"])

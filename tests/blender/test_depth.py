@@ -47,7 +47,7 @@ def _props(struct) -> dict:
     return out
 
 
-def snapshot(bpy, scene) -> dict:
+def snapshot(bpy, scene, compat) -> dict:
     layer = scene.view_layers[0]
     return {
         "scene": _props(scene),
@@ -58,6 +58,7 @@ def snapshot(bpy, scene) -> dict:
         "objects": sorted(o.name for o in bpy.data.objects),
         "scene_objects": sorted(o.name for o in scene.collection.all_objects),
         "cameras": sorted(c.name for c in bpy.data.cameras),
+        "compositor": _compositor(compat, scene),
         "images": sorted(i.name for i in bpy.data.images),
         "node_groups": sorted(g.name for g in bpy.data.node_groups),
         "materials": sorted(m.name for m in bpy.data.materials),
@@ -97,7 +98,7 @@ def _pose(addon, matrix=None, lens=20.0, **kw):
     return addon.cameras.Pose(np.eye(4) if matrix is None else matrix, lens, **params)
 
 
-def _user_settings(bpy, scene):
+def _user_settings(bpy, scene, compat):
     """A scene whose settings differ from everything render_depths sets, so restoring is really tested."""
     scene.render.engine = "BLENDER_WORKBENCH"
     scene.render.resolution_x, scene.render.resolution_y, scene.render.resolution_percentage = 1920, 1080, 50
@@ -117,10 +118,20 @@ def _user_settings(bpy, scene):
     user_cam = bpy.data.objects.new("UserCam", bpy.data.cameras.new("UserCam"))
     scene.collection.objects.link(user_cam)
     scene.camera = user_cam
-    group = bpy.data.node_groups.new("UserCompositor", "CompositorNodeTree")
-    group.use_fake_user = True
-    scene.compositing_node_group = group
+    if compat.COMPOSITOR_IS_NODE_GROUP:
+        group = bpy.data.node_groups.new("UserCompositor", "CompositorNodeTree")
+        group.use_fake_user = True
+        scene.compositing_node_group = group
+    else:  # 4.x: the scene's own tree, with a File Output of the user's that must stay untouched
+        scene.use_nodes = True
+        scene.node_tree.nodes.new("CompositorNodeOutputFile").name = "UserFileOutput"
     scene.frame_set(7)
+
+
+def _compositor(compat, scene) -> list:
+    """The compositor's nodes and their mute state (4.x keeps the user's nodes in scene.node_tree)."""
+    tree = compat.compositor_tree(scene)
+    return sorted((n.name, n.bl_idname, n.mute) for n in tree.nodes) if tree is not None else []
 
 
 @pytest.mark.blender
@@ -168,15 +179,15 @@ def test_demo_room_depth_matches_backend_raster(addon, scene, tmp_path):
 def test_settings_restored_and_nothing_left_behind(addon, scene, tmp_path):
     import bpy
 
-    _user_settings(bpy, scene)
+    _user_settings(bpy, scene, addon.compat)
     _plane(bpy, "plane", [(-20, -20, -3), (20, -20, -3), (20, 20, -3), (-20, 20, -3)])
-    before = snapshot(bpy, scene)
+    before = snapshot(bpy, scene, addon.compat)
     progress = []
     depth = addon.render_depth.render_depths(scene, [_pose(addon), _pose(addon, lens=35.0)], 64, 64, tmp_path,
                                              on_progress=lambda i, n: progress.append((i, n)))
     np.testing.assert_allclose(depth, 3.0, atol=1e-4)
     assert progress == [(1, 2), (2, 2)]
-    assert_same(snapshot(bpy, scene), before)
+    assert_same(snapshot(bpy, scene, addon.compat), before)
     assert scene.frame_current == 7
     assert list(tmp_path.iterdir()) == []
 
@@ -185,9 +196,9 @@ def test_settings_restored_and_nothing_left_behind(addon, scene, tmp_path):
 def test_settings_restored_after_failed_render(addon, scene, tmp_path, monkeypatch):
     import bpy
 
-    _user_settings(bpy, scene)
+    _user_settings(bpy, scene, addon.compat)
     _plane(bpy, "plane", [(-20, -20, -3), (20, -20, -3), (20, 20, -3), (-20, 20, -3)])
-    before = snapshot(bpy, scene)
+    before = snapshot(bpy, scene, addon.compat)
     module = addon.render_depth
     original = module._render_one
     calls = []
@@ -201,7 +212,7 @@ def test_settings_restored_after_failed_render(addon, scene, tmp_path, monkeypat
     monkeypatch.setattr(module, "_render_one", failing)
     with pytest.raises(module.DepthRenderError, match="simulated"):
         module.render_depths(scene, [_pose(addon)] * 3, 64, 64, tmp_path / "w")
-    assert_same(snapshot(bpy, scene), before)
+    assert_same(snapshot(bpy, scene, addon.compat), before)
     assert not (tmp_path / "w").exists()
 
     # A caller cancelling from the progress callback gets the same clean scene.
@@ -215,7 +226,7 @@ def test_settings_restored_after_failed_render(addon, scene, tmp_path, monkeypat
 
     with pytest.raises(Cancelled):
         module.render_depths(scene, [_pose(addon)] * 3, 64, 64, tmp_path / "w", on_progress=cancel)
-    assert_same(snapshot(bpy, scene), before)
+    assert_same(snapshot(bpy, scene, addon.compat), before)
 
 
 @pytest.mark.blender
@@ -228,15 +239,24 @@ def test_real_render_error_is_reported_and_cleaned_up(addon, scene, tmp_path, mo
 
     def broken(scene_, layer, directory, prefix, state):
         original(scene_, layer, directory, prefix, state)
-        tree = scene_.compositing_node_group
+        tree = module.compat.compositor_tree(scene_)
         for node in [n for n in tree.nodes if n.bl_idname == "CompositorNodeOutputFile"]:
             tree.nodes.remove(node)
 
     monkeypatch.setattr(module.compat, "setup_depth_compositor", broken)
-    before = snapshot(bpy, scene)
+    before = snapshot(bpy, scene, addon.compat)
     with pytest.raises(module.DepthRenderError, match="wrote 0 EXR files"):
         module.render_depths(scene, [_pose(addon)], 64, 64, tmp_path)
-    assert_same(snapshot(bpy, scene), before)
+    after = snapshot(bpy, scene, addon.compat)
+    if not addon.compat.COMPOSITOR_IS_NODE_GROUP and before["scene"]["node_tree"] is None:
+        # 4.x cannot delete a scene's embedded tree once made: Blender's default one stays, unused.
+        assert not scene.use_nodes
+        assert after["compositor"] == [("Composite", "CompositorNodeComposite", False),
+                                       ("Render Layers", "CompositorNodeRLayers", False)]
+        for snap in (before, after):
+            snap["scene"].pop("node_tree")
+            snap.pop("compositor")
+    assert_same(after, before)
 
 
 @pytest.mark.blender

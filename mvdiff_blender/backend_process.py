@@ -4,6 +4,11 @@ The backend is the ``backend`` package shipped inside this extension, run by a P
 its requirements (torch, diffusers...). Blender's own Python never imports them. The process
 gets its own session, writes its log to the extension's user folder, and is stopped when the
 add-on is disabled or Blender exits, so no GPU memory outlives the Blender that asked for it.
+
+The settings a backend was started with are kept: when the preferences change (another model,
+device or port), the next job or Start stops it and starts one with the new settings. A record
+file (:mod:`.process_record`) lets the next Blender session find a backend that a crashed session
+left running, and stop or adopt it.
 """
 
 from __future__ import annotations
@@ -16,10 +21,14 @@ import time
 from pathlib import Path
 
 from ..backend.client import BackendClient, BackendError
+from . import process_record
 from .connection import LocalLaunch, SetupError
 
 _started: subprocess.Popen | None = None
 _started_launch: LocalLaunch | None = None
+_adopted: process_record.Record | None = None  # an earlier session's backend the user chose to use
+_orphan: process_record.Record | None = None  # an earlier session's backend the user has not decided on
+_record_path: Path | None = None
 
 
 def command(launch: LocalLaunch) -> list[str]:
@@ -33,17 +42,56 @@ def command(launch: LocalLaunch) -> list[str]:
 def check_python(python: str) -> None:
     if not python:
         raise SetupError("No Python is set for the backend",
-                         "In the add-on's preferences, set Backend Python to a Python with the backend installed")
+                         "In Edit > Preferences > Add-ons > MVDiffusion Texturing, set Backend Python to a Python "
+                         "with the backend installed (see the README)")
     if not Path(python).is_file():
-        raise SetupError(f"The backend Python {python!r} does not exist", "Fix Backend Python in the preferences")
+        raise SetupError(f"The backend Python {python!r} does not exist",
+                         "In Edit > Preferences > Add-ons > MVDiffusion Texturing, fix Backend Python")
 
 
-def start(launch: LocalLaunch) -> subprocess.Popen:
-    """Start the backend unless the one this add-on started is still running; returns the process."""
-    global _started, _started_launch
+def settings(launch: LocalLaunch) -> tuple:
+    """What makes two launches the same backend: the whole command line (Python, port, models,
+    weights, device, store, offline) and the extra environment."""
+    return tuple(command(launch)), tuple(sorted(launch.env.items()))
+
+
+def running_settings() -> tuple | None:
+    """:func:`settings` of the backend this add-on runs (started or adopted), or None."""
+    if not is_running():
+        return None
+    if _started is not None:
+        return settings(_started_launch)
+    return _adopted.command, ()
+
+
+def matches(launch: LocalLaunch) -> bool:
+    """The running backend was started with exactly these settings."""
+    current = running_settings()
+    if current is None:
+        return False
+    if _started is None:  # adopted: its environment is unknown, its command line is recorded
+        return current[0] == settings(launch)[0]
+    return current == settings(launch)
+
+
+def is_stale(launch: LocalLaunch | None) -> bool:
+    """A backend runs, but with other settings than ``launch`` (the preferences changed since)."""
+    return launch is not None and is_running() and not matches(launch)
+
+
+def start(launch: LocalLaunch) -> subprocess.Popen | None:
+    """Make sure a backend with ``launch``'s settings runs; returns the process when this call started it.
+
+    One started with other settings (the Model, Device or Port changed since) is stopped first, so
+    no job ever reaches a backend that still holds the old model.
+    """
+    global _started, _started_launch, _record_path
     if is_running():
-        return _started
+        if matches(launch):
+            return _started
+        stop()
     check_python(launch.python)
+    check_no_orphan(launch.port)
     launch.store.mkdir(parents=True, exist_ok=True)
     launch.log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **launch.env}
@@ -59,11 +107,90 @@ def start(launch: LocalLaunch) -> subprocess.Popen:
         _started = subprocess.Popen(command(launch), cwd=launch.extension_root, env=env, stdin=subprocess.DEVNULL,
                                     stdout=log, stderr=subprocess.STDOUT, **flags)
     _started_launch = launch
+    _record_path = launch.record
+    if launch.record is not None:
+        process_record.write(launch.record, process_record.Record(
+            _started.pid, launch.port, time.time(), tuple(command(launch)),
+            process_record.process_start_token(_started.pid)))
     return _started
 
 
 def is_running() -> bool:
-    return _started is not None and _started.poll() is None
+    """The backend this add-on started, or one it adopted from an earlier session, is alive."""
+    if _started is not None:
+        return _started.poll() is None
+    return _adopted is not None and process_record.pid_alive(_adopted.pid)
+
+
+def running_port() -> int | None:
+    if _started is not None and is_running():
+        return _started_launch.port
+    return _adopted.port if _adopted is not None and is_running() else None
+
+
+# ---------------------------------------------------------------------- a backend from an earlier session
+def scan(record_path: Path) -> process_record.Record | None:
+    """Look for a backend an earlier Blender session started and left running (it crashed or was killed).
+
+    A record whose process is gone, or whose pid now belongs to another program, is removed
+    silently. The orphan found is kept for :func:`orphan`, :func:`stop_orphan` and :func:`adopt_orphan`.
+    """
+    global _orphan, _record_path
+    _record_path = record_path
+    _orphan = None
+    record = process_record.read(record_path)
+    if record is None:
+        return None
+    ours_now = (_started is not None and _started.pid == record.pid) or (
+        _adopted is not None and _adopted.pid == record.pid)
+    if ours_now:
+        return None
+    if not process_record.is_our_backend(record):
+        process_record.remove(record_path, record.pid)
+        return None
+    _orphan = record
+    return record
+
+
+def orphan() -> process_record.Record | None:
+    return _orphan
+
+
+def check_no_orphan(port: int) -> None:
+    """Refuse to start, or to send a job, while an earlier session's backend holds ``port`` undecided."""
+    global _orphan
+    if _orphan is None or _orphan.port != port:
+        return
+    if not process_record.is_our_backend(_orphan):
+        _orphan = None  # it ended meanwhile
+        return
+    raise SetupError(f"A backend from an earlier Blender session is running on port {port}",
+                     "In the MVDiffusion > Backend panel (or the add-on's preferences), press Stop It to end it "
+                     "or Use It to keep it")
+
+
+def stop_orphan(timeout: float = 10.0) -> bool:
+    """Stop the earlier session's backend; returns False (and kills nothing) if it is no longer ours."""
+    global _orphan
+    record, _orphan = _orphan, None
+    if record is None:
+        return False
+    stopped = process_record.terminate(record, timeout)
+    if _record_path is not None:
+        process_record.remove(_record_path, record.pid)
+    return stopped
+
+
+def adopt_orphan() -> bool:
+    """Use the earlier session's backend as if this session had started it (it stops with Blender)."""
+    global _orphan, _adopted
+    record = _orphan
+    if record is None or not process_record.is_our_backend(record):
+        _orphan = None
+        return False
+    stop()
+    _orphan, _adopted = None, record
+    return True
 
 
 def wait_until_healthy(client: BackendClient, timeout: float = 120.0, poll: float = 0.25,
@@ -85,18 +212,30 @@ def wait_until_healthy(client: BackendClient, timeout: float = 120.0, poll: floa
 
 
 def stop(timeout: float = 10.0) -> bool:
-    """Stop the backend this add-on started; returns whether there was one to stop."""
-    global _started
+    """Stop the backend this add-on started or adopted; returns whether there was one to stop."""
+    global _started, _adopted
     process, _started = _started, None
-    if process is None or process.poll() is not None:
+    adopted, _adopted = _adopted, None
+    if adopted is not None:
+        stopped = process_record.terminate(adopted, timeout)
+        if _record_path is not None:
+            process_record.remove(_record_path, adopted.pid)
+        return stopped
+    if process is None:
         return False
-    process.terminate()
     try:
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout)
-    return True
+        if process.poll() is not None:
+            return False
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout)
+        return True
+    finally:
+        if _record_path is not None:
+            process_record.remove(_record_path, process.pid)
 
 
 def log_tail(lines: int = 15) -> str:

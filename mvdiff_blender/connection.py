@@ -24,6 +24,12 @@ class SetupError(RuntimeError):
         self.fix = fix
 
 
+def with_fix(err: BaseException) -> str:
+    """The error's message with what to press or type, for every place an error is shown."""
+    fix = getattr(err, "fix", "")
+    return f"{err}. {fix}" if fix else str(err)
+
+
 def normalise_url(text: str) -> str:
     """``host[:port][/path]`` with or without a scheme, as ``scheme://host:port[/path]``."""
     text = text.strip()
@@ -72,6 +78,7 @@ class LocalLaunch:
     extension_root: Path
     offline: bool = False
     env: dict[str, str] = field(default_factory=dict)
+    record: Path | None = None  # where the started process is noted, for the next session to find
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 import bpy
 
 from . import apply, cameras, preferences
-from .connection import SetupError
+from .connection import SetupError, with_fix
 from .job import JobError, PreparedJob, prepare_texture_job, prepare_world_job, textured_objects
 from .session import JobSession, Snapshot
 
@@ -107,8 +107,8 @@ class _JobOperator:
             state.job_id, state.stage = "", "prepare"
             prepared = self.prepare(context)
         except (JobError, SetupError, cameras.CameraError) as err:
-            state.running, state.message = False, str(err)
-            self.report({"ERROR"}, _with_fix(err))
+            state.running, state.message = False, with_fix(err)
+            self.report({"ERROR"}, with_fix(err))
             return False
         self._prepared = prepared
         self._session = JobSession(connection, prepared.data, prepared.folder).start()
@@ -164,11 +164,6 @@ class _JobOperator:
     def _log(self, line: str) -> None:
         if bpy.app.background:
             print(f"[mvdiff] {line}", file=sys.stdout, flush=True)
-
-
-def _with_fix(err: Exception) -> str:
-    fix = getattr(err, "fix", "")
-    return f"{err}. {fix}" if fix else str(err)
 
 
 def _show_preview(state, path: Path) -> None:

@@ -15,8 +15,8 @@ from bpy.props import BoolProperty, EnumProperty, IntProperty, StringProperty
 
 from ..backend.client import BackendClient, BackendError
 from ..backend.protocol import API_VERSION
-from . import ADDON_ID, backend_process, compat
-from .connection import Connection, LocalLaunch, SetupError, normalise_url
+from . import ADDON_ID, backend_process, compat, process_record
+from .connection import Connection, LocalLaunch, SetupError, normalise_url, with_fix
 
 EXTENSION_ROOT = Path(__file__).resolve().parent.parent
 MODEL_SOURCES = [
@@ -30,6 +30,17 @@ DEVICES = [("AUTO", "Automatic", "A CUDA GPU when there is one, else the CPU"), 
 # The last health check, for drawing: (time, ok, text). Kept outside properties so that
 # drawing never writes to Blender data.
 _status: dict = {"checked": 0.0, "ok": False, "text": "Not checked yet", "fix": ""}
+
+
+def _launch_settings_changed(self, context) -> None:
+    """A setting the backend was started with changed: say so at once, restart on the next use.
+
+    The running process is not stopped here (a job may be running on it, and a path is often typed
+    in several steps); the next job or Start compares the settings and restarts it.
+    """
+    if backend_process.is_running():
+        _remember(False, "The backend runs with earlier settings; it restarts with the new ones on the next job",
+                  "Press Restart Backend to restart it now")
 
 
 def bundled_venv_python() -> str:
@@ -47,17 +58,18 @@ class MVDIFF_AddonPreferences(bpy.types.AddonPreferences):
         ("LOCAL", "Start on This Machine", "The add-on starts the bundled backend with the Python below"),
         ("REMOTE", "Connect to URL", "A backend already running, e.g. on a GPU server"),
     ], default="LOCAL")
-    python: StringProperty(name="Backend Python", subtype="FILE_PATH",
+    python: StringProperty(name="Backend Python", subtype="FILE_PATH", update=_launch_settings_changed,
                            description="A Python with the backend's requirements (torch, diffusers...); "
                                        "empty: the checkout's .venv when there is one")
-    model_source: EnumProperty(name="Model", items=MODEL_SOURCES, default="HUB")
-    model_folder: StringProperty(name="Model Folder", subtype="DIR_PATH")
-    depth_caa: StringProperty(name="Depth Multi-View Weights", subtype="FILE_PATH",
+    model_source: EnumProperty(name="Model", items=MODEL_SOURCES, default="HUB", update=_launch_settings_changed)
+    model_folder: StringProperty(name="Model Folder", subtype="DIR_PATH", update=_launch_settings_changed)
+    depth_caa: StringProperty(name="Depth Multi-View Weights", subtype="FILE_PATH", update=_launch_settings_changed,
                               description="Trained multi-view blocks for texturing (.safetensors or released .ckpt)")
     panorama_caa: StringProperty(name="Panorama Multi-View Weights", subtype="FILE_PATH",
+                                 update=_launch_settings_changed,
                                  description="Trained multi-view blocks for panoramas")
-    device: EnumProperty(name="Device", items=DEVICES, default="AUTO")
-    port: IntProperty(name="Port", default=8765, min=1024, max=65535)
+    device: EnumProperty(name="Device", items=DEVICES, default="AUTO", update=_launch_settings_changed)
+    port: IntProperty(name="Port", default=8765, min=1024, max=65535, update=_launch_settings_changed)
     url: StringProperty(name="URL", default="http://127.0.0.1:8765",
                         description="Where the backend listens, e.g. http://gpu-box:8765")
     token: StringProperty(name="Token", subtype="PASSWORD",
@@ -96,8 +108,16 @@ def draw_status(layout: bpy.types.UILayout, prefs: MVDIFF_AddonPreferences) -> N
     if _status["fix"]:
         box.label(text=_status["fix"], icon="INFO")
     row = box.row()
+    orphan = backend_process.orphan()
+    if orphan is not None:
+        box.label(text=f"A backend from an earlier Blender session is running on port {orphan.port}", icon="ERROR")
+        orphan_row = box.row()
+        orphan_row.operator("mvdiff.backend_orphan_stop", icon="CANCEL")
+        orphan_row.operator("mvdiff.backend_orphan_use", icon="LINKED")
     if prefs.mode == "LOCAL":
         if backend_process.is_running():
+            if _restart_needed(prefs):
+                row.operator("mvdiff.backend_start", text="Restart Backend", icon="FILE_REFRESH")
             row.operator("mvdiff.backend_stop", icon="CANCEL")
         else:
             row.operator("mvdiff.backend_start", icon="PLAY")
@@ -112,6 +132,19 @@ def get(context: bpy.types.Context | None = None) -> MVDIFF_AddonPreferences | N
     addons = (context or bpy.context).preferences.addons
     entry = addons.get(ADDON_ID)
     return entry.preferences if entry else None
+
+
+def _restart_needed(prefs) -> bool:
+    """The running backend was started with other settings than the preferences now say."""
+    try:
+        return backend_process.is_stale(_local_connection(prefs).launch)
+    except SetupError:
+        return False
+
+
+def record_path() -> Path:
+    """The note about the backend process this add-on started (for the next session to find)."""
+    return user_folder("backend") / process_record.RECORD_NAME
 
 
 def user_folder(name: str) -> Path:
@@ -152,22 +185,38 @@ def _local_connection(prefs: MVDIFF_AddonPreferences | None) -> Connection:
             args += ["--device", prefs.device.lower()]
     launch = LocalLaunch(python=python, port=port, model_args=tuple(args), store=user_folder("backend-store"),
                          log=user_folder("logs") / "backend.log", extension_root=EXTENSION_ROOT,
-                         offline=not compat.online_access_allowed())
+                         offline=not compat.online_access_allowed(), record=record_path())
     auto = prefs.start_automatically if prefs else True
     return Connection(f"http://127.0.0.1:{port}", None, launch if auto else None)
 
 
 def check(context: bpy.types.Context | None = None, timeout: float = 3.0) -> tuple[bool, str, str]:
     """Health and version of the configured backend, for the status box: (ok, text, fix)."""
+    prefs = get(context)
+    local = prefs is None or prefs.mode == "LOCAL"
     try:
         conn = connection(context)
+        launch = conn.launch or (_local_connection(prefs).launch if local else None)
+        if local:
+            if backend_process.orphan() is None:
+                backend_process.scan(record_path())
+            if launch is not None:
+                backend_process.check_no_orphan(launch.port)
+            if backend_process.is_stale(launch):
+                return _remember(False, "The backend runs with earlier settings (Backend Python, Model, Device "
+                                        "or Port changed)", "Press Restart Backend, or start a job")
         info = BackendClient(conn.url, conn.token, timeout).version()
     except SetupError as err:
         return _remember(False, str(err), err.fix)
     except BackendError as err:
         if err.status == 401:
             return _remember(False, "The backend refused the token", "Set the backend's token")
-        fix = "Press Start Backend" if get(context) is None or get(context).mode == "LOCAL" else "Check the URL"
+        if local and launch is not None and not backend_process.is_running():
+            try:
+                backend_process.check_python(launch.python)
+            except SetupError as setup:
+                return _remember(False, str(setup), setup.fix)
+        fix = "Press Start Backend" if local else "Check the URL"
         return _remember(False, f"Backend not reachable: {err.message}", fix)
     if info.get("api_version") != API_VERSION:
         return _remember(False, f"Backend speaks API {info.get('api_version')}, the add-on needs {API_VERSION}",
@@ -204,8 +253,8 @@ class MVDIFF_OT_backend_start(bpy.types.Operator):
         if prefs is not None and prefs.mode != "LOCAL":
             cls.poll_message_set("The backend is set to a URL; it runs elsewhere")
             return False
-        if backend_process.is_running():
-            cls.poll_message_set("The backend is already running")
+        if backend_process.is_running() and not _restart_needed(prefs):
+            cls.poll_message_set("The backend is already running with these settings")
             return False
         return True
 
@@ -213,9 +262,10 @@ class MVDIFF_OT_backend_start(bpy.types.Operator):
         try:
             conn = connection(context)
             launch = conn.launch or _local_connection(get(context)).launch
-            backend_process.start(launch)
+            backend_process.start(launch)  # stops one started with other settings first
         except (SetupError, OSError) as err:
-            self.report({"ERROR"}, str(err))
+            _remember(False, str(err), getattr(err, "fix", ""))
+            self.report({"ERROR"}, with_fix(err))
             return {"CANCELLED"}
         _remember(False, "Backend starting...", "Press the refresh button in a few seconds")
         self.report({"INFO"}, f"Backend starting; its log is {launch.log}")
@@ -240,7 +290,69 @@ class MVDIFF_OT_backend_stop(bpy.types.Operator):
         return {"FINISHED"}
 
 
-classes = (MVDIFF_AddonPreferences, MVDIFF_OT_backend_check, MVDIFF_OT_backend_start, MVDIFF_OT_backend_stop)
+class MVDIFF_OT_backend_orphan_stop(bpy.types.Operator):
+    bl_idname = "mvdiff.backend_orphan_stop"
+    bl_label = "Stop It"
+    bl_description = ("Stop the backend an earlier Blender session left running (after checking that the "
+                      "process really is that backend)")
+
+    @classmethod
+    def poll(cls, context):
+        if backend_process.orphan() is None:
+            cls.poll_message_set("No backend from an earlier session was found")
+            return False
+        return True
+
+    def execute(self, context):
+        port = backend_process.orphan().port
+        if backend_process.stop_orphan():
+            _remember(False, f"Stopped the earlier session's backend on port {port}", "")
+            self.report({"INFO"}, f"Stopped the earlier session's backend on port {port}")
+        else:
+            _remember(False, "The earlier session's backend had already ended", "")
+            self.report({"INFO"}, "The earlier session's backend had already ended; nothing was stopped")
+        return {"FINISHED"}
+
+
+class MVDIFF_OT_backend_orphan_use(bpy.types.Operator):
+    bl_idname = "mvdiff.backend_orphan_use"
+    bl_label = "Use It"
+    bl_description = ("Keep the backend an earlier Blender session left running and use it; it stops with "
+                      "this Blender, and restarts if its settings differ from the preferences")
+
+    @classmethod
+    def poll(cls, context):
+        if backend_process.orphan() is None:
+            cls.poll_message_set("No backend from an earlier session was found")
+            return False
+        return True
+
+    def execute(self, context):
+        port = backend_process.orphan().port
+        if not backend_process.adopt_orphan():
+            _remember(False, "The earlier session's backend has ended", "Press Start Backend")
+            self.report({"WARNING"}, "The earlier session's backend has ended. Press Start Backend")
+            return {"CANCELLED"}
+        prefs = get(context)
+        note = "" if prefs is None or prefs.port == port else (
+            f"; it listens on port {port}, not on the Port set ({prefs.port}), so the next job restarts it")
+        check(context)
+        self.report({"INFO"}, f"Using the earlier session's backend on port {port}{note}")
+        return {"FINISHED"}
+
+
+classes = (MVDIFF_AddonPreferences, MVDIFF_OT_backend_check, MVDIFF_OT_backend_start, MVDIFF_OT_backend_stop,
+           MVDIFF_OT_backend_orphan_stop, MVDIFF_OT_backend_orphan_use)
+
+
+def register_extra() -> None:
+    """Look for a backend that an earlier Blender session (one that crashed) left running."""
+    try:
+        if backend_process.scan(record_path()) is not None:
+            _remember(False, f"A backend from an earlier Blender session is running on port "
+                             f"{backend_process.orphan().port}", "Press Stop It to end it, or Use It to keep it")
+    except OSError:
+        pass  # an unreadable user folder must not stop the add-on from loading
 
 
 def unregister_extra() -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..backend.client import FINAL_STATES, BackendClient, BackendError
 from ..backend.protocol import API_VERSION
 from . import backend_process
-from .connection import Connection, SetupError
+from .connection import Connection, SetupError, with_fix
 
 POLL_SECONDS = 0.25
 
@@ -106,7 +106,7 @@ class JobSession:
         try:
             self._run_job()
         except SetupError as err:
-            self._publish(state="error", error=str(err) + (f". {err.fix}" if err.fix else ""))
+            self._publish(state="error", error=with_fix(err))
         except BackendError as err:
             self._publish(state="error", error=err.message if err.status == 0 else str(err))
         except Exception as err:  # noqa: BLE001 - anything else still has to reach the user, not a dead thread
@@ -131,6 +131,13 @@ class JobSession:
         self._follow(client, job_id)
 
     def _ensure_backend(self, client: BackendClient) -> None:
+        launch = self.connection.launch
+        if launch is not None:
+            backend_process.check_no_orphan(launch.port)
+            if backend_process.is_stale(launch):
+                # Started with other settings (Model, Device, Port...): a job must not reach the old model.
+                self._publish(message="Restarting the backend with the new settings")
+                backend_process.stop()
         try:
             client.health()
             return

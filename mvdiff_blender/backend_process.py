@@ -28,7 +28,11 @@ _started: subprocess.Popen | None = None
 _started_launch: LocalLaunch | None = None
 _adopted: process_record.Record | None = None  # an earlier session's backend the user chose to use
 _orphan: process_record.Record | None = None  # an earlier session's backend the user has not decided on
-_record_path: Path | None = None
+_record_dir: Path | None = None
+
+
+def _record_file(port: int) -> Path | None:
+    return None if _record_dir is None else process_record.record_file(_record_dir, port)
 
 
 def command(launch: LocalLaunch) -> list[str]:
@@ -85,7 +89,7 @@ def start(launch: LocalLaunch) -> subprocess.Popen | None:
     One started with other settings (the Model, Device or Port changed since) is stopped first, so
     no job ever reaches a backend that still holds the old model.
     """
-    global _started, _started_launch, _record_path
+    global _started, _started_launch, _record_dir
     if is_running():
         if matches(launch):
             return _started
@@ -107,11 +111,12 @@ def start(launch: LocalLaunch) -> subprocess.Popen | None:
         _started = subprocess.Popen(command(launch), cwd=launch.extension_root, env=env, stdin=subprocess.DEVNULL,
                                     stdout=log, stderr=subprocess.STDOUT, **flags)
     _started_launch = launch
-    _record_path = launch.record
-    if launch.record is not None:
-        process_record.write(launch.record, process_record.Record(
+    if launch.record_dir is not None:
+        _record_dir = launch.record_dir
+        process_record.write(_record_file(launch.port), process_record.Record(
             _started.pid, launch.port, time.time(), tuple(command(launch)),
-            process_record.process_start_token(_started.pid)))
+            process_record.process_start_token(_started.pid), os.getpid(),
+            process_record.process_start_token(os.getpid())))
     return _started
 
 
@@ -129,27 +134,27 @@ def running_port() -> int | None:
 
 
 # ---------------------------------------------------------------------- a backend from an earlier session
-def scan(record_path: Path) -> process_record.Record | None:
+def scan(record_dir: Path) -> process_record.Record | None:
     """Look for a backend an earlier Blender session started and left running (it crashed or was killed).
 
     A record whose process is gone, or whose pid now belongs to another program, is removed
-    silently. The orphan found is kept for :func:`orphan`, :func:`stop_orphan` and :func:`adopt_orphan`.
+    silently; one whose Blender still runs belongs to that session and is left alone. The orphan
+    found is kept for :func:`orphan`, :func:`stop_orphan` and :func:`adopt_orphan`.
     """
-    global _orphan, _record_path
-    _record_path = record_path
+    global _orphan, _record_dir
+    _record_dir = record_dir
     _orphan = None
-    record = process_record.read(record_path)
-    if record is None:
-        return None
-    ours_now = (_started is not None and _started.pid == record.pid) or (
-        _adopted is not None and _adopted.pid == record.pid)
-    if ours_now:
-        return None
-    if not process_record.is_our_backend(record):
-        process_record.remove(record_path, record.pid)
-        return None
-    _orphan = record
-    return record
+    ours = {p.pid for p in (_started, _adopted) if p is not None}
+    for path in process_record.record_files(record_dir):
+        record = process_record.read(path)
+        if record is None or record.pid in ours or process_record.owner_runs_elsewhere(record):
+            continue
+        if not process_record.is_our_backend(record):
+            process_record.remove(path, record.pid)
+            continue
+        if _orphan is None:
+            _orphan = record
+    return _orphan
 
 
 def orphan() -> process_record.Record | None:
@@ -176,8 +181,8 @@ def stop_orphan(timeout: float = 10.0) -> bool:
     if record is None:
         return False
     stopped = process_record.terminate(record, timeout)
-    if _record_path is not None:
-        process_record.remove(_record_path, record.pid)
+    if _record_file(record.port) is not None:
+        process_record.remove(_record_file(record.port), record.pid)
     return stopped
 
 
@@ -214,12 +219,12 @@ def wait_until_healthy(client: BackendClient, timeout: float = 120.0, poll: floa
 def stop(timeout: float = 10.0) -> bool:
     """Stop the backend this add-on started or adopted; returns whether there was one to stop."""
     global _started, _adopted
-    process, _started = _started, None
+    process, _started, launch = _started, None, _started_launch
     adopted, _adopted = _adopted, None
     if adopted is not None:
         stopped = process_record.terminate(adopted, timeout)
-        if _record_path is not None:
-            process_record.remove(_record_path, adopted.pid)
+        if _record_file(adopted.port) is not None:
+            process_record.remove(_record_file(adopted.port), adopted.pid)
         return stopped
     if process is None:
         return False
@@ -234,8 +239,8 @@ def stop(timeout: float = 10.0) -> bool:
             process.wait(timeout)
         return True
     finally:
-        if _record_path is not None:
-            process_record.remove(_record_path, process.pid)
+        if _record_file(launch.port) is not None:
+            process_record.remove(_record_file(launch.port), process.pid)
 
 
 def log_tail(lines: int = 15) -> str:

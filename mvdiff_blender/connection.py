@@ -78,7 +78,7 @@ class LocalLaunch:
     extension_root: Path
     offline: bool = False
     env: dict[str, str] = field(default_factory=dict)
-    record: Path | None = None  # where the started process is noted, for the next session to find
+    record_dir: Path | None = None  # where the started process is noted, for the next session to find
 
 
 @dataclass(frozen=True)

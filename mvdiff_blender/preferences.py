@@ -15,7 +15,7 @@ from bpy.props import BoolProperty, EnumProperty, IntProperty, StringProperty
 
 from ..backend.client import BackendClient, BackendError
 from ..backend.protocol import API_VERSION
-from . import ADDON_ID, backend_process, compat, process_record
+from . import ADDON_ID, backend_process, compat
 from .connection import Connection, LocalLaunch, SetupError, normalise_url, with_fix
 
 EXTENSION_ROOT = Path(__file__).resolve().parent.parent
@@ -142,9 +142,9 @@ def _restart_needed(prefs) -> bool:
         return False
 
 
-def record_path() -> Path:
-    """The note about the backend process this add-on started (for the next session to find)."""
-    return user_folder("backend") / process_record.RECORD_NAME
+def record_dir() -> Path:
+    """Where the add-on notes the backend processes it started (for the next session to find)."""
+    return user_folder("backend")
 
 
 def user_folder(name: str) -> Path:
@@ -185,7 +185,7 @@ def _local_connection(prefs: MVDIFF_AddonPreferences | None) -> Connection:
             args += ["--device", prefs.device.lower()]
     launch = LocalLaunch(python=python, port=port, model_args=tuple(args), store=user_folder("backend-store"),
                          log=user_folder("logs") / "backend.log", extension_root=EXTENSION_ROOT,
-                         offline=not compat.online_access_allowed(), record=record_path())
+                         offline=not compat.online_access_allowed(), record_dir=record_dir())
     auto = prefs.start_automatically if prefs else True
     return Connection(f"http://127.0.0.1:{port}", None, launch if auto else None)
 
@@ -199,7 +199,7 @@ def check(context: bpy.types.Context | None = None, timeout: float = 3.0) -> tup
         launch = conn.launch or (_local_connection(prefs).launch if local else None)
         if local:
             if backend_process.orphan() is None:
-                backend_process.scan(record_path())
+                backend_process.scan(record_dir())
             if launch is not None:
                 backend_process.check_no_orphan(launch.port)
             if backend_process.is_stale(launch):
@@ -348,7 +348,7 @@ classes = (MVDIFF_AddonPreferences, MVDIFF_OT_backend_check, MVDIFF_OT_backend_s
 def register_extra() -> None:
     """Look for a backend that an earlier Blender session (one that crashed) left running."""
     try:
-        if backend_process.scan(record_path()) is not None:
+        if backend_process.scan(record_dir()) is not None:
             _remember(False, f"A backend from an earlier Blender session is running on port "
                              f"{backend_process.orphan().port}", "Press Stop It to end it, or Use It to keep it")
     except OSError:

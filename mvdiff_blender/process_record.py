@@ -22,8 +22,6 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-RECORD_NAME = "backend-process.json"
-
 
 @dataclass(frozen=True)
 class Record:
@@ -32,6 +30,24 @@ class Record:
     started_at: float
     command: tuple[str, ...]
     proc_start: str = ""  # Linux: the start time in /proc/<pid>/stat, which a reused pid does not share
+    owner_pid: int = 0  # the Blender that started it: while that one runs, the backend is not an orphan
+    owner_start: str = ""
+
+
+def record_file(folder: Path, port: int) -> Path:
+    """One record per port, so two Blender sessions on different ports never overwrite each other's."""
+    return Path(folder) / f"backend-{int(port)}.json"
+
+
+def record_files(folder: Path) -> list[Path]:
+    return sorted(Path(folder).glob("backend-*.json"))
+
+
+def owner_runs_elsewhere(record: Record) -> bool:
+    """The Blender that started the backend still runs (and is not this one): it is that session's."""
+    if not record.owner_pid or record.owner_pid == os.getpid() or not pid_alive(record.owner_pid):
+        return False
+    return not record.owner_start or process_start_token(record.owner_pid) in ("", record.owner_start)
 
 
 def process_start_token(pid: int) -> str:
@@ -56,7 +72,8 @@ def read(path: Path) -> Record | None:
     try:
         data = json.loads(path.read_text())
         return Record(int(data["pid"]), int(data["port"]), float(data["started_at"]),
-                      tuple(str(a) for a in data["command"]), str(data.get("proc_start", "")))
+                      tuple(str(a) for a in data["command"]), str(data.get("proc_start", "")),
+                      int(data.get("owner_pid", 0)), str(data.get("owner_start", "")))
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError):

@@ -102,6 +102,10 @@ def start(addon, prefs):
     return process._started
 
 
+def record_file(addon, port: int):
+    return addon.process_record.record_file(addon.preferences.record_dir(), port)
+
+
 def forget_session(addon) -> None:
     """What a new Blender session knows about the backend: nothing in memory, only the record file."""
     addon.backend_process._started = None
@@ -146,12 +150,13 @@ def test_the_process_record_is_written_on_start_and_removed_on_stop(addon, local
 
     before = time.time()
     started = start(addon, local)
-    path = addon.preferences.record_path()
+    path = record_file(addon, local.port)
     record = json.loads(path.read_text())
     launch = addon.preferences.connection(bpy.context).launch
     assert record["pid"] == started.pid and record["port"] == local.port
     assert record["command"] == addon.backend_process.command(launch)
     assert before - 1 <= record["started_at"] <= time.time()
+    assert record["owner_pid"] == os.getpid()  # this Blender
     assert not list(path.parent.glob("*.tmp")), "the record is written through a temporary file"
     assert bpy.ops.mvdiff.backend_stop() == {"FINISHED"}
     assert gone(started.pid) and not path.exists()
@@ -176,7 +181,7 @@ def test_an_orphan_from_an_earlier_session_is_reported_and_stopped(addon, local)
 
     assert bpy.ops.mvdiff.backend_orphan_stop() == {"FINISHED"}
     assert gone(started.pid)
-    assert not addon.preferences.record_path().exists()
+    assert not record_file(addon, local.port).exists()
     assert addon.backend_process.orphan() is None
 
 
@@ -191,13 +196,13 @@ def test_an_orphan_can_be_used_and_then_stops_with_blender(addon, local):
     ok, text, _ = addon.preferences.check(bpy.context)
     assert ok and "ready" in text
     addon.backend_process.stop()
-    assert gone(started.pid) and not addon.preferences.record_path().exists()
+    assert gone(started.pid) and not record_file(addon, local.port).exists()
 
 
 def test_a_record_of_a_dead_process_is_removed_silently(addon, local):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    path = addon.preferences.record_path()
+    path = record_file(addon, local.port)
     record = addon.process_record.Record(dead.pid, local.port, time.time(), (local.python, "-m", "backend", "serve"))
     addon.process_record.write(path, record)
     addon.preferences._remember(True, "unchanged", "")
@@ -208,7 +213,7 @@ def test_a_record_of_a_dead_process_is_removed_silently(addon, local):
 
 def test_a_live_process_that_is_not_our_backend_is_never_killed(addon, local, tmp_path):
     process_record = addon.process_record
-    path = addon.preferences.record_path()
+    folder = addon.preferences.record_dir()
     # A pid reused by an unrelated program.
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     # And our backend's very command line, but a process started later than the record says
@@ -221,8 +226,9 @@ def test_a_live_process_that_is_not_our_backend_is_never_killed(addon, local, tm
                 (other.pid, local.port, (local.python, "-m", "backend", "serve", "--port", str(local.port)), ""),
                 (lookalike.pid, port, tuple(lookalike_command), "1")):
             record = process_record.Record(pid, record_port, time.time(), command, proc_start)
+            path = process_record.record_file(folder, record_port)
             process_record.write(path, record)
-            assert addon.backend_process.scan(path) is None
+            assert addon.backend_process.scan(folder) is None
             assert not path.exists(), "a record about someone else's process is stale and goes"
             assert process_record.terminate(record, timeout=1) is False
         time.sleep(0.3)
@@ -231,6 +237,34 @@ def test_a_live_process_that_is_not_our_backend_is_never_killed(addon, local, tm
         for p in (other, lookalike):
             p.kill()
             p.wait()
+
+
+def test_a_backend_whose_blender_still_runs_is_that_sessions_not_an_orphan(addon, local):
+    """Two Blender sessions at once: the second one neither offers to stop the first one's backend
+    nor forgets its record."""
+    process_record = addon.process_record
+    folder = addon.preferences.record_dir()
+    other_blender = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    command = [local.python, "-m", "backend", "serve", "--port", str(local.port)]
+    backend = subprocess.Popen(command)
+    try:
+        record = process_record.Record(backend.pid, local.port, time.time(), tuple(command),
+                                       process_record.process_start_token(backend.pid), other_blender.pid,
+                                       process_record.process_start_token(other_blender.pid))
+        path = process_record.record_file(folder, local.port)
+        process_record.write(path, record)
+        assert process_record.is_our_backend(record)
+        assert addon.backend_process.scan(folder) is None and path.exists()
+        # Once that Blender has gone, its backend is an orphan.
+        other_blender.kill()
+        other_blender.wait()
+        assert addon.backend_process.scan(folder) == record
+    finally:
+        for p in (other_blender, backend):
+            p.kill()
+            p.wait()
+        addon.backend_process._orphan = None
+        process_record.remove(process_record.record_file(folder, local.port))
 
 
 def test_no_python_keeps_its_fix_wherever_it_is_shown(addon, local, tmp_path, monkeypatch):

@@ -102,6 +102,29 @@ def start(addon, prefs):
     return process._started
 
 
+class StatusBox:
+    """Stands in for the preferences' layout: records every label text and operator button."""
+
+    def __init__(self):
+        self.labels, self.buttons = [], []
+
+    def label(self, text="", **_kwargs):
+        self.labels.append(text)
+
+    def operator(self, idname, text=None, **_kwargs):
+        self.buttons.append(text or idname)
+        return self
+
+    def __getattr__(self, _name):
+        return lambda *args, **kwargs: self
+
+
+def draw_status(addon, prefs) -> StatusBox:
+    box = StatusBox()
+    addon.preferences.draw_status(box, prefs)
+    return box
+
+
 def record_file(addon, port: int):
     return addon.process_record.record_file(addon.preferences.record_dir(), port)
 
@@ -125,6 +148,8 @@ def test_changed_settings_restart_the_backend_with_the_new_arguments(addon, loca
     assert not addon.preferences._status["ok"] and "earlier settings" in addon.preferences._status["text"]
     ok, text, fix = addon.preferences.check(bpy.context)
     assert not ok and "earlier settings" in text and "Restart Backend" in fix
+    box = draw_status(addon, local)
+    assert "Restart Backend" in box.buttons and not any("ready" in label for label in box.labels)
 
     # The next job restarts it before talking to it (the session's first step).
     conn = addon.preferences.connection(bpy.context)
@@ -178,6 +203,10 @@ def test_an_orphan_from_an_earlier_session_is_reported_and_stopped(addon, local)
     assert "Stop It" in err.value.fix
     ok, text, fix = addon.preferences.check(bpy.context)
     assert not ok and "earlier Blender session" in text and "Use It" in fix
+    box = draw_status(addon, local)
+    assert f"A backend from an earlier Blender session is running on port {local.port}" in box.labels
+    assert {"mvdiff.backend_orphan_stop", "mvdiff.backend_orphan_use"} <= set(box.buttons)
+    assert "mvdiff.backend_start" in box.buttons  # nothing of this session's runs
 
     assert bpy.ops.mvdiff.backend_orphan_stop() == {"FINISHED"}
     assert gone(started.pid)

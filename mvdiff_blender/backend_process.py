@@ -127,12 +127,6 @@ def is_running() -> bool:
     return _adopted is not None and process_record.pid_alive(_adopted.pid)
 
 
-def running_port() -> int | None:
-    if _started is not None and is_running():
-        return _started_launch.port
-    return _adopted.port if _adopted is not None and is_running() else None
-
-
 # ---------------------------------------------------------------------- a backend from an earlier session
 def scan(record_dir: Path) -> process_record.Record | None:
     """Look for a backend an earlier Blender session started and left running (it crashed or was killed).

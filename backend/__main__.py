@@ -18,7 +18,12 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
 
     from . import bench, cli_jobs, cli_models, demo
-    from .train import cli as cli_train
+
+    cli_train = _training_cli()
+    if cli_train is None and (sys.argv[1:] if argv is None else argv)[:1] == ["train"]:
+        print("error: training is not part of the extension build; run it from a checkout of the repository",
+              file=sys.stderr)
+        return 2
 
     bench.add_arguments(commands.add_parser("bench", help="run a benchmark", description=bench.__doc__))
     demo.add_arguments(commands.add_parser("demo", help="run the offline demo", description=demo.__doc__))
@@ -34,20 +39,32 @@ def main(argv: list[str] | None = None) -> int:
     cli_jobs.add_panorama_arguments(
         commands.add_parser("panorama", help="make a 360 HDRI here", description=cli_jobs.__doc__)
     )
-    cli_train.add_arguments(
-        commands.add_parser("train", help="train the multi-view model (two stages)", description=cli_train.__doc__)
-    )
+    if cli_train is not None:
+        cli_train.add_arguments(
+            commands.add_parser("train", help="train the multi-view model (two stages)", description=cli_train.__doc__)
+        )
     args = parser.parse_args(argv)
     handlers = {
         "bench": bench.run, "demo": demo.run, "make-tiny-model": cli_models.run,
         "serve": cli_jobs.run_serve, "texture": cli_jobs.run_texture, "panorama": cli_jobs.run_panorama,
-        "train": cli_train.run,
+        "train": cli_train.run if cli_train else None,
     }
     try:
         return handlers[args.command](args)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def _training_cli():
+    """The ``train`` command's module; None in the extension build, which ships without ``backend/train``."""
+    try:
+        from .train import cli
+    except ModuleNotFoundError as err:
+        if err.name != f"{__package__}.train":
+            raise
+        return None
+    return cli
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from bpy.props import BoolProperty, EnumProperty, IntProperty, StringProperty
 
 from ..backend.client import BackendClient, BackendError
 from ..backend.protocol import API_VERSION
-from . import ADDON_ID, backend_process, compat
+from . import ADDON_ID, backend_process, compat, installer
 from .connection import Connection, LocalLaunch, SetupError, normalise_url, with_fix
 
 EXTENSION_ROOT = Path(__file__).resolve().parent.parent
@@ -83,6 +83,7 @@ class MVDIFF_AddonPreferences(bpy.types.AddonPreferences):
         col = layout.column()
         if self.mode == "LOCAL":
             col.prop(self, "python")
+            installer.draw(col)
             if not self.python and bundled_venv_python():
                 col.label(text=f"Using {bundled_venv_python()}", icon="INFO")
             col.prop(self, "model_source")

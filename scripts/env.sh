@@ -1,5 +1,6 @@
 # Sourced by the other scripts: makes sure .venv exists with the pinned dependencies.
-# Re-installs when requirements/dev.txt changes (a stamp file holds its hash).
+# Re-installs when requirements/dev.txt or the files it includes (backend.lock, torch.txt) change
+# (a stamp file holds their hash).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
@@ -7,13 +8,13 @@ REQUIREMENTS="$ROOT/requirements/dev.txt"
 STAMP="$VENV/.requirements.sha256"
 PYTHON_BIN="${PYTHON:-python3}"
 
-want="$(sha256sum "$REQUIREMENTS" | cut -d' ' -f1)"
+want="$(cat "$REQUIREMENTS" "$ROOT/requirements/backend.lock" "$ROOT/requirements/torch.txt" | sha256sum | cut -d' ' -f1)"
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
     echo "Setting up $VENV (pinned dependencies, CPU build of torch)..." >&2
     "$PYTHON_BIN" -m venv "$VENV"
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
-    # One pip command for everything, so torch==2.13.0 (the CPU build) is resolved together
-    # with the packages that depend on it.
+    # One pip command for everything (dev.txt includes torch.txt and backend.lock), so the torch
+    # pin (here the CPU build) is resolved together with the packages that depend on it.
     "$VENV/bin/python" -m pip install --quiet -r "$REQUIREMENTS"
     echo "$want" > "$STAMP"
 fi

@@ -113,7 +113,9 @@ def _fetch(url: str, partial: Path, expected_size: int | None, progress: bool, t
                     f"{expected_size} bytes; nothing was kept, check the link",
                 )
             size = _stream(response, partial, offset, total, url, progress)
-        if total is not None and size != total:
+        if total is not None and size < total:  # the stream ended early without an error: a cut all the same
+            raise InputError(FIELD, _cut_message(url, size, total, partial, "connection closed"))
+        if total is not None and size > total:
             partial.unlink(missing_ok=True)
             raise InputError(
                 FIELD, f"{url} sent {size} bytes where it announced {total}; the download was deleted, try again",
@@ -162,11 +164,7 @@ def _stream(response, partial: Path, offset: int, total: int | None, url: str, p
                     block = response.read(CHUNK)
                 except (HTTPException, OSError) as err:
                     handle.flush()
-                    raise InputError(
-                        FIELD, f"the connection to {_host(url)} was cut after {size} of "
-                        f"{total if total is not None else '?'} bytes ({type(err).__name__}); the part already "
-                        f"downloaded is kept in {partial}: run the same command again to resume",
-                    ) from None
+                    raise InputError(FIELD, _cut_message(url, size, total, partial, type(err).__name__)) from None
                 if not block:
                     break
                 if first and offset == 0 and block.lstrip()[:9].lower().startswith(HTML_OPENINGS):
@@ -180,6 +178,13 @@ def _stream(response, partial: Path, offset: int, total: int | None, url: str, p
     finally:
         bar.close()
     return size
+
+
+def _cut_message(url: str, size: int, total: int | None, partial: Path, why: str) -> str:
+    return (
+        f"the connection to {_host(url)} was cut after {size} of {total if total is not None else '?'} bytes "
+        f"({why}); the part already downloaded is kept in {partial}: run the same command again to resume"
+    )
 
 
 def _host(url: str) -> str:

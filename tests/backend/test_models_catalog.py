@@ -175,3 +175,43 @@ def test_panorama_report_names_its_models(tmp_path):
     run_panorama_job(job, ModelSet(ModelConfig.tiny()), JobContext(tmp_path))
     written = json.loads((tmp_path / "report.json").read_text())
     assert written["base_model"] == "tiny" and written["multiview_weights"] == "tiny"
+
+
+def test_verify_loads_what_the_models_folder_holds_and_fails_non_zero(tiny_folder, tmp_path, capsys):
+    import shutil
+
+    from backend.__main__ import main
+
+    shutil.copytree(tiny_folder / "base", catalog.hub_folder(DEFAULT_BASE_MODEL, tmp_path))
+    assert main(["models", "verify", "--json", "--models-dir", str(tmp_path)]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [m["name"] for m in report["models"]] == ["sd2-community--stable-diffusion-2-base"]
+    (tmp_path / "pano.ckpt").write_bytes(b"weights")
+    manifest.record(tmp_path / "pano.ckpt", "f" * 64)
+    assert main(["models", "verify", "--json", "--models-dir", str(tmp_path)]) == 1
+    failed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["models"][-1]
+    assert failed["name"] == "pano.ckpt" and not failed["ok"] and "f" * 64 in failed["summary"]
+
+
+def test_a_released_checkpoint_in_the_models_folder_verifies_and_loads_by_itself(tiny_folder, tmp_path):
+    import shutil
+
+    import torch
+    from released_state import make_released_state
+
+    from backend.models.tiny import tiny_pipeline
+    from backend.models.verify import verify_folder
+
+    base = catalog.hub_folder(DEFAULT_BASE_MODEL, tmp_path)
+    shutil.copytree(tiny_folder / "base", base)
+    pipe = tiny_pipeline("base")
+    state = make_released_state("panorama", pipe.unet, pipe.vae.state_dict(), pipe.text_encoder.state_dict())
+    torch.save({"state_dict": state}, tmp_path / "pano.ckpt")
+    manifest.record(tmp_path / "pano.ckpt", manifest.sha256_of(tmp_path / "pano.ckpt"))
+    report = {m["name"]: m for m in verify_folder(tmp_path)}["pano.ckpt"]
+    assert report["ok"] and report["placed"] > 0 and report["missing"] == 0 and report["skipped"] > 0
+    models = ModelSet(ModelConfig(models_dir=str(tmp_path), device="cpu", dtype="float32", offline=True))
+    assert models.describe("panorama") == {"base_model": str(base), "multiview_weights": str(tmp_path / "pano.ckpt")}
+    caa = models.sampler("panorama").model.caa_mid.attention.to_q.weight
+    key = "mv_base_model.cp_blocks_mid.transformer.attn1.to_q.weight"
+    assert torch.equal(caa, state[key])

@@ -27,6 +27,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", help="cuda, cuda:1, cpu... (default: cuda when available)")
     group.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="default: float16 on a GPU")
     group.add_argument("--offline", action="store_true", help="never contact the model hub")
+    group.add_argument("--models-dir", help="models folder (default: $MVDIFF_MODELS_DIR or the user data folder)")
 
 
 def model_config(args: argparse.Namespace):
@@ -38,7 +39,7 @@ def model_config(args: argparse.Namespace):
     return ModelConfig(
         depth=args.depth_model, base=args.base_model, root=args.models, depth_caa=args.depth_caa,
         panorama_caa=args.panorama_caa, device=args.device or defaults.device, dtype=args.dtype or defaults.dtype,
-        offline=True if args.offline else None,
+        offline=True if args.offline else None, models_dir=args.models_dir,
     )
 
 

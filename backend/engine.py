@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .models import catalog, manifest
 from .models.loading import load_components
 from .models.mv_unet import MultiViewUNet
 from .models.released import load_released_checkpoint, use_released_behaviour
@@ -26,8 +27,9 @@ from .pipelines.sampling import MultiViewSampler
 from .validation import InputError
 
 TINY = "tiny"
-DEFAULT_DEPTH_MODEL = "stabilityai/stable-diffusion-2-depth"
-DEFAULT_BASE_MODEL = "stabilityai/stable-diffusion-2-base"
+DEFAULT_DEPTH_MODEL = catalog.default_base_model("depth")
+DEFAULT_BASE_MODEL = catalog.default_base_model("base")
+NO_WEIGHTS = "none"  # describe(): the multi-view blocks stay at their identity initialisation
 TASKS = {"depth": "depth", "panorama": "base"}  # task -> the SD 2 kind it is built on
 
 
@@ -39,7 +41,10 @@ class ModelConfig:
     ``"tiny"``. A folder holding ``depth/`` and ``base/`` (as ``make-tiny-model`` writes) can be
     given as ``root``. ``depth_caa`` / ``panorama_caa``: the added blocks' weights (our
     ``.safetensors`` or a released ``.ckpt``); without them a folder's own ``caa.safetensors``
-    is used, and failing that the blocks stay at their identity initialisation.
+    is used, then the task's released checkpoint in the models folder (``models_dir``, see
+    :mod:`~backend.models.catalog`; its recorded sha256 is checked first), and failing that the
+    blocks stay at their identity initialisation. A default hub id is replaced by a copy of any
+    catalog model of its kind downloaded into the models folder.
     """
 
     depth: str = DEFAULT_DEPTH_MODEL
@@ -50,6 +55,7 @@ class ModelConfig:
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     dtype: str = "float16" if torch.cuda.is_available() else "float32"
     offline: bool | None = None
+    models_dir: str | None = None
 
     @classmethod
     def tiny(cls) -> ModelConfig:
@@ -59,7 +65,26 @@ class ModelConfig:
         kind = TASKS[task]
         if self.root is not None:
             return str(Path(self.root).expanduser() / kind)
-        return self.depth if task == "depth" else self.base
+        given = self.depth if task == "depth" else self.base
+        if given == catalog.default_base_model(kind):
+            local = catalog.local_base_model(kind, self.models_dir)
+            if local is not None:
+                return str(local)
+        return given
+
+    def multiview_weights(self, task: str) -> Path | None:
+        """The file the task's added blocks load from, by the order in the class docstring; ``None``: identity."""
+        source = self.source(task)
+        if source == TINY:
+            return None
+        given = self.depth_caa if task == "depth" else self.panorama_caa
+        if given is not None:
+            return Path(given).expanduser()
+        own = Path(source).expanduser() / CAA_WEIGHTS
+        if own.is_file():
+            return own
+        released = catalog.models_dir(self.models_dir) / catalog.TASK_CHECKPOINTS[task]
+        return released if released.is_file() else None
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype not in ("float32", "float16", "bfloat16"):
@@ -94,6 +119,19 @@ class ModelSet:
     def source_label(self, task: str) -> str:
         return TINY if self.config.source(task) == TINY else self.config.source(task)
 
+    def describe(self, task: str) -> dict[str, str]:
+        """What the task's model is made of, without loading anything: the base model's source and the
+        multi-view weights (a path, ``"tiny"`` for the built-in tiny model's random blocks, or
+        ``"none"`` when the blocks stay at identity, i.e. the output is the base model's alone)."""
+        if task not in TASKS:
+            raise InputError("task", f"must be one of {sorted(TASKS)}, got {task!r}")
+        if self.config.source(task) == TINY:
+            weights = TINY
+        else:
+            path = self.config.multiview_weights(task)
+            weights = NO_WEIGHTS if path is None else str(path)
+        return {"base_model": self.source_label(task), "multiview_weights": weights}
+
     def release(self) -> None:
         """Drop every model and give the memory back.
 
@@ -125,18 +163,16 @@ class ModelSet:
         return MultiViewSampler(model, vae.to(device, dtype), text_encoder.to(device, dtype), tokenizer, scheduler)
 
     def _load_added(self, model: MultiViewUNet, task: str, source: str) -> None:
-        weights = self.config.depth_caa if task == "depth" else self.config.panorama_caa
         field = "depth_caa" if task == "depth" else "panorama_caa"
-        if weights is None:
-            own = Path(source).expanduser() / CAA_WEIGHTS
-            if own.is_file():
-                load_added_weights(model, own)
+        path = self.config.multiview_weights(task)
+        if path is None:
             return
-        path = Path(weights).expanduser()
         if not path.is_file():
             raise InputError(field, f"no such file: {path}")
         if path.suffix == ".safetensors":
             load_added_weights(model, path)
-        else:
-            report = load_released_checkpoint(model, path)
-            use_released_behaviour(model, report)
+            return
+        if path.parent == catalog.models_dir(self.config.models_dir):
+            manifest.check(path, field)
+        report = load_released_checkpoint(model, path)
+        use_released_behaviour(model, report)

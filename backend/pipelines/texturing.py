@@ -64,12 +64,12 @@ def run_texture_job(job: TextureJob, models: ModelSet, ctx: JobContext) -> dict[
     # is shared between jobs, so its memory setting is put back afterwards.
     split, sampler.split_guidance = sampler.split_guidance, ctx.memory_level >= 1
     try:
-        return _run(job, sampler, ctx)
+        return _run(job, sampler, ctx, models.describe("depth"))
     finally:
         sampler.split_guidance = split
 
 
-def _run(job: TextureJob, sampler: MultiViewSampler, ctx: JobContext) -> dict[str, Any]:
+def _run(job: TextureJob, sampler: MultiViewSampler, ctx: JobContext, described: dict[str, str]) -> dict[str, Any]:
     max_in_between = max(1, MAX_IN_BETWEEN >> ctx.memory_level)
     settings = SamplingSettings.of(job.settings)
     prompts = _prompts(job)
@@ -85,7 +85,7 @@ def _run(job: TextureJob, sampler: MultiViewSampler, ctx: JobContext) -> dict[st
         consistency = _consistency(generated.frames, job, atlas, result)
         ctx.check_cancel()
         _write_outputs(job, ctx, generated.frames, atlas, result)
-    report = _report(job, ctx, generated, atlas.unwrapped, coverage, consistency)
+    report = {**_report(job, ctx, generated, atlas.unwrapped, coverage, consistency), **described}
     outputs.write_json(ctx.out_dir / "report.json", report)
     return report
 

@@ -52,11 +52,19 @@ class Health(BaseModel):
     backend_version: str
 
 
+class TaskModel(BaseModel):
+    """What a task's model is made of (``ModelSet.describe``)."""
+
+    base_model: str
+    multiview_weights: str
+
+
 class Version(Health):
     device: str
     dtype: str
     models_loaded: dict[str, str]
     models: dict[str, str]
+    tasks: dict[str, TaskModel]
     queued: int
     running: str | None
 
@@ -91,12 +99,16 @@ def create_app(config: ServerConfig, store: JobStore, worker: Worker) -> FastAPI
 
     @app.get("/v1/version", response_model=Version, dependencies=guarded, tags=["service"])
     def version() -> dict[str, Any]:
-        """Versions, the device, which models are configured and which are loaded, the queue."""
+        """Versions, the device, which models are configured and which are loaded, the queue.
+
+        ``tasks`` says per task which base model and which multi-view weights a job runs with
+        (``"none"``: the blocks are at identity and the views are the base model's alone)."""
         models = worker.models
         return {
             "status": "ok", "api_version": API_VERSION, "backend_version": __version__,
             "device": models.config.device, "dtype": models.config.dtype, "models_loaded": models.loaded(),
             "models": {task: models.source_label(task) for task in ("depth", "panorama")},
+            "tasks": {task: models.describe(task) for task in ("depth", "panorama")},
             "queued": worker.queued, "running": worker.current,
         }
 

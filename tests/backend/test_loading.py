@@ -116,7 +116,9 @@ def test_hub_id_offline_fails_fast_naming_source(monkeypatch, explicit):
     err = error_for("nobody-here/no-such-sd2-model", "depth", offline=explicit)
     assert time.perf_counter() - start < 5
     assert err.field == "source"
-    assert "Hugging Face cache" in err.problem and "huggingface-cli download" in err.problem
+    assert "Hugging Face cache" in err.problem and "huggingface-cli" not in err.problem
+    assert "python -m backend models download nobody-here/no-such-sd2-model" in err.problem
+    assert "hf download nobody-here/no-such-sd2-model" in err.problem and "Allow Online Access" in err.problem
 
 
 # -- single checkpoint files (original LDM layout) --------------------------------------------------------------------

@@ -40,6 +40,8 @@ def test_health_and_version(backend):
     assert health["status"] == "ok" and health["api_version"] == 1
     version = backend.client.version()
     assert version["device"] == "cpu" and version["models"] == {"depth": "tiny", "panorama": "tiny"}
+    tiny = {"base_model": "tiny", "multiview_weights": "tiny"}
+    assert version["tasks"] == {"depth": tiny, "panorama": tiny}
 
 
 def test_texture_job_from_submit_to_downloaded_texture(backend, tmp_path):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from typing import Any
 
 from .models import catalog
@@ -55,6 +56,9 @@ def add_models_arguments(parser: argparse.ArgumentParser) -> None:
                              f"checkpoint ({', '.join(catalog.CHECKPOINTS)})")
             sub.add_argument("--fp16", action="store_true", help="base models: the half-size fp16 weight files")
             sub.add_argument("--token", help=f"Hugging Face token (default: ${catalog.TOKEN_ENV})")
+            sub.add_argument("--progress-lines", action="store_true",
+                             help="progress as 'PROGRESS <fraction> <message>' lines on stdout instead of bars "
+                             "(what the Blender add-on reads)")
         if name == "verify":
             sub.add_argument("--tiny", action="store_true", help="verify the tiny models built in code (offline)")
 
@@ -117,7 +121,9 @@ def _download(args: argparse.Namespace) -> dict[str, Any]:
 
     root = catalog.models_dir(args.models_dir)
     done = []
-    for item in args.items:
+    for index, item in enumerate(args.items):
+        if args.progress_lines:
+            print(f"PROGRESS {index / len(args.items):.3f} {item}: starting", flush=True)
         if item in catalog.BASE_MODELS or ("/" in item and not item.endswith(".ckpt")):
             from .models.hub import download_base
 
@@ -135,11 +141,28 @@ def _download(args: argparse.Namespace) -> dict[str, Any]:
             done.append({"item": item, "path": str(path), "sha256": sha, "downloaded": False})
             _say(args, f"{entry.name}: already in {root} (sha256 {sha} checked)")
             continue
-        result = download(entry.url, path, expected_size=entry.size)
+        reporter = ProgressLines(entry.name, index, len(args.items)) if args.progress_lines else None
+        result = download(entry.url, path, expected_size=entry.size, progress=reporter is None, on_progress=reporter)
         done.append({"item": item, "path": str(result.path), "sha256": result.sha256, "size": result.size,
                      "downloaded": True, "resumed": result.resumed})
         _say(args, f"{entry.name}: {result.size} bytes, sha256 {result.sha256} recorded")
     return {"ok": True, "models_dir": str(root), "downloaded": done}
+
+
+class ProgressLines:
+    """``PROGRESS <fraction> <message>`` lines for one file of several, at most one per half second."""
+
+    def __init__(self, name: str, index: int, count: int):
+        self.name, self.index, self.count, self.last = name, index, count, 0.0
+
+    def __call__(self, done: int, total: int | None) -> None:
+        now = time.monotonic()
+        if now - self.last < 0.5 and (total is None or done < total):
+            return
+        self.last = now
+        part = done / total if total else 0.0
+        size = f"{done / 2**20:.0f} of {total / 2**20:.0f} MB" if total else f"{done / 2**20:.0f} MB"
+        print(f"PROGRESS {(self.index + part) / self.count:.3f} {self.name}: {size}", flush=True)
 
 
 def _verify(args: argparse.Namespace) -> dict[str, Any]:

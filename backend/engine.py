@@ -24,12 +24,13 @@ from .models.released import load_released_checkpoint, use_released_behaviour
 from .models.tiny import CAA_WEIGHTS, tiny_multiview, tiny_pipeline
 from .models.weights import load_added_weights
 from .pipelines.sampling import MultiViewSampler
+from .protocol import NO_MULTIVIEW_WEIGHTS
 from .validation import InputError
 
 TINY = "tiny"
 DEFAULT_DEPTH_MODEL = catalog.default_base_model("depth")
 DEFAULT_BASE_MODEL = catalog.default_base_model("base")
-NO_WEIGHTS = "none"  # describe(): the multi-view blocks stay at their identity initialisation
+NO_WEIGHTS = NO_MULTIVIEW_WEIGHTS  # describe(): the multi-view blocks stay at their identity initialisation
 TASKS = {"depth": "depth", "panorama": "base"}  # task -> the SD 2 kind it is built on
 
 

@@ -26,6 +26,9 @@ API_VERSION = 1
 JOB_KINDS = ("texture", "panorama")
 DEFAULT_MAX_BYTES = 2 * 2**30
 META_KEY = "job.json"
+NO_MULTIVIEW_WEIGHTS = "none"
+"""``multiview_weights`` in ``/v1/version`` and ``report.json`` when the multi-view blocks stay at their
+identity: every view is generated alone, and the add-on warns that views will not agree."""
 
 
 def pack_arrays(arrays: dict[str, np.ndarray], meta: dict[str, Any] | None = None) -> bytes:

@@ -3,7 +3,8 @@
 Registration only. The modules each own one job: ``cameras`` (poses), ``render_depth`` (Cycles
 depth), ``export`` (meshes), ``job`` (building jobs), ``backend_process`` (a local backend),
 ``session`` (talking to a backend off the UI thread), ``apply`` (images, UVs, materials, World),
-``operators``, ``ui``, ``preferences`` and ``installer`` (the *Install Backend* button).
+``operators``, ``ui``, ``preferences``, ``installer`` (the *Install Backend* button) and
+``multiview_weights`` (whether views agree, and the download of the weights that make them).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import importlib
 # registered under it, not under this sub-package.
 ADDON_ID = __package__.rpartition(".")[0] or __package__
 
-_MODULE_NAMES = ("properties", "preferences", "installer", "operators", "ui")
+_MODULE_NAMES = ("properties", "preferences", "installer", "multiview_weights", "operators", "ui")
 
 
 def _modules():

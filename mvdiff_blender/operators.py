@@ -15,7 +15,7 @@ from pathlib import Path
 
 import bpy
 
-from . import apply, cameras, preferences
+from . import apply, cameras, multiview_weights, preferences
 from .connection import SetupError, with_fix
 from .job import JobError, PreparedJob, prepare_texture_job, prepare_world_job, textured_objects
 from .session import JobSession, Snapshot
@@ -42,6 +42,7 @@ class _JobOperator:
     """What the texture and the World operators share: prepare, run, follow, apply."""
 
     kind_label = "job"
+    task = "depth"  # the backend task whose multi-view weights the job runs with
     _session: JobSession | None = None
     _prepared: PreparedJob | None = None
     _timer = None
@@ -158,7 +159,13 @@ class _JobOperator:
             self.report({"ERROR"}, f"Could not apply the result: {err}. The files are in {snap.result_dir}")
             return {"CANCELLED"}
         state.message, state.progress = summary, 1.0
-        self.report({"INFO"}, summary)
+        independent = multiview_weights.remember_report(self.task, snap.result_dir / "report.json")
+        if independent:
+            state.message = f"{summary}. {independent}"
+            self.report({"WARNING"}, f"{summary}. {independent}: press Download Multi-View Weights in the "
+                                     "MVDiffusion Backend panel")
+        else:
+            self.report({"INFO"}, summary)
         return {"FINISHED"}
 
     def _log(self, line: str) -> None:
@@ -221,6 +228,7 @@ class MVDIFF_OT_make_world(_JobOperator, bpy.types.Operator):
     bl_description = "Generate a 360 panorama, lift it to HDR and use it as the World background"
     bl_options = {"REGISTER", "UNDO"}
     kind_label = "world"
+    task = "panorama"
 
     @classmethod
     def poll(cls, context):

@@ -14,8 +14,9 @@ import bpy
 from bpy.props import BoolProperty, EnumProperty, IntProperty, StringProperty
 
 from ..backend.client import BackendClient, BackendError
+from ..backend.models.catalog import default_base_model
 from ..backend.protocol import API_VERSION
-from . import ADDON_ID, backend_process, compat, installer
+from . import ADDON_ID, backend_process, compat, installer, multiview_weights
 from .connection import Connection, LocalLaunch, SetupError, normalise_url, with_fix
 
 EXTENSION_ROOT = Path(__file__).resolve().parent.parent
@@ -62,6 +63,13 @@ class MVDIFF_AddonPreferences(bpy.types.AddonPreferences):
                            description="A Python with the backend's requirements (torch, diffusers...); "
                                        "empty: the checkout's .venv when there is one")
     model_source: EnumProperty(name="Model", items=MODEL_SOURCES, default="HUB", update=_launch_settings_changed)
+    depth_model: StringProperty(name="Depth Model", default=default_base_model("depth"),
+                                update=_launch_settings_changed,
+                                description="Hugging Face id of the SD 2 depth model textures are made with "
+                                            "(a mirror, or your own copy)")
+    base_model: StringProperty(name="Base Model", default=default_base_model("base"),
+                               update=_launch_settings_changed,
+                               description="Hugging Face id of the SD 2 base model 360 Worlds are made with")
     model_folder: StringProperty(name="Model Folder", subtype="DIR_PATH", update=_launch_settings_changed)
     depth_caa: StringProperty(name="Depth Multi-View Weights", subtype="FILE_PATH", update=_launch_settings_changed,
                               description="Trained multi-view blocks for texturing (.safetensors or released .ckpt)")
@@ -87,6 +95,9 @@ class MVDIFF_AddonPreferences(bpy.types.AddonPreferences):
             if not self.python and bundled_venv_python():
                 col.label(text=f"Using {bundled_venv_python()}", icon="INFO")
             col.prop(self, "model_source")
+            if self.model_source == "HUB":
+                col.prop(self, "depth_model")
+                col.prop(self, "base_model")
             if self.model_source == "FOLDER":
                 col.prop(self, "model_folder")
             col.prop(self, "depth_caa")
@@ -126,6 +137,8 @@ def draw_status(layout: bpy.types.UILayout, prefs: MVDIFF_AddonPreferences) -> N
             box.label(text="Set Backend Python: a Python with the backend installed (see the README)", icon="INFO")
     elif not compat.online_access_allowed():
         row.operator("screen.userpref_show", text="Open Preferences to Allow Online Access").section = "SYSTEM"
+    if _status["ok"] or multiview_weights.running():
+        multiview_weights.draw(box)
 
 
 def get(context: bpy.types.Context | None = None) -> MVDIFF_AddonPreferences | None:
@@ -167,13 +180,29 @@ def connection(context: bpy.types.Context | None = None) -> Connection:
     return conn
 
 
+def local_launch(context: bpy.types.Context | None = None) -> LocalLaunch:
+    """How the add-on starts its backend on this machine, whether or not it starts it by itself."""
+    return _launch(get(context))
+
+
 def _local_connection(prefs: MVDIFF_AddonPreferences | None) -> Connection:
+    launch = _launch(prefs)
+    auto = prefs.start_automatically if prefs else True
+    return Connection(f"http://127.0.0.1:{launch.port}", None, launch if auto else None)
+
+
+def _launch(prefs: MVDIFF_AddonPreferences | None) -> LocalLaunch:
     port = prefs.port if prefs else 8765
     python = bpy.path.abspath(prefs.python) if prefs and prefs.python else bundled_venv_python()
     args: list[str] = []
     source = prefs.model_source if prefs else "HUB"
     if source == "TINY":
         args += ["--models", "tiny"]
+    elif source == "HUB" and prefs is not None:
+        hub_ids = (("--depth-model", prefs.depth_model, "depth"), ("--base-model", prefs.base_model, "base"))
+        for flag, value, kind in hub_ids:
+            if value.strip() and value.strip() != default_base_model(kind):
+                args += [flag, value.strip()]
     elif source == "FOLDER":
         if not prefs.model_folder:
             raise SetupError("The model source is Local Folder but no folder is set", "Set Model Folder")
@@ -184,11 +213,9 @@ def _local_connection(prefs: MVDIFF_AddonPreferences | None) -> Connection:
                 args += [flag, bpy.path.abspath(value)]
         if prefs.device != "AUTO":
             args += ["--device", prefs.device.lower()]
-    launch = LocalLaunch(python=python, port=port, model_args=tuple(args), store=user_folder("backend-store"),
-                         log=user_folder("logs") / "backend.log", extension_root=EXTENSION_ROOT,
-                         offline=not compat.online_access_allowed(), record_dir=record_dir())
-    auto = prefs.start_automatically if prefs else True
-    return Connection(f"http://127.0.0.1:{port}", None, launch if auto else None)
+    return LocalLaunch(python=python, port=port, model_args=tuple(args), store=user_folder("backend-store"),
+                       log=user_folder("logs") / "backend.log", extension_root=EXTENSION_ROOT,
+                       offline=not compat.online_access_allowed(), record_dir=record_dir())
 
 
 def check(context: bpy.types.Context | None = None, timeout: float = 3.0) -> tuple[bool, str, str]:
@@ -222,6 +249,7 @@ def check(context: bpy.types.Context | None = None, timeout: float = 3.0) -> tup
     if info.get("api_version") != API_VERSION:
         return _remember(False, f"Backend speaks API {info.get('api_version')}, the add-on needs {API_VERSION}",
                          "Update the backend and the add-on to the same release")
+    multiview_weights.remember(info.get("tasks"))
     device = info.get("device") or ""
     where = f"{conn.url} ({device})" if device else conn.url
     return _remember(True, f"Backend {info.get('backend_version')} ready at {where}", "")

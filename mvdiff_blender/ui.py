@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import bpy
 
-from . import operators, preferences
+from . import multiview_weights, operators, preferences
 
 CATEGORY = "MVDiffusion"
 
@@ -64,6 +64,7 @@ class MVDIFF_PT_texture(_Panel, bpy.types.Panel):
         col.prop(settings, "texture_16bit")
         col.prop(settings, "output_dir")
         col.prop(settings, "result_name")
+        multiview_weights.draw(layout.column(), ("depth",), show_result=False)
         layout.operator("mvdiff.texture", icon="TEXTURE")
 
 
@@ -83,6 +84,7 @@ class MVDIFF_PT_environment(_Panel, bpy.types.Panel):
         col.prop(settings, "world_strength")
         col.prop(settings, "world_replace_current")
         col.prop(settings, "world_result_name")
+        multiview_weights.draw(layout.column(), ("panorama",), show_result=False)
         layout.operator("mvdiff.make_world", icon="WORLD")
 
 

@@ -25,6 +25,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path
@@ -38,6 +39,7 @@ TIMEOUT_S = 60.0
 USER_AGENT = "mvdiff-blender-backend"
 HTML_OPENINGS = (b"<!doctype", b"<html")
 PARTIAL_SUFFIX = ".partial"
+Progress = Callable[[int, "int | None"], None]
 ONLINE_HINT = (
     "check the network connection (in Blender: Edit > Preferences > System > Network > Allow Online Access)"
 )
@@ -64,13 +66,18 @@ def download(
     expected_size: int | None = None,
     progress: bool = True,
     timeout: float = TIMEOUT_S,
+    on_progress: Progress | None = None,
 ) -> Downloaded:
-    """Download ``url`` to ``dest`` (resuming ``dest.partial``), check it and record its sha256."""
+    """Download ``url`` to ``dest`` (resuming ``dest.partial``), check it and record its sha256.
+
+    ``progress`` shows a tqdm bar on stderr; ``on_progress(bytes_so_far, total_or_None)`` is called
+    after each block, for callers that show progress their own way (the Blender add-on).
+    """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial = partial_path(dest)
     resumed = partial.is_file() and partial.stat().st_size > 0
-    size = _fetch(url, partial, expected_size, progress, timeout)
+    size = _fetch(url, partial, expected_size, progress, timeout, on_progress)
     if expected_size is not None and size != expected_size:
         partial.unlink(missing_ok=True)
         raise InputError(
@@ -83,7 +90,9 @@ def download(
     return Downloaded(dest, sha256, size, resumed)
 
 
-def _fetch(url: str, partial: Path, expected_size: int | None, progress: bool, timeout: float) -> int:
+def _fetch(
+    url: str, partial: Path, expected_size: int | None, progress: bool, timeout: float, on_progress: Progress | None
+) -> int:
     """Stream ``url`` into ``partial`` (appending from its current size when possible); return its final size."""
     for _attempt in range(2):  # a second try only after throwing away a .partial the server would not resume
         offset = partial.stat().st_size if partial.is_file() else 0
@@ -112,7 +121,7 @@ def _fetch(url: str, partial: Path, expected_size: int | None, progress: bool, t
                     FIELD, f"{url} announces {total} bytes, but {partial.name.removesuffix(PARTIAL_SUFFIX)} is "
                     f"{expected_size} bytes; nothing was kept, check the link",
                 )
-            size = _stream(response, partial, offset, total, url, progress)
+            size = _stream(response, partial, offset, total, url, progress, on_progress)
         if total is not None and size < total:  # the stream ended early without an error: a cut all the same
             raise InputError(FIELD, _cut_message(url, size, total, partial, "connection closed"))
         if total is not None and size > total:
@@ -150,7 +159,9 @@ def _html_message(url: str) -> str:
     )
 
 
-def _stream(response, partial: Path, offset: int, total: int | None, url: str, progress: bool) -> int:
+def _stream(
+    response, partial: Path, offset: int, total: int | None, url: str, progress: bool, on_progress: Progress | None
+) -> int:
     from tqdm import tqdm
 
     size = offset
@@ -175,6 +186,8 @@ def _stream(response, partial: Path, offset: int, total: int | None, url: str, p
                 handle.write(block)
                 size += len(block)
                 bar.update(len(block))
+                if on_progress is not None:
+                    on_progress(size, total)
     finally:
         bar.close()
     return size

@@ -149,3 +149,24 @@ def test_a_changed_file_fails_its_sha_check_naming_both_hashes(server, tmp_path)
     assert SHA in err.value.problem and changed in err.value.problem
     assert "Delete it and download it again" in err.value.problem and "pano.ckpt" in err.value.problem
     assert manifest.status(dest) == "mismatch"
+
+
+def test_progress_lines_for_the_blender_add_on(server, tmp_path, monkeypatch, capsys):
+    """``models download --progress-lines --json``: rising PROGRESS lines on stdout, one JSON object last."""
+    import dataclasses
+    import json
+
+    from backend.__main__ import main
+    from backend.models import catalog
+
+    entry = dataclasses.replace(catalog.CHECKPOINTS["pano.ckpt"], url=server + "/file")
+    monkeypatch.setitem(catalog.CHECKPOINTS, "pano.ckpt", entry)
+    assert main(["models", "download", "pano", "--progress-lines", "--json", "--models-dir", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    progress = [line.split(" ", 2) for line in lines if line.startswith("PROGRESS ")]
+    fractions = [float(fraction) for _, fraction, _ in progress]
+    assert fractions == sorted(fractions) and fractions[0] == 0.0 and fractions[-1] == 1.0, lines
+    assert progress[-1][2].startswith("pano.ckpt:"), progress
+    result = json.loads(lines[-1])
+    assert result["ok"] and result["downloaded"][0]["sha256"] == SHA
+    assert (tmp_path / "pano.ckpt").read_bytes() == BODY

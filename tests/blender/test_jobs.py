@@ -84,6 +84,34 @@ def test_texture_job_applies_material_image_and_uv_map(scene, prefs, tmp_path):
     assert len(jobs) == 1 and (jobs[0] / "job.npz").is_file()
 
 
+def test_a_job_without_multiview_weights_warns_that_views_are_independent(scene, prefs, addon, tmp_path):
+    """A tiny model folder without its trained blocks: report.json says so and the add-on warns, in the
+    job's message and in what the panels draw, and offers the download."""
+    import bpy
+
+    from backend.models.tiny import CAA_WEIGHTS, write_tiny_models
+
+    folders = write_tiny_models(tmp_path / "models")
+    (folders["depth"] / CAA_WEIGHTS).unlink()
+    prefs.model_source, prefs.model_folder = "FOLDER", str(tmp_path / "models")
+    try:
+        addon.multiview_weights.forget()
+        small_scene(bpy, tmp_path)
+        assert bpy.ops.mvdiff.texture() == {"FINISHED"}, bpy.context.window_manager.mvdiff.message
+        report = json.loads(next((tmp_path / "mvdiff_jobs").rglob("report.json")).read_text())
+        assert report["multiview_weights"] == "none"
+        message = bpy.context.window_manager.mvdiff.message
+        assert "views are generated independently" in message, message
+        assert addon.multiview_weights.independent("depth")
+        assert "Texturing" in addon.multiview_weights.warning("depth")
+        ok, _text, _fix = addon.preferences.check(bpy.context)
+        assert ok and addon.multiview_weights.independent("depth") and not addon.multiview_weights.independent(
+            "panorama"), "the status check reads the same from /v1/version; the panorama folder has its weights"
+    finally:
+        prefs.model_source = "TINY"
+        addon.multiview_weights.forget()
+
+
 def test_hdri_job_sets_the_world(scene, prefs, tmp_path):
     import bpy
 

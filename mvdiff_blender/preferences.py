@@ -134,7 +134,8 @@ def draw_status(layout: bpy.types.UILayout, prefs: MVDIFF_AddonPreferences) -> N
         else:
             row.operator("mvdiff.backend_start", icon="PLAY")
         if not prefs.python and not bundled_venv_python():
-            box.label(text="Set Backend Python: a Python with the backend installed (see the README)", icon="INFO")
+            box.label(text="Press Install Backend above, or set Backend Python to a Python with the backend installed",
+                      icon="INFO")
     elif not compat.online_access_allowed():
         row.operator("screen.userpref_show", text="Open Preferences to Allow Online Access").section = "SYSTEM"
     if _status["ok"] or multiview_weights.running():

@@ -27,6 +27,7 @@ TASK_LABELS = {"depth": "Texturing", "panorama": "360 Worlds"}
 WARNING = "{label}: no multi-view weights, so views are generated independently and will not agree"
 
 _weights: dict[str, str] = {}  # task -> the backend's last word on its multi-view weights
+_base_models: dict[str, str] = {}  # task -> the base model it named
 
 
 def remember(tasks: dict | None) -> None:
@@ -34,6 +35,7 @@ def remember(tasks: dict | None) -> None:
     for task, info in (tasks or {}).items():
         if isinstance(info, dict) and isinstance(info.get("multiview_weights"), str):
             _weights[task] = info["multiview_weights"]
+            _base_models[task] = str(info.get("base_model") or "")
 
 
 def remember_report(task: str, report_path: Path) -> str | None:
@@ -49,6 +51,15 @@ def remember_report(task: str, report_path: Path) -> str | None:
 
 def forget() -> None:
     _weights.clear()
+    _base_models.clear()
+
+
+def summary(task: str) -> str | None:
+    """``Texturing: <base model> + <weights file>``, as the backend last said; None before it said."""
+    if task not in _weights or task not in TASK_LABELS:
+        return None
+    weights = "no multi-view weights" if independent(task) else Path(_weights[task]).name
+    return f"{TASK_LABELS[task]}: {_base_models.get(task) or '?'} + {weights}"
 
 
 def independent(task: str) -> bool:
@@ -131,6 +142,10 @@ def draw(
     """The warning for each task of ``tasks`` whose views are independent, and the download (its
     progress while it runs; how it ended, with ``show_result``)."""
     shown = [task for task in tasks if independent(task)]
+    if show_result:
+        for task in tasks:
+            if summary(task) and not independent(task):
+                layout.label(text=summary(task), icon="CHECKMARK")
     for task in shown:
         layout.label(text=warning(task), icon="ERROR")
     run = _current

@@ -50,6 +50,8 @@ def test_the_warning_follows_what_the_backend_says(weights):
     assert weights.independent("depth") and not weights.independent("panorama")
     assert "views are generated independently" in weights.warning("depth")
     assert weights.warning("panorama") is None
+    assert weights.summary("panorama") == "360 Worlds: y + pano.ckpt"
+    assert weights.summary("depth") == "Texturing: x + no multi-view weights"
 
 
 def test_download_runs_the_models_command_and_reports_progress(weights, addon, tmp_path):

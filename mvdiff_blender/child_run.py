@@ -100,6 +100,36 @@ class ChildRun:
                 self.process.kill()
 
 
+class Slot:
+    """At most one run of one kind (the installer, a weights download) and the timer that follows it."""
+
+    def __init__(self):
+        self.run: ChildRun | None = None
+        self.poll = self._poll  # one bound method for good: bpy.app.timers knows a timer by identity
+
+    def running(self) -> bool:
+        return self.run is not None and self.run.state == "running"
+
+    def start(self, run: ChildRun) -> ChildRun:
+        self.run = run
+        follow(run, self.poll)
+        return run
+
+    def _poll(self) -> float | None:
+        """The timer: None (stop) once the run has ended."""
+        return POLL_SECONDS if self.run is not None and self.run.poll() else None
+
+    def cancel(self, message: str) -> None:
+        if self.run is not None:
+            self.run.cancel(message)
+
+    def unregister(self, message: str) -> None:
+        """A run still going ends with the add-on, and so does its timer."""
+        self.cancel(message)
+        if bpy.app.timers.is_registered(self.poll):
+            bpy.app.timers.unregister(self.poll)
+
+
 def spawn(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     """Start ``command`` in its own process group with stdout (and stderr) piped as text lines."""
     kwargs = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if os.name == "nt" else {"start_new_session": True}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import bpy
 
-from .child_run import ChildRun, follow, spawn
+from .child_run import ChildRun, Slot, spawn
 
 INSTALLER = Path(__file__).resolve().with_name("install_backend.py")
 
@@ -45,20 +45,17 @@ class Install(ChildRun):
             prefs.python = self.python
 
 
-_current: Install | None = None
+_slot = Slot()
+poll = _slot.poll
+running = _slot.running
 
 
 def current() -> Install | None:
-    return _current
-
-
-def running() -> bool:
-    return _current is not None and _current.state == "running"
+    return _slot.run
 
 
 def start(arguments: tuple[str, ...] = (), script: Path | None = None, log: Path | None = None) -> Install:
     """Start the installer and the timer that follows it (one at a time)."""
-    global _current
     if running():
         raise RuntimeError("The backend installer is already running")
     script = script or INSTALLER
@@ -68,29 +65,17 @@ def start(arguments: tuple[str, ...] = (), script: Path | None = None, log: Path
         log = preferences.user_folder("logs") / "install.log"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     process = spawn([sys.executable, "-u", str(script), *arguments], env, log)
-    _current = Install(process, log, message="Starting the installer")
-    follow(_current, poll)
-    return _current
-
-
-def poll() -> float | None:
-    """The timer: follows the installer on the main thread; returns None (stop) once it has ended."""
-    from .child_run import POLL_SECONDS
-
-    if _current is None or not _current.poll():
-        return None
-    return POLL_SECONDS
+    return _slot.start(Install(process, log, message="Starting the installer"))
 
 
 def cancel() -> None:
     """End the installer and the pip it runs; what it installed stays for a re-run."""
-    if _current is not None:
-        _current.cancel("Installation cancelled")
+    _slot.cancel("Installation cancelled")
 
 
 def draw(layout: bpy.types.UILayout) -> None:
     """The button, or the running installer's progress with Cancel; then how the last run ended."""
-    install = _current
+    install = _slot.run
     row = layout.row()
     if install is not None and install.state == "running":
         row.label(text=f"{install.fraction:.0%} {install.message}", icon="SORTTIME")
@@ -139,7 +124,4 @@ classes = (MVDIFF_OT_backend_install, MVDIFF_OT_backend_install_cancel)
 
 
 def unregister_extra() -> None:
-    """An installer still running ends with the add-on."""
-    cancel()
-    if bpy.app.timers.is_registered(poll):
-        bpy.app.timers.unregister(poll)
+    _slot.unregister("Installation cancelled")

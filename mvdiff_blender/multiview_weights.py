@@ -19,12 +19,14 @@ import bpy
 
 from ..backend.protocol import NO_MULTIVIEW_WEIGHTS
 from . import backend_process, compat
-from .child_run import POLL_SECONDS, ChildRun, follow, spawn
+from .child_run import ChildRun, Slot, spawn
 
 TASK_CHECKPOINTS = {"depth": "depth_gen", "panorama": "pano"}
 """The released checkpoint each task's multi-view weights come from (the backend's catalog names)."""
 TASK_LABELS = {"depth": "Texturing", "panorama": "360 Worlds"}
 WARNING = "{label}: no multi-view weights, so views are generated independently and will not agree"
+
+CANCELLED = "Download cancelled; pressing Download again resumes it"
 
 _weights: dict[str, str] = {}  # task -> the backend's last word on its multi-view weights
 _base_models: dict[str, str] = {}  # task -> the base model it named
@@ -99,20 +101,17 @@ class Download(ChildRun):
         forget()
 
 
-_current: Download | None = None
+_slot = Slot()
+poll = _slot.poll
+running = _slot.running
 
 
 def current() -> Download | None:
-    return _current
-
-
-def running() -> bool:
-    return _current is not None and _current.state == "running"
+    return _slot.run
 
 
 def start(python: str, extension_root: Path, tasks: list[str], log: Path) -> Download:
     """Download the released weights of ``tasks`` with the backend's Python (one download at a time)."""
-    global _current
     if running():
         raise RuntimeError("A download is already running")
     backend_process.check_python(python)
@@ -120,20 +119,11 @@ def start(python: str, extension_root: Path, tasks: list[str], log: Path) -> Dow
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(extension_root), env.get("PYTHONPATH", "")) if p)
     items = [TASK_CHECKPOINTS[task] for task in tasks]
     command = [python, "-u", "-m", "backend", "models", "download", *items, "--progress-lines", "--json"]
-    _current = Download(spawn(command, env, log), log, message="Starting the download")
-    follow(_current, poll)
-    return _current
-
-
-def poll() -> float | None:
-    if _current is None or not _current.poll():
-        return None
-    return POLL_SECONDS
+    return _slot.start(Download(spawn(command, env, log), log, message="Starting the download"))
 
 
 def cancel() -> None:
-    if _current is not None:
-        _current.cancel("Download cancelled; pressing Download again resumes it")
+    _slot.cancel(CANCELLED)
 
 
 def draw(
@@ -148,7 +138,7 @@ def draw(
                 layout.label(text=summary(task), icon="CHECKMARK")
     for task in shown:
         layout.label(text=warning(task), icon="ERROR")
-    run = _current
+    run = _slot.run
     if run is not None and run.state == "running":
         row = layout.row()
         row.label(text=f"{run.fraction:.0%} {run.message}", icon="SORTTIME")
@@ -212,6 +202,4 @@ classes = (MVDIFF_OT_weights_download, MVDIFF_OT_weights_download_cancel)
 
 
 def unregister_extra() -> None:
-    cancel()
-    if bpy.app.timers.is_registered(poll):
-        bpy.app.timers.unregister(poll)
+    _slot.unregister(CANCELLED)

@@ -26,6 +26,8 @@ API_VERSION = 1
 JOB_KINDS = ("texture", "panorama")
 DEFAULT_MAX_BYTES = 2 * 2**30
 META_KEY = "job.json"
+VIEW_SIZE_MULTIPLE = 64
+"""Generated views are a multiple of this many pixels on each side (the UNet's levels divide it)."""
 NO_MULTIVIEW_WEIGHTS = "none"
 """``multiview_weights`` in ``/v1/version`` and ``report.json`` when the multi-view blocks stay at their
 identity: every view is generated alone, and the add-on warns that views will not agree."""
@@ -219,8 +221,8 @@ class PanoramaJob:
         if not 64 <= height <= 8192:
             raise InputError("equirect_height", f"must lie in [64, 8192], got {height}")
         view = positive_int("view_size", meta.get("view_size", 512))
-        if view % 64 or not 64 <= view <= 2048:
-            raise InputError("view_size", f"must be a multiple of 64 in [64, 2048], got {view}")
+        if view % VIEW_SIZE_MULTIPLE or not VIEW_SIZE_MULTIPLE <= view <= 2048:
+            raise InputError("view_size", f"must be a multiple of {VIEW_SIZE_MULTIPLE} in [64, 2048], got {view}")
         return cls(_settings(meta), height, view)
 
 

@@ -1,9 +1,10 @@
 """MVDiffusion for Blender: texture scenes and make 360 HDRI worlds with a multi-view diffusion backend.
 
 Registration only. The modules each own one job: ``cameras`` (poses), ``render_depth`` (Cycles
-depth), ``export`` (meshes), ``job`` (building jobs), ``backend_process`` (a local backend),
-``session`` (talking to a backend off the UI thread), ``apply`` (images, UVs, materials, World),
-``operators``, ``ui``, ``preferences``, ``installer`` (the *Install Backend* button) and
+depth), ``export`` (meshes), ``uv_overlap`` (overlapping UVs), ``job`` (building jobs),
+``backend_process`` (a local backend), ``session`` (talking to a backend off the UI thread),
+``apply`` (images, UVs, materials, World), ``operators``, ``result_operators`` (Apply Result,
+Restore Materials), ``ui``, ``preferences``, ``installer`` (the *Install Backend* button) and
 ``multiview_weights`` (whether views agree, and the download of the weights that make them).
 """
 
@@ -15,7 +16,8 @@ import importlib
 # registered under it, not under this sub-package.
 ADDON_ID = __package__.rpartition(".")[0] or __package__
 
-_MODULE_NAMES = ("properties", "preferences", "installer", "multiview_weights", "operators", "ui")
+_MODULE_NAMES = ("properties", "preferences", "installer", "multiview_weights", "operators", "result_operators",
+                 "ui")
 
 
 def _modules():

@@ -31,6 +31,11 @@ MATERIAL_TAG = "mvdiff_texture"
 ENV_NODE_NAME = "MVDiffusion Environment"
 BACKGROUND_NODE_NAME = "MVDiffusion Background"
 MAX_UV_MAPS = 8  # Blender's limit per mesh
+# Integer face attribute holding each face's material index from before the first texture was
+# applied, so that *Restore Materials* can put the user's assignment back.
+MATERIAL_INDEX_ATTRIBUTE = "mvdiff_material_index"
+MAPPING_NODE_NAME = "MVDiffusion Mapping"
+TEXCOORD_NODE_NAME = "MVDiffusion Texture Coordinate"
 
 
 class ApplyError(RuntimeError):
@@ -62,6 +67,8 @@ def apply_texture(
     output_dir: str | Path,
     basename: str,
     uv_map: str | None = None,
+    make_active: bool = True,
+    make_single_user: bool = False,
 ) -> AppliedTexture:
     """Put a texture job's result on ``objects`` (in the job's order; ``object_names`` are the names it was sent).
 
@@ -71,6 +78,11 @@ def apply_texture(
     One material per object, named "<basename> <object>", all sharing the one image: the UV Map
     node names a map of that object's mesh, and a per-object material lets one object be
     re-textured later without changing the others.
+
+    ``make_active``: the UV map the texture uses becomes each mesh's active and active-render map,
+    so exporters and bakes that read the active map see the texture's UVs. ``make_single_user``:
+    an object whose mesh other objects share gets its own copy first (otherwise such a mesh is
+    refused, because the new UVs and material would reach the other objects too).
     """
     result_dir = Path(bpy.path.abspath(str(result_dir)))
     objects = list(objects)
@@ -79,16 +91,11 @@ def apply_texture(
     texture = result_dir / "texture.png"
     if not texture.is_file():
         raise ApplyError(f"the result has no texture: {texture} does not exist")
-    for obj in objects:
-        _check_writable(obj)
     uvs_path = result_dir / "uvs.npz"
-    if uvs_path.is_file():
+    unwrapped = uvs_path.is_file()
+    check_targets(objects, unwrap=unwrapped, make_single_user=make_single_user)
+    if unwrapped:
         uv_arrays = _read_uvs(uvs_path, objects, object_names)
-        for obj in objects:
-            me = obj.data
-            if UV_MAP_NAME not in me.uv_layers and len(me.uv_layers) >= MAX_UV_MAPS:
-                raise ApplyError(f"'{obj.name}' already has {MAX_UV_MAPS} UV maps, Blender's limit; remove one so "
-                                 f"the '{UV_MAP_NAME}' map can be added")
         map_names = None
     else:
         uv_arrays = None
@@ -98,6 +105,10 @@ def apply_texture(
     image = _load_image(path, "sRGB")
 
     materials, used_maps, split = [], [], []
+    if make_single_user:
+        for obj in objects:
+            if len(mesh_users(obj.data)) > 1:
+                obj.data = obj.data.copy()
     for k, obj in enumerate(objects):
         if uv_arrays is not None:
             name, count = _write_uvs(obj, uv_arrays[k])
@@ -107,6 +118,10 @@ def apply_texture(
         material = _texture_material(f"{basename} {obj.name}", image, name)
         material[MATERIAL_TAG] = basename
         _assign(obj, material)
+        if make_active:
+            layer = obj.data.uv_layers[name]
+            obj.data.uv_layers.active = layer
+            layer.active_render = True
         materials.append(material)
         used_maps.append(name)
     return AppliedTexture(image=image, materials=materials, uv_maps=used_maps, path=path, split_triangles=split)
@@ -137,6 +152,7 @@ def apply_world(
     image = _load_image(path, compat.linear_colorspace_name())
 
     ours = not (use_current and scene.world is not None)
+    previous = scene.world
     world = bpy.data.worlds.new(basename) if ours else scene.world
     compat.enable_nodes(world)
     tree = world.node_tree
@@ -157,14 +173,63 @@ def apply_world(
     environment.image = image
     environment.projection = "EQUIRECTANGULAR"
     environment.interpolation = "Linear"
+    _rotation_nodes(tree, environment)
     tree.links.new(environment.outputs["Color"], background.inputs["Color"])
     tree.links.new(background.outputs["Background"], output.inputs["Surface"])
     background.inputs["Strength"].default_value = strength
+    if previous is not None and previous is not world and not previous.use_fake_user:
+        # Otherwise the user's World has no user left and is dropped when the file is saved.
+        previous.use_fake_user = True
     scene.world = world
     return world
 
 
+def _rotation_nodes(tree: bpy.types.NodeTree, environment: bpy.types.Node) -> None:
+    """Texture Coordinate (Generated) -> Mapping -> the Environment's Vector: the Mapping node's
+    Rotation turns the panorama (Z: around the vertical), identity by default."""
+    nodes = tree.nodes
+    coords = nodes.get(TEXCOORD_NODE_NAME)
+    if coords is None or coords.type != "TEX_COORD":
+        coords = nodes.new("ShaderNodeTexCoord")
+        coords.name = TEXCOORD_NODE_NAME
+        coords.location = (environment.location.x - 440, environment.location.y)
+    mapping = nodes.get(MAPPING_NODE_NAME)
+    if mapping is None or mapping.type != "MAPPING":
+        mapping = nodes.new("ShaderNodeMapping")
+        mapping.name = MAPPING_NODE_NAME
+        mapping.vector_type = "POINT"
+        mapping.location = (environment.location.x - 220, environment.location.y)
+    tree.links.new(coords.outputs["Generated"], mapping.inputs["Vector"])
+    tree.links.new(mapping.outputs["Vector"], environment.inputs["Vector"])
+
+
 # --- checks -----------------------------------------------------------------------------------
+
+
+def mesh_users(mesh: bpy.types.Mesh) -> list[bpy.types.Object]:
+    """The objects that use ``mesh`` (linked duplicates share one)."""
+    return [o for o in bpy.data.objects if o.data is mesh]
+
+
+def check_targets(objects: list[bpy.types.Object], *, unwrap: bool, make_single_user: bool = False) -> None:
+    """Every reason the texture could not be applied to ``objects``, checked before a job starts and again
+    before it is applied: the same rules in both places.
+
+    ``unwrap``: the job writes a new ``MVDiffusion`` UV map (Blender allows 8 per mesh).
+    """
+    for obj in objects:
+        _check_writable(obj)
+        me = obj.data
+        if unwrap and UV_MAP_NAME not in me.uv_layers and len(me.uv_layers) >= MAX_UV_MAPS:
+            raise ApplyError(f"'{obj.name}' already has {MAX_UV_MAPS} UV maps, Blender's limit; remove one so "
+                             f"the '{UV_MAP_NAME}' map can be added")
+        if not make_single_user:
+            others = sorted(o.name for o in mesh_users(me) if o != obj)
+            if others:
+                raise ApplyError(
+                    f"'{obj.name}' shares its mesh '{me.name}' with {', '.join(repr(n) for n in others)} (linked "
+                    "duplicates): the new UV map and material would change them too. Turn on 'Make Single User' "
+                    "to give the textured objects their own mesh copy")
 
 
 def _check_writable(obj: bpy.types.Object) -> None:
@@ -281,10 +346,16 @@ def _texture_material(name: str, image: bpy.types.Image, uv_map: str) -> bpy.typ
 def _assign(obj: bpy.types.Object, material: bpy.types.Material) -> None:
     """Point every face at ``material``: in the slot of the add-on's earlier material, or a new slot.
 
-    The user's materials stay in the list (only the faces' material indices change), so nothing is
-    lost and reassigning them is one click; undo restores the indices too.
+    The user's materials stay in the list, and before the first texture each face's material index
+    is stored in the face attribute ``mvdiff_material_index``, which *Restore Materials*
+    (:func:`restore_materials`) puts back; undo restores the indices too.
     """
     me = obj.data
+    if MATERIAL_INDEX_ATTRIBUTE not in me.attributes:
+        own = np.zeros(len(me.polygons), np.int32)
+        me.polygons.foreach_get("material_index", own)
+        stored = me.attributes.new(MATERIAL_INDEX_ATTRIBUTE, "INT", "FACE")
+        stored.data.foreach_set("value", own)
     index = next((k for k, m in enumerate(me.materials) if m is not None and MATERIAL_TAG in m), None)
     if index is None:
         me.materials.append(material)
@@ -296,6 +367,34 @@ def _assign(obj: bpy.types.Object, material: bpy.types.Material) -> None:
         slot.material = material
     me.polygons.foreach_set("material_index", np.full(len(me.polygons), index, np.int32))
     me.update()
+
+
+def restore_materials(obj: bpy.types.Object) -> bool:
+    """Undo the add-on's material assignment on ``obj``: faces back to their stored material indices,
+    the add-on's slots removed, the stored attribute dropped. False when there is nothing to restore."""
+    me = obj.data
+    stored = me.attributes.get(MATERIAL_INDEX_ATTRIBUTE)
+    ours = [k for k, m in enumerate(me.materials) if m is not None and MATERIAL_TAG in m]
+    if stored is None and not ours:
+        return False
+    _check_writable(obj)
+    if stored is not None:
+        if stored.domain != "FACE" or stored.data_type != "INT":
+            raise ApplyError(f"'{obj.name}': the attribute '{MATERIAL_INDEX_ATTRIBUTE}' is not an integer face "
+                             "attribute, so it does not hold the material assignment")
+        indices = np.zeros(len(me.polygons), np.int32)
+        stored.data.foreach_get("value", indices)
+    else:
+        indices = np.zeros(len(me.polygons), np.int32)
+        me.polygons.foreach_get("material_index", indices)
+    for k in reversed(ours):  # slots after a removed one move down by one
+        me.materials.pop(index=k)
+        indices[indices > k] -= 1
+    me.polygons.foreach_set("material_index", np.clip(indices, 0, max(len(me.materials) - 1, 0)))
+    if stored is not None:
+        me.attributes.remove(me.attributes[MATERIAL_INDEX_ATTRIBUTE])
+    me.update()
+    return True
 
 
 # --- files ------------------------------------------------------------------------------------

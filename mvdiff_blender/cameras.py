@@ -22,6 +22,8 @@ import numpy as np
 from mathutils import Matrix
 
 from ..backend.geometry.cameras import Camera, look_at
+from ..backend.protocol import VIEW_SIZE_MULTIPLE
+from .export import GEOMETRY_TYPES
 
 COLLECTION_NAME = "MVDiffusion Cameras"
 # Custom properties on the collection: marks it as ours even when Blender renamed it (".001"),
@@ -29,7 +31,8 @@ COLLECTION_NAME = "MVDiffusion Cameras"
 _COLLECTION_TAG = "mvdiff_cameras"
 _PLACEMENT_KEY = "mvdiff_placement"
 PLACED_SENSOR_WIDTH = 36.0
-RESOLUTION_MULTIPLE = 64
+RESOLUTION_MULTIPLE = VIEW_SIZE_MULTIPLE
+CLIP_MARGIN = 1.1  # placed cameras' clip end: this times the farthest scene point from any of them
 
 # Blender cameras look down -Z with +Y up; OpenCV cameras (look_at) look down +Z with +Y down.
 _OPENCV_TO_BLENDER = np.diag([1.0, -1.0, -1.0, 1.0])
@@ -271,21 +274,49 @@ def place_orbit(scene: bpy.types.Scene, targets: Sequence[bpy.types.Object], vie
     elevations = ring_elevations(rings, highest_elevation)
     centre, radius = bounding_sphere(targets)
     distance = distance_radii * radius
-    coll = _replace_placed(scene, _orbit_placement(targets, views_per_ring, rings, highest_elevation,
-                                                   distance_radii, lens))
-    clip_start = min(0.1, 0.01 * distance)
-    clip_end = max(1000.0, 4.0 * (distance + radius))
-    placed = []
+    eyes = []
     for ring, elevation in enumerate(elevations):
         for view in range(views_per_ring):
             azimuth = 2.0 * math.pi * (view + 0.5 * (ring % 2)) / views_per_ring
             direction = np.array([math.cos(elevation) * math.cos(azimuth),
                                   math.cos(elevation) * math.sin(azimuth), math.sin(elevation)])
-            eye = centre + distance * direction
-            matrix = look_at(eye, centre) @ _OPENCV_TO_BLENDER
-            placed.append(_new_camera(coll, f"MVDiffusion Orbit {ring:02d}-{view:03d}", matrix, lens,
-                                      clip_start, clip_end))
-    return placed
+            eyes.append((f"MVDiffusion Orbit {ring:02d}-{view:03d}", centre + distance * direction))
+    clip_start, clip_end = clip_range(scene, np.array([eye for _, eye in eyes]))
+    coll = _replace_placed(scene, _orbit_placement(targets, views_per_ring, rings, highest_elevation,
+                                                   distance_radii, lens))
+    return [_new_camera(coll, name, look_at(eye, centre) @ _OPENCV_TO_BLENDER, lens, clip_start, clip_end)
+            for name, eye in eyes]
+
+
+def scene_corners(scene: bpy.types.Scene, depsgraph: bpy.types.Depsgraph | None = None) -> np.ndarray:
+    """World-space bounding-box corners (N, 3) of every object a render shows that has geometry."""
+    depsgraph = depsgraph or bpy.context.evaluated_depsgraph_get()
+    corners = []
+    for obj in scene.objects:
+        if obj.type not in GEOMETRY_TYPES or obj.hide_render:
+            continue
+        evaluated = obj.evaluated_get(depsgraph)
+        local = np.array([tuple(c) for c in evaluated.bound_box], dtype=np.float64)
+        matrix = np.array(evaluated.matrix_world, dtype=np.float64)
+        corners.append(local @ matrix[:3, :3].T + matrix[:3, 3])
+    return np.concatenate(corners) if corners else np.zeros((0, 3))
+
+
+def clip_range(scene: bpy.types.Scene, eyes: np.ndarray) -> tuple[float, float]:
+    """Clip start and end for cameras at ``eyes`` (N, 3) that keep all of the scene's geometry in range.
+
+    The end reaches past the farthest bounding-box corner from any camera, whatever the scene's
+    units (a room modelled in centimetres is hundreds of units across); the start is a small
+    share of the scene's size, so small scenes are not cut either.
+    """
+    corners = scene_corners(scene)
+    if not len(corners):
+        return 0.01, 1000.0
+    far = float(np.linalg.norm(corners[None, :, :] - eyes[:, None, :], axis=2).max())
+    size = float(np.linalg.norm(corners.max(axis=0) - corners.min(axis=0)))
+    clip_end = CLIP_MARGIN * max(far, size, 1e-3)
+    clip_start = min(0.01, max(1e-6, 1e-4 * size))
+    return clip_start, clip_end
 
 
 def curve_polyline(curve_object: bpy.types.Object, depsgraph: bpy.types.Depsgraph | None = None
@@ -385,6 +416,7 @@ def place_walk(scene: bpy.types.Scene, curve_object: bpy.types.Object, views: in
     points, closed = curve_polyline(curve_object)
     positions, tangents = walk_frames(points, closed, views)
     coll = _replace_placed(scene, _walk_placement(curve_object, views, lens))
+    clip_start, clip_end = clip_range(scene, positions)
     placed = []
     heading = np.array([1.0, 0.0, 0.0])
     for index, (eye, forward) in enumerate(zip(positions, tangents, strict=True)):
@@ -394,7 +426,8 @@ def place_walk(scene: bpy.types.Scene, curve_object: bpy.types.Object, views: in
         else:
             heading = np.array([forward[0], forward[1], 0.0]) / horizontal
         matrix = look_at(eye, eye + forward) @ _OPENCV_TO_BLENDER
-        placed.append(_new_camera(coll, f"MVDiffusion Walk {index:03d}", matrix, lens, 0.01, 1000.0))
+        placed.append(_new_camera(coll, f"MVDiffusion Walk {index:03d}", matrix, lens, clip_start,
+                                  clip_end))
     return placed
 
 

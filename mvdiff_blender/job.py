@@ -8,17 +8,29 @@ it again without Blender).
 
 from __future__ import annotations
 
+import json
 import re
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Generator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import bpy
+import numpy as np
 
-from ..backend.protocol import GenerationSettings, PanoramaJob, TextureJob
+from ..backend.protocol import VIEW_SIZE_MULTIPLE, GenerationSettings, PanoramaJob, TextureJob
 from ..backend.validation import InputError
-from . import cameras, export, render_depth
+from . import apply, cameras, export, render_depth, uv_overlap
+
+UNSAVED_FOLDER_NAME = "MVDiffusion"
+"""Results of an unsaved .blend go to this folder in the user's home directory, which outlives the
+add-on (the extension's own user folder is deleted when it is uninstalled)."""
+EMPTY_VIEW_LIMIT = 0.98
+"""A view whose depth is empty (nothing hit) on more than this share of its pixels is reported."""
+RECORD_NAME = "blender.json"
+"""What the add-on needs to apply a job's result again (*Apply Result*), next to its job.npz."""
+
+Steps = Generator[tuple[str, int, int], None, "PreparedJob"]
 
 
 class JobError(ValueError):
@@ -35,17 +47,50 @@ class PreparedJob:
     objects: list[str]  # names of the textured objects (texture jobs)
     uv_map: str | None = None
     placed_cameras: list[str] | None = None  # cameras this job placed (removed again if it fails)
+    make_single_user: bool = False
+    make_uv_active: bool = True
+    warnings: list[str] = field(default_factory=list)  # shown when the job is sent
+
+    def record(self) -> dict:
+        """The JSON-able part that :func:`read_record` turns back into a PreparedJob (without the job bytes)."""
+        data = asdict(self)
+        data.pop("data")
+        data.pop("warnings")
+        data.pop("placed_cameras")
+        data["folder"], data["output_dir"] = str(self.folder), str(self.output_dir)
+        return data
+
+    def write_record(self) -> None:
+        (self.folder / RECORD_NAME).write_text(json.dumps(self.record(), indent=1), encoding="utf-8")
+
+
+def read_record(folder: str | Path) -> PreparedJob:
+    """The job prepared in ``folder`` (a job folder, or its ``result`` folder), to apply its result again."""
+    folder = Path(bpy.path.abspath(str(folder)))
+    if folder.name == "result" and not (folder / RECORD_NAME).is_file():
+        folder = folder.parent
+    path = folder / RECORD_NAME
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return PreparedJob(kind=str(data["kind"]), data=b"", folder=folder, output_dir=Path(data["output_dir"]),
+                           basename=str(data["basename"]), objects=[str(n) for n in data["objects"]],
+                           uv_map=data.get("uv_map"), make_single_user=bool(data.get("make_single_user")),
+                           make_uv_active=bool(data.get("make_uv_active", True)))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise JobError(f"{folder} is not a job folder of this add-on ({RECORD_NAME} cannot be read: {err})") from None
 
 
 def output_dir(settings) -> Path:
-    """The chosen folder, or the .blend's folder; an unsaved file uses the extension's user folder."""
+    """The chosen folder, or the .blend's folder; an unsaved file uses ``~/MVDiffusion``.
+
+    Not the extension's user folder: uninstalling the extension deletes it, and the scene would
+    lose its images.
+    """
     if settings.output_dir:
         return Path(bpy.path.abspath(settings.output_dir))
     if bpy.data.filepath:
         return Path(bpy.data.filepath).parent
-    from .preferences import user_folder
-
-    return user_folder("results")
+    return Path.home() / UNSAVED_FOLDER_NAME
 
 
 def _new_folder(out: Path, kind: str, name: str = "") -> tuple[Path, str]:
@@ -86,12 +131,51 @@ def textured_objects(context) -> list[bpy.types.Object]:
 
 
 def prepare_texture_job(context, on_progress: Callable[[str, int, int], None] | None = None) -> PreparedJob:
-    """Poses, depths and meshes of the selected objects as a texture job written to disk."""
+    """Poses, depths and meshes of the selected objects as a texture job written to disk, in one call."""
+    return run_steps(texture_job_steps(context), on_progress)
+
+
+def run_steps(steps: Steps, on_progress: Callable[[str, int, int], None] | None = None) -> PreparedJob:
+    """Run a preparation to its end; an error (also from ``on_progress``) closes it, which cleans up."""
+    try:
+        while True:
+            try:
+                stage, done, total = next(steps)
+            except StopIteration as end:
+                return end.value
+            if on_progress is not None:
+                on_progress(stage, done, total)
+    finally:
+        steps.close()
+
+
+def check_targets(objects: list[bpy.types.Object], settings) -> None:
+    """Everything that would stop the result from being applied, before any camera is placed or depth rendered."""
+    try:
+        apply.check_targets(objects, unwrap=settings.uv_source == "UNWRAP",
+                            make_single_user=settings.make_single_user)
+    except apply.ApplyError as err:
+        raise JobError(str(err)) from None
+    if settings.uv_source == "ACTIVE":
+        for obj in objects:
+            share = uv_overlap.overlap_fraction(uv_overlap.uv_triangles(obj))
+            if share > uv_overlap.UV_OVERLAP_LIMIT:
+                layer = obj.data.uv_layers.active
+                raise JobError(
+                    f"{100 * share:.0f}% of the UV map '{layer.name}' of '{obj.name}' is used by more than one face "
+                    f"(overlapping islands: the bake would paint one texel for several surfaces); set UVs to "
+                    f"'Unwrap', or unwrap '{obj.name}' without overlaps")
+
+
+def texture_job_steps(context) -> Steps:
+    """The texture job's preparation, one step per depth render: yields ("depth", done, total), returns
+    the PreparedJob. Closing it early (cancel) removes the cameras it placed and restores the scene."""
     scene = context.scene
     settings = scene.mvdiff
     objects = textured_objects(context)
     if not objects:
         raise JobError("Select one or more mesh objects to texture")
+    check_targets(objects, settings)
     collection_before = set(cameras.placed_camera_names(scene))
     try:
         poses = cameras.poses_for_settings(context, settings, objects, list(context.selected_objects))
@@ -99,13 +183,13 @@ def prepare_texture_job(context, on_progress: Callable[[str, int, int], None] | 
         raise JobError(str(err)) from None
     placed = sorted(set(cameras.placed_camera_names(scene)) - collection_before)
     try:
-        return _texture_job(context, settings, objects, poses, placed, on_progress)
-    except Exception:
+        return (yield from _texture_job(context, settings, objects, poses, placed))
+    except BaseException:  # also GeneratorExit: a cancelled preparation leaves no cameras behind
         cameras.remove_cameras(scene, placed)
         raise
 
 
-def _texture_job(context, settings, objects, poses, placed, on_progress) -> PreparedJob:
+def _texture_job(context, settings, objects, poses, placed) -> Steps:
     scene = context.scene
     if not poses:
         raise JobError("The camera source gave no cameras")
@@ -119,8 +203,13 @@ def _texture_job(context, settings, objects, poses, placed, on_progress) -> Prep
                                         export.scene_occluders(scene, depsgraph, objects))
     except export.ExportError as err:
         raise JobError(str(err)) from None
-    depths = render_depth.render_depths(scene, poses, width, height, folder / "depth",
-                                        on_progress=(lambda i, n: on_progress("depth", i, n)) if on_progress else None)
+    depths = np.zeros((len(poses), height, width), np.float32)
+    try:
+        for done, total in render_depth.depth_steps(scene, poses, width, height, folder / "depth", depths):
+            yield "depth", done, total
+    except render_depth.DepthRenderError as err:
+        raise JobError(str(err)) from None
+    warnings = _empty_views(poses, depths)
     job = TextureJob(generation, [p.to_camera(width, height) for p in poses], list(depths), exported.mesh,
                      int(settings.texture_size), exported.object_names, 16 if settings.texture_16bit else 8,
                      exported.occluders)
@@ -131,17 +220,42 @@ def _texture_job(context, settings, objects, poses, placed, on_progress) -> Prep
     data = job.to_bytes()
     (folder / "job.npz").write_bytes(data)
     uv_map = exported.uv_maps[0] if exported.uv_maps else None
-    return PreparedJob("texture", data, folder, out, basename, [o.name for o in objects], uv_map, placed)
+    prepared = PreparedJob("texture", data, folder, out, basename, [o.name for o in objects], uv_map, placed,
+                           make_single_user=settings.make_single_user, make_uv_active=settings.make_uv_active,
+                           warnings=warnings)
+    prepared.write_record()
+    return prepared
+
+
+def _empty_views(poses, depths: np.ndarray) -> list[str]:
+    """Refuse when no camera sees anything; otherwise a warning naming the cameras that see (almost) nothing."""
+    empty = (depths <= 0).reshape(len(depths), -1).mean(axis=1)
+    if np.all(empty >= 1.0):
+        raise JobError("No camera sees any geometry (every depth render is empty): check the cameras' direction "
+                       "and clip range")
+    names = [p.name or f"view {k}" for k, (p, e) in enumerate(zip(poses, empty, strict=True)) if e > EMPTY_VIEW_LIMIT]
+    if not names:
+        return []
+    return [f"{len(names)} camera(s) see almost nothing (over {100 * EMPTY_VIEW_LIMIT:.0f}% of the view is empty): "
+            f"{', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"]
+
+
+def world_job_steps(context) -> Steps:
+    """A World job has no depth to render: its preparation is one step."""
+    return prepare_world_job(context)
+    yield  # a generator, like texture_job_steps
 
 
 def prepare_world_job(context) -> PreparedJob:
     settings = context.scene.mvdiff
     generation = generation_settings(settings, settings.world_prompt, 1)
-    if settings.world_view_size % 64:
-        raise JobError(f"View Size must be a multiple of 64, got {settings.world_view_size}")
+    if settings.world_view_size % VIEW_SIZE_MULTIPLE:
+        raise JobError(f"View Size must be a multiple of {VIEW_SIZE_MULTIPLE}, got {settings.world_view_size}")
     job = PanoramaJob(generation, settings.world_height, settings.world_view_size)
     out = output_dir(settings)
     folder, basename = _new_folder(out, "world", settings.world_result_name)
     data = job.to_bytes()
     (folder / "job.npz").write_bytes(data)
-    return PreparedJob("panorama", data, folder, out, basename, [])
+    prepared = PreparedJob("panorama", data, folder, out, basename, [])
+    prepared.write_record()
+    return prepared

@@ -11,24 +11,103 @@ with a message and leaves the scene as it was; the job's inputs stay in its fold
 from __future__ import annotations
 
 import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import bpy
+from bpy.app.handlers import persistent
 
 from . import apply, cameras, multiview_weights, preferences
 from .connection import SetupError, with_fix
-from .job import JobError, PreparedJob, prepare_texture_job, prepare_world_job, textured_objects
+from .job import (
+    JobError,
+    PreparedJob,
+    Steps,
+    run_steps,
+    texture_job_steps,
+    textured_objects,
+    world_job_steps,
+)
 from .session import JobSession, Snapshot
 
 TIMER_SECONDS = 0.2
 PREVIEW_IMAGE = "MVDiffusion Preview"
+CONFIRM_CANCEL_AFTER = 20.0
+"""Seconds a job has run on the backend after which cancelling it asks first (the work would be lost)."""
 
-# The one job in flight (the backend runs one at a time; so does the add-on).
-_active: JobSession | None = None
+
+@dataclass
+class RunningJob:
+    """The one job in flight (the backend runs one at a time; so does the add-on), from preparation on."""
+
+    kind: str
+    session: JobSession | None = None
+    cancelled: bool = False
+    sent_at: float | None = None  # time.monotonic() when the session started
+    notes: list[str] = field(default_factory=list)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self.session is not None:
+            self.session.cancel()
+
+    def needs_confirmation(self, now: float | None = None) -> bool:
+        """A job that has been on the backend for a while asks before it is cancelled."""
+        if self.sent_at is None or self.cancelled:
+            return False
+        return (time.monotonic() if now is None else now) - self.sent_at >= CONFIRM_CANCEL_AFTER
+
+
+_active: RunningJob | None = None
+
+
+def active_job() -> RunningJob | None:
+    return _active
 
 
 def active_session() -> JobSession | None:
-    return _active
+    return _active.session if _active is not None else None
+
+
+def reset_job_state(window_manager=None, message: str = "") -> None:
+    """Forget the job in flight (cancelling it on the backend) and clear the Job panel."""
+    global _active
+    if _active is not None:
+        _active.cancel()
+    _active = None
+    wm = window_manager if window_manager is not None else getattr(bpy.context, "window_manager", None)
+    state = getattr(wm, "mvdiff", None) if wm is not None else None
+    if state is not None:
+        state.running, state.stage, state.progress = False, "", 0.0
+        state.message = message
+
+
+@persistent
+def _on_load_pre(*_args) -> None:
+    """File > Open / New: the job belongs to the scene being closed; cancel it rather than wedge the add-on."""
+    if _active is not None:
+        reset_job_state(message="The job was cancelled because another file was opened")
+
+
+@persistent
+def _on_load_post(*_args) -> None:
+    wm = getattr(bpy.context, "window_manager", None)
+    if _active is None and wm is not None and getattr(wm, "mvdiff", None) is not None and wm.mvdiff.running:
+        reset_job_state(wm, "The job was cancelled because another file was opened")
+
+
+def register_extra() -> None:
+    bpy.app.handlers.load_pre.append(_on_load_pre)
+    bpy.app.handlers.load_post.append(_on_load_post)
+
+
+def unregister_extra() -> None:
+    for handlers, function in ((bpy.app.handlers.load_pre, _on_load_pre),
+                               (bpy.app.handlers.load_post, _on_load_post)):
+        if function in handlers:
+            handlers.remove(function)
+    reset_job_state()
 
 
 def _redraw(context) -> None:
@@ -39,10 +118,18 @@ def _redraw(context) -> None:
 
 
 class _JobOperator:
-    """What the texture and the World operators share: prepare, run, follow, apply."""
+    """What the texture and the World operators share: prepare, run, follow, apply.
+
+    In the UI (``invoke``, and ``execute`` when Repeat Last calls it) the job is modal: the
+    preparation advances one step per timer tick (one depth render), then the session is polled;
+    Esc cancels (asking first once the job has run on the backend for a while). Without a window
+    (``blender -b``, scripts) ``execute`` runs the same steps blocking.
+    """
 
     kind_label = "job"
     task = "depth"  # the backend task whose multi-view weights the job runs with
+    _job: RunningJob | None = None
+    _steps: Steps | None = None
     _session: JobSession | None = None
     _prepared: PreparedJob | None = None
     _timer = None
@@ -50,7 +137,7 @@ class _JobOperator:
     _last_line = ""
 
     # ---------------------------------------------------------------- to override
-    def prepare(self, context) -> PreparedJob:
+    def preparation(self, context) -> Steps:
         raise NotImplementedError
 
     def apply_result(self, context, prepared: PreparedJob, result_dir: Path) -> str:
@@ -59,9 +146,10 @@ class _JobOperator:
     # ---------------------------------------------------------------- entry points
     def invoke(self, context, event):
         if bpy.app.background or context.window is None:
-            return self.execute(context)
-        if not self._start(context):
+            return self._execute_blocking(context)
+        if not self._begin(context):
             return {"CANCELLED"}
+        self._steps = self.preparation(context)
         wm = context.window_manager
         self._timer = wm.event_timer_add(TIMER_SECONDS, window=context.window)
         wm.modal_handler_add(self)
@@ -69,8 +157,20 @@ class _JobOperator:
         return {"RUNNING_MODAL"}
 
     def execute(self, context):
-        """Blocking: for ``blender -b`` scripts and anything that calls the operator without a window."""
-        if not self._start(context):
+        """Repeat Last in the UI starts the modal path; without a window the job runs blocking."""
+        if not bpy.app.background and context.window is not None:
+            return self.invoke(context, None)
+        return self._execute_blocking(context)
+
+    def _execute_blocking(self, context):
+        """For ``blender -b`` scripts and anything that calls the operator without a window."""
+        if not self._begin(context):
+            return {"CANCELLED"}
+        try:
+            prepared = run_steps(self.preparation(context), lambda *step: self._progress(context, *step))
+        except BaseException as err:
+            return self._prepare_failed(context, err)
+        if not self._send(context, prepared):
             return {"CANCELLED"}
         try:
             snap = self._session.wait(lambda s: self._update(context, s))
@@ -80,42 +180,116 @@ class _JobOperator:
         return self._finish(context, snap)
 
     def modal(self, context, event):
-        session = self._session
+        job = self._job
         if event.type == "ESC" and event.value == "PRESS":
-            session.cancel()
-            context.window_manager.mvdiff.message = "Cancelling..."
+            if job.needs_confirmation():
+                bpy.ops.mvdiff.cancel("INVOKE_DEFAULT")
+            else:
+                job.cancel()
+                context.window_manager.mvdiff.message = "Cancelling..."
             return {"RUNNING_MODAL"}
+        if self._steps is not None:
+            if event.type != "TIMER" or event.timer is not self._timer:
+                return {"RUNNING_MODAL"}  # no edits while depth renders: the scene must not change under them
+            return self._step(context)
         if event.type != "TIMER" or event.timer is not self._timer:
             return {"PASS_THROUGH"}
-        finished = session.finished
-        snap = session.snapshot
+        finished = self._session.finished
+        snap = self._session.snapshot
         self._update(context, snap)
         if finished:
-            wm = context.window_manager
-            wm.event_timer_remove(self._timer)
-            wm.progress_end()
-            context.workspace.status_text_set(None)
+            self._end_modal(context)
             return self._finish(context, snap)
         return {"PASS_THROUGH"}
 
+    def cancel(self, context):
+        """Blender ends the modal operator (a file is opened, the window closes): stop everything."""
+        if self._steps is not None:
+            self._steps.close()
+            self._steps = None
+        self._end_modal(context)
+        if _active is self._job:
+            reset_job_state(context.window_manager, "Cancelled")
+
     # ---------------------------------------------------------------- steps
-    def _start(self, context) -> bool:
+    def _begin(self, context) -> bool:
         global _active
         state = context.window_manager.mvdiff
         try:
-            connection = preferences.connection(context)
-            state.running, state.kind, state.message, state.progress = True, self.kind_label, "Preparing", 0.0
-            state.job_id, state.stage = "", "prepare"
-            prepared = self.prepare(context)
-        except (JobError, SetupError, cameras.CameraError) as err:
+            preferences.connection(context)
+        except SetupError as err:
             state.running, state.message = False, with_fix(err)
             self.report({"ERROR"}, with_fix(err))
             return False
-        self._prepared = prepared
-        self._session = JobSession(connection, prepared.data, prepared.folder).start()
-        _active = self._session
-        self._log(f"{self.kind_label} job prepared in {prepared.folder}")
+        self._job = _active = RunningJob(self.kind_label)
+        state.running, state.kind, state.message, state.progress = True, self.kind_label, "Preparing", 0.0
+        state.job_id, state.stage = "", "prepare"
         return True
+
+    def _step(self, context):
+        """One step of the preparation (one depth render) per timer tick."""
+        if self._job.cancelled:
+            self._steps.close()
+            self._steps = None
+            self._end_modal(context)
+            return self._prepare_failed(context, KeyboardInterrupt())
+        try:
+            stage, done, total = next(self._steps)
+        except StopIteration as end:
+            self._steps = None
+            if not self._send(context, end.value):
+                self._end_modal(context)
+                return {"CANCELLED"}
+            return {"RUNNING_MODAL"}
+        except BaseException as err:
+            self._steps = None
+            self._end_modal(context)
+            return self._prepare_failed(context, err)
+        self._progress(context, stage, done, total)
+        if context.window is not None:
+            context.window_manager.progress_update(int(100 * done / max(total, 1)))
+            context.workspace.status_text_set(f"MVDiffusion {self.kind_label}: {stage} {done}/{total} (Esc cancels)")
+        return {"RUNNING_MODAL"}
+
+    def _prepare_failed(self, context, err: BaseException):
+        """Every way the preparation can end early resets the Job panel; unexpected errors are named."""
+        if isinstance(err, KeyboardInterrupt):
+            text, level = "Cancelled", {"WARNING"}
+        elif isinstance(err, (JobError, SetupError, cameras.CameraError)):
+            text, level = with_fix(err), {"ERROR"}
+        elif isinstance(err, Exception):
+            text, level = f"Preparing the job failed: {type(err).__name__}: {err}", {"ERROR"}
+        else:
+            raise err
+        reset_job_state(context.window_manager, text)
+        self.report(level, text)
+        return {"CANCELLED"}
+
+    def _send(self, context, prepared: PreparedJob) -> bool:
+        state = context.window_manager.mvdiff
+        try:
+            connection = preferences.connection(context)
+        except SetupError as err:
+            reset_job_state(context.window_manager, with_fix(err))
+            self.report({"ERROR"}, with_fix(err))
+            return False
+        self._prepared = prepared
+        state.job_folder = str(prepared.folder)
+        self._session = JobSession(connection, prepared.data, prepared.folder).start()
+        self._job.session, self._job.sent_at = self._session, time.monotonic()
+        self._log(f"{self.kind_label} job prepared in {prepared.folder}")
+        for warning in prepared.warnings:
+            self.report({"WARNING"}, warning)
+        return True
+
+    def _end_modal(self, context) -> None:
+        if self._timer is not None:
+            wm = context.window_manager
+            wm.event_timer_remove(self._timer)
+            self._timer = None
+            wm.progress_end()
+            if context.workspace is not None:
+                context.workspace.status_text_set(None)
 
     def _progress(self, context, stage: str, step: int, total: int) -> None:
         state = context.window_manager.mvdiff
@@ -141,7 +315,8 @@ class _JobOperator:
 
     def _finish(self, context, snap: Snapshot):
         global _active
-        _active = None
+        if _active is self._job:
+            _active = None
         state = context.window_manager.mvdiff
         state.running = False
         prepared = self._prepared
@@ -155,8 +330,10 @@ class _JobOperator:
         try:
             summary = self.apply_result(context, prepared, snap.result_dir)
         except apply.ApplyError as err:
+            cameras.remove_cameras(context.scene, prepared.placed_cameras or [])
             state.message = str(err)
-            self.report({"ERROR"}, f"Could not apply the result: {err}. The files are in {snap.result_dir}")
+            self.report({"ERROR"}, f"Could not apply the result: {err}. The files are in {snap.result_dir}; "
+                                   "Apply Result applies them once the problem is fixed")
             return {"CANCELLED"}
         state.message, state.progress = summary, 1.0
         independent = multiview_weights.remember_report(self.task, snap.result_dir / "report.json")
@@ -202,24 +379,11 @@ class MVDIFF_OT_texture(_JobOperator, bpy.types.Operator):
         return _can_run(cls, context, needs_meshes=True, prompt=context.scene.mvdiff.prompt
                         or context.scene.mvdiff.prompts_text)
 
-    def prepare(self, context) -> PreparedJob:
-        return prepare_texture_job(context, on_progress=lambda stage, i, n: self._progress(context, stage, i, n))
+    def preparation(self, context) -> Steps:
+        return texture_job_steps(context)
 
     def apply_result(self, context, prepared, result_dir) -> str:
-        objects = [bpy.data.objects[name] for name in prepared.objects if name in bpy.data.objects]
-        if len(objects) != len(prepared.objects):
-            missing = sorted(set(prepared.objects) - {o.name for o in objects})
-            raise apply.ApplyError(f"objects deleted while the job ran: {', '.join(missing)}")
-        applied = apply.apply_texture(objects, result_dir, object_names=prepared.objects,
-                                      output_dir=prepared.output_dir, basename=prepared.basename,
-                                      uv_map=prepared.uv_map)
-        context.window_manager.mvdiff.result_path = str(applied.path)
-        split = {o.name: n for o, n in zip(objects, applied.split_triangles, strict=True) if n}
-        if split:
-            where = ", ".join(f"{name} ({n})" for name, n in split.items())
-            self.report({"WARNING"}, f"The unwrap cut through quads or n-gons; triangles with a distorted texture: "
-                                     f"{where}. Triangulate those meshes before texturing to avoid it")
-        return f"Textured {len(objects)} object(s): {applied.path}"
+        return apply_texture_result(self, context, prepared, result_dir)
 
 
 class MVDIFF_OT_make_world(_JobOperator, bpy.types.Operator):
@@ -234,17 +398,41 @@ class MVDIFF_OT_make_world(_JobOperator, bpy.types.Operator):
     def poll(cls, context):
         return _can_run(cls, context, needs_meshes=False, prompt=context.scene.mvdiff.world_prompt)
 
-    def prepare(self, context) -> PreparedJob:
-        return prepare_world_job(context)
+    def preparation(self, context) -> Steps:
+        return world_job_steps(context)
 
     def apply_result(self, context, prepared, result_dir) -> str:
-        settings = context.scene.mvdiff
-        world = apply.apply_world(context.scene, result_dir / "panorama.exr", output_dir=prepared.output_dir,
-                                  basename=prepared.basename, use_current=settings.world_replace_current,
-                                  strength=settings.world_strength)
-        image = next((n.image for n in world.node_tree.nodes if n.type == "TEX_ENVIRONMENT" and n.image), None)
-        context.window_manager.mvdiff.result_path = bpy.path.abspath(image.filepath) if image else ""
-        return f"World {world.name!r} set from {prepared.basename}"
+        return apply_world_result(context, prepared, result_dir)
+
+
+def apply_texture_result(operator, context, prepared: PreparedJob, result_dir: Path) -> str:
+    """A texture job's downloaded result onto the objects it was made for (after the job, or again later)."""
+    objects = [bpy.data.objects[name] for name in prepared.objects if name in bpy.data.objects]
+    if len(objects) != len(prepared.objects):
+        missing = sorted(set(prepared.objects) - {o.name for o in objects})
+        raise apply.ApplyError(f"objects missing from the scene: {', '.join(missing)}")
+    applied = apply.apply_texture(objects, result_dir, object_names=prepared.objects,
+                                  output_dir=prepared.output_dir, basename=prepared.basename,
+                                  uv_map=prepared.uv_map, make_active=prepared.make_uv_active,
+                                  make_single_user=prepared.make_single_user)
+    context.window_manager.mvdiff.result_path = str(applied.path)
+    split = {o.name: n for o, n in zip(objects, applied.split_triangles, strict=True) if n}
+    if split:
+        where = ", ".join(f"{name} ({n})" for name, n in split.items())
+        operator.report({"WARNING"}, f"The unwrap cut through quads or n-gons; triangles with a distorted texture: "
+                                     f"{where}. Triangulate those meshes before texturing to avoid it")
+    return f"Textured {len(objects)} object(s): {applied.path}"
+
+
+def apply_world_result(context, prepared: PreparedJob, result_dir: Path) -> str:
+    settings = context.scene.mvdiff
+    world = apply.apply_world(context.scene, result_dir / "panorama.exr", output_dir=prepared.output_dir,
+                              basename=prepared.basename, use_current=settings.world_replace_current,
+                              strength=settings.world_strength)
+    image = next((n.image for n in world.node_tree.nodes if n.type == "TEX_ENVIRONMENT" and n.image), None)
+    path = bpy.path.abspath(image.filepath) if image else ""
+    context.window_manager.mvdiff.result_path = path
+    return f"World {world.name!r} set from {path or prepared.basename}"
 
 
 def _can_run(cls, context, *, needs_meshes: bool, prompt) -> bool:
@@ -263,7 +451,7 @@ def _can_run(cls, context, *, needs_meshes: bool, prompt) -> bool:
 class MVDIFF_OT_cancel(bpy.types.Operator):
     bl_idname = "mvdiff.cancel"
     bl_label = "Cancel"
-    bl_description = "Stop the running job on the backend"
+    bl_description = "Stop the running job (asks first when it has run on the backend for a while)"
 
     @classmethod
     def poll(cls, context):
@@ -272,8 +460,16 @@ class MVDIFF_OT_cancel(bpy.types.Operator):
             return False
         return True
 
+    def invoke(self, context, event):
+        if _active is not None and _active.needs_confirmation():
+            return context.window_manager.invoke_confirm(
+                self, event, title="Cancel the running job?",
+                message="The backend's work on it so far is lost", confirm_text="Cancel Job")
+        return self.execute(context)
+
     def execute(self, context):
-        _active.cancel()
+        if _active is not None:
+            _active.cancel()
         context.window_manager.mvdiff.message = "Cancelling..."
         return {"FINISHED"}
 

@@ -17,6 +17,7 @@ from bpy.props import (
     StringProperty,
 )
 
+from ..backend.protocol import VIEW_SIZE_MULTIPLE
 from ..backend.sampling_options import (
     DEFAULT_GUIDANCE,
     DEFAULT_SCHEDULER,
@@ -38,6 +39,20 @@ UV_SOURCES = [
 TEXTURE_SIZES = [(str(s), f"{s} px", f"{s} x {s} texels") for s in (256, 512, 1024, 2048, 4096)]
 # The backend's scheduler names are the identifiers, so the job sends the choice as it is.
 SCHEDULER_ITEMS = [(name, choice.label, scheduler_description(name)) for name, choice in SCHEDULERS.items()]
+
+
+def snap_view_size(value: int) -> int:
+    """The nearest multiple of the view-size rule (at least one multiple): what a typed 200 becomes."""
+    return max(VIEW_SIZE_MULTIPLE, VIEW_SIZE_MULTIPLE * round(int(value) / VIEW_SIZE_MULTIPLE))
+
+
+def _snapper(name: str):
+    def update(self, _context) -> None:
+        value = getattr(self, name)
+        snapped = snap_view_size(value)
+        if snapped != value:  # the assignment calls this again, with a value that stays
+            setattr(self, name, snapped)
+    return update
 
 
 def _is_camera(_self, obj: bpy.types.Object) -> bool:
@@ -70,7 +85,8 @@ class MVDIFF_PG_scene(bpy.types.PropertyGroup):
                       default=0, min=0)
 
     # --- cameras
-    camera_source: EnumProperty(name="Cameras", items=CAMERA_SOURCES, default="SELECTED")
+    camera_source: EnumProperty(name="Cameras", items=CAMERA_SOURCES, default="SELECTED",
+                                description="Where the job's camera poses come from")
     animated_camera: PointerProperty(name="Camera", type=bpy.types.Object, poll=_is_camera,
                                      description="The animated camera (the scene camera when empty)")
     frame_start: IntProperty(name="Start", description="First frame of the range", default=1, min=0)
@@ -87,20 +103,33 @@ class MVDIFF_PG_scene(bpy.types.PropertyGroup):
     walk_curve: PointerProperty(name="Curve", type=bpy.types.Object, poll=_is_curve,
                                 description="The cameras walk along this curve, looking ahead")
     walk_views: IntProperty(name="Views", default=12, min=2, max=512, description="Cameras along the curve")
-    width: IntProperty(name="Width", description="View width in pixels (a multiple of 64)", default=512,
-                       min=64, max=2048, step=64)
-    height: IntProperty(name="Height", description="View height in pixels (a multiple of 64)", default=384,
-                        min=64, max=2048, step=64)
+    width: IntProperty(name="Width", description=f"View width in pixels (snaps to a multiple of {VIEW_SIZE_MULTIPLE})",
+                       default=512, min=64, max=2048, step=VIEW_SIZE_MULTIPLE, update=_snapper("width"))
+    height: IntProperty(name="Height",
+                        description=f"View height in pixels (snaps to a multiple of {VIEW_SIZE_MULTIPLE})",
+                        default=384, min=64, max=2048, step=VIEW_SIZE_MULTIPLE, update=_snapper("height"))
     lens: FloatProperty(name="Focal Length", default=24.0, min=1.0, max=500.0, subtype="DISTANCE_CAMERA",
                         description="Focal length of the cameras the add-on places")
 
     # --- texture
-    uv_source: EnumProperty(name="UVs", items=UV_SOURCES, default="UNWRAP")
-    texture_size: EnumProperty(name="Texture Size", items=TEXTURE_SIZES, default="1024")
+    uv_source: EnumProperty(name="UVs", items=UV_SOURCES, default="UNWRAP",
+                            description="Which UVs the texture is baked into")
+    make_uv_active: BoolProperty(
+        name="Make UV Map Active", default=True,
+        description="On apply, make the texture's UV map the active and active-render map of each object, so "
+                    "exports and bakes that use the active map see the texture's UVs")
+    make_single_user: BoolProperty(
+        name="Make Single User", default=False,
+        description="Give each textured object its own copy of a mesh that other objects share (linked "
+                    "duplicates) when the texture is applied; without it such objects are refused, because the "
+                    "new UV map and material would reach every object that uses the mesh")
+    texture_size: EnumProperty(name="Texture Size", items=TEXTURE_SIZES, default="1024",
+                               description="Width and height of the baked texture")
     texture_16bit: BoolProperty(name="16-bit Texture", default=False,
                                 description="Write 16 bits per channel (smoother gradients, twice the size)")
     output_dir: StringProperty(name="Output Folder", subtype="DIR_PATH", default="",
-                               description="Where results are saved; empty: next to the .blend file")
+                               description="Where results are saved; empty: next to the .blend file, or in "
+                                           "MVDiffusion in your home folder while the file is unsaved")
     result_name: StringProperty(name="Name", default="",
                                 description="File name of the results, without extension; empty: the .blend's "
                                             "name, the kind of job and the time. Existing files are never replaced")
@@ -109,8 +138,9 @@ class MVDIFF_PG_scene(bpy.types.PropertyGroup):
     world_prompt: StringProperty(name="Prompt", description="What the 360 environment should show")
     world_height: IntProperty(name="Height", description="Height of the equirectangular image (width is twice)",
                               default=1024, min=64, max=8192)
-    world_view_size: IntProperty(name="View Size", description="Size of each generated view (a multiple of 64)",
-                                 default=512, min=64, max=2048, step=64)
+    world_view_size: IntProperty(
+        name="View Size", description=f"Size of each generated view (snaps to a multiple of {VIEW_SIZE_MULTIPLE})",
+        default=512, min=64, max=2048, step=VIEW_SIZE_MULTIPLE, update=_snapper("world_view_size"))
     world_strength: FloatProperty(name="Strength", default=1.0, min=0.0, soft_max=10.0,
                                   description="Background strength of the new World")
     world_result_name: StringProperty(name="Name", default="",
@@ -123,14 +153,18 @@ class MVDIFF_PG_scene(bpy.types.PropertyGroup):
 class MVDIFF_PG_runtime(bpy.types.PropertyGroup):
     """The job in flight; kept on the window manager so it is never saved into a .blend."""
 
-    running: BoolProperty(default=False)
-    kind: StringProperty(default="")
-    job_id: StringProperty(default="")
-    stage: StringProperty(default="")
-    progress: FloatProperty(default=0.0, min=0.0, max=1.0, subtype="FACTOR")
-    message: StringProperty(default="")
-    preview_image: StringProperty(default="")
-    result_path: StringProperty(default="", subtype="FILE_PATH")  # the texture or panorama the last job saved
+    running: BoolProperty(default=False, description="A job is being prepared or runs on the backend")
+    kind: StringProperty(default="", description="The running job's kind: texture or world")
+    job_id: StringProperty(default="", description="The backend's id of the running job")
+    stage: StringProperty(default="", description="The stage the running job is in")
+    progress: FloatProperty(default=0.0, min=0.0, max=1.0, subtype="FACTOR",
+                            description="How far the running job's stage has come")
+    message: StringProperty(default="", description="What the last or running job reported")
+    preview_image: StringProperty(default="", description="The image that shows the running job's latest preview")
+    result_path: StringProperty(default="", subtype="FILE_PATH",
+                                description="The texture or panorama file the last job saved")
+    job_folder: StringProperty(default="", subtype="DIR_PATH",
+                               description="The last job's folder (its inputs, and its result once downloaded)")
 
 
 classes = (MVDIFF_PG_scene, MVDIFF_PG_runtime)

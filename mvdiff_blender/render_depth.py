@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import bpy
@@ -114,12 +114,33 @@ def render_depths(scene: bpy.types.Scene, poses: Sequence[Pose], width: int, hei
     call wrote there is removed). ``on_progress(done, total)`` runs after each pose; raising from it
     stops the renders and restores the scene.
     """
+    depths = np.zeros((len(poses), int(height), int(width)), np.float32) if len(poses) else None
+    steps = depth_steps(scene, poses, width, height, work_dir, depths)
+    try:
+        for done, total in steps:
+            if on_progress is not None:
+                on_progress(done, total)
+    finally:
+        steps.close()
+    return depths
+
+
+def depth_steps(scene: bpy.types.Scene, poses: Sequence[Pose], width: int, height: int, work_dir: str | Path,
+                out: np.ndarray | None) -> Iterator[tuple[int, int]]:
+    """Render one pose per step into ``out[k]`` (float32 (N, H, W)), yielding (done, total) after each.
+
+    The UI advances it from a timer, one pose per tick, so Blender redraws in between and Esc can
+    stop it; closing the generator early (``close()``) stops the renders and restores the scene,
+    exactly like an error does. :func:`render_depths` runs it to the end in one call.
+    """
     poses = list(poses)
     if not poses:
         raise DepthRenderError("No camera poses to render depth for")
     if int(width) <= 0 or int(height) <= 0:
         raise DepthRenderError(f"The depth size must be positive, got {width} x {height}")
     width, height = int(width), int(height)
+    if out is None or out.shape != (len(poses), height, width):
+        raise DepthRenderError(f"The depth buffer must be ({len(poses)}, {height}, {width})")
     if not hasattr(scene, "cycles"):
         raise DepthRenderError("Depth is rendered with Cycles, which is not available: enable the Cycles add-on")
     work_dir = Path(work_dir)
@@ -129,7 +150,6 @@ def render_depths(scene: bpy.types.Scene, poses: Sequence[Pose], width: int, hei
     render_results = {image.name for image in bpy.data.images if image.type == "RENDER_RESULT"}
     layer = _render_view_layer(scene)
     state = SceneState()
-    depths = np.zeros((len(poses), height, width), np.float32)
     failed = True
     try:
         state.defer(lambda: _remove_new_render_results(render_results))
@@ -138,9 +158,9 @@ def render_depths(scene: bpy.types.Scene, poses: Sequence[Pose], width: int, hei
         compat.setup_depth_compositor(scene, layer, str(folder), _FILE_PREFIX, state)
         for index, pose in enumerate(poses):
             pose.apply_to(camera)
-            depths[index] = _render_one(scene, layer, folder, width, height, pose, index)
-            if on_progress is not None:
-                on_progress(index + 1, len(poses))
+            out[index] = _render_one(scene, layer, folder, width, height, pose, index)
+            if index + 1 < len(poses):
+                yield index + 1, len(poses)
         failed = False
     finally:
         errors = state.restore()
@@ -152,7 +172,7 @@ def render_depths(scene: bpy.types.Scene, poses: Sequence[Pose], width: int, hei
                 pass  # the caller put other files there meanwhile
         if errors and not failed:
             raise DepthRenderError(f"Could not restore the scene after rendering depth: {errors[0]}") from errors[0]
-    return depths
+    yield len(poses), len(poses)  # after the restore: the last step leaves the scene as it was
 
 
 def _temporary_camera(scene: bpy.types.Scene, state: SceneState) -> bpy.types.Object:

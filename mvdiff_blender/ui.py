@@ -60,12 +60,17 @@ class MVDIFF_PT_texture(_Panel, bpy.types.Panel):
         col.prop(settings, "guidance")
         col.prop(settings, "seed")
         col.prop(settings, "uv_source")
+        col.prop(settings, "make_uv_active")
+        col.prop(settings, "make_single_user")
         col.prop(settings, "texture_size")
         col.prop(settings, "texture_16bit")
         col.prop(settings, "output_dir")
         col.prop(settings, "result_name")
         multiview_weights.draw(layout.column(), ("depth",), show_result=False)
         layout.operator("mvdiff.texture", icon="TEXTURE")
+        row = layout.row(align=True)
+        row.operator("mvdiff.restore_materials", icon="MATERIAL")
+        row.operator("mvdiff.apply_result", icon="IMPORT")
 
 
 class MVDIFF_PT_environment(_Panel, bpy.types.Panel):

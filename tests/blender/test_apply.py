@@ -114,7 +114,8 @@ def test_apply_unwrapped_texture_to_two_objects(apply, scene, tmp_path):
     result = _result(tmp_path / "job1", uvs=uvs)
     out = tmp_path / "out"
 
-    applied = apply.apply_texture([a, b], result, object_names=["A", "B"], output_dir=out, basename="Tex")
+    applied = apply.apply_texture([a, b], result, object_names=["A", "B"], output_dir=out, basename="Tex",
+                                  make_active=False)
 
     assert applied.path == out / "Tex.png" and applied.path.read_bytes() == (result / "texture.png").read_bytes()
     assert tuple(applied.image.size) == (32, 48)  # width, height
@@ -247,7 +248,7 @@ def test_apply_world_new_and_current(apply, scene, tmp_path):
                                   strength=strength)
         assert world == user and scene.world == user
         assert user_nodes <= {n.name for n in user.node_tree.nodes}
-        assert len(user.node_tree.nodes) == len(user_nodes) + 2
+        assert len(user.node_tree.nodes) == len(user_nodes) + 4  # Coordinates, Mapping, Environment, Background
         _check_world(apply, world, strength=strength)
     assert _link(user.node_tree, user_background, "Color")[0] == sky  # the user's chain is intact
     assert sorted(p.name for p in out.iterdir()) == ["Sky.exr"]  # same bytes: one file
@@ -272,6 +273,10 @@ def _check_world(apply, world, strength):
     environment, socket = _link(tree, background, "Color")
     assert environment.type == "TEX_ENVIRONMENT" and socket == "Color"
     assert environment.projection == "EQUIRECTANGULAR"
+    mapping, socket = _link(tree, environment, "Vector")
+    assert mapping.type == "MAPPING" and socket == "Vector"
+    coords, socket = _link(tree, mapping, "Vector")
+    assert coords.type == "TEX_COORD" and socket == "Generated"
     image = environment.image
     assert tuple(image.size) in ((32, 16), (16, 8))
     assert image.colorspace_settings.name == apply.compat.linear_colorspace_name() and image.is_float

@@ -232,9 +232,12 @@ def test_poses_for_settings_reuses_edited_cameras(addon, scene):
     with pytest.raises(addon.cameras.CameraError, match="walk_curve"):
         addon.cameras.poses_for_settings(scene, settings, [cube], [cube])
     settings.camera_source, settings.width = "SELECTED", 500
+    assert settings.width == 512, "the UI snaps the view size to the model's multiple"
+    import types
+
     with pytest.raises(addon.cameras.CameraError, match="width"):
-        addon.cameras.poses_for_settings(scene, settings, [cube], [cube])
-    settings.width = 512
+        addon.cameras.poses_for_settings(scene, types.SimpleNamespace(width=500, height=384, camera_source="SELECTED"),
+                                         [cube], [cube])
     cam = _camera(bpy, scene, "Solo")
     assert [p.name for p in addon.cameras.poses_for_settings(scene, settings, [cube], [cube, cam])] == ["Solo"]
     assert addon.cameras.job_resolution(settings) == (512, settings.height)

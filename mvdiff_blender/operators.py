@@ -83,18 +83,27 @@ def reset_job_state(window_manager=None, message: str = "") -> None:
         state.message = message
 
 
+CANCELLED_BY_LOAD = "The job was cancelled because another file was opened"
+_cancelled_by_load = False
+
+
 @persistent
 def _on_load_pre(*_args) -> None:
     """File > Open / New: the job belongs to the scene being closed; cancel it rather than wedge the add-on."""
+    global _cancelled_by_load
+    _cancelled_by_load = _active is not None
     if _active is not None:
-        reset_job_state(message="The job was cancelled because another file was opened")
+        reset_job_state(message=CANCELLED_BY_LOAD)
 
 
 @persistent
 def _on_load_post(*_args) -> None:
+    """The Job panel of the new file says what happened to the job (loading may reset its state)."""
+    global _cancelled_by_load
     wm = getattr(bpy.context, "window_manager", None)
-    if _active is None and wm is not None and getattr(wm, "mvdiff", None) is not None and wm.mvdiff.running:
-        reset_job_state(wm, "The job was cancelled because another file was opened")
+    if wm is not None and getattr(wm, "mvdiff", None) is not None and (_cancelled_by_load or wm.mvdiff.running):
+        reset_job_state(wm, CANCELLED_BY_LOAD)
+    _cancelled_by_load = False
 
 
 def register_extra() -> None:

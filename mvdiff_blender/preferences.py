@@ -58,11 +58,12 @@ class MVDIFF_AddonPreferences(bpy.types.AddonPreferences):
     mode: EnumProperty(name="Backend", items=[
         ("LOCAL", "Start on This Machine", "The add-on starts the bundled backend with the Python below"),
         ("REMOTE", "Connect to URL", "A backend already running, e.g. on a GPU server"),
-    ], default="LOCAL")
+    ], default="LOCAL", description="Where jobs run: a backend the add-on starts here, or one at a URL")
     python: StringProperty(name="Backend Python", subtype="FILE_PATH", update=_launch_settings_changed,
                            description="A Python with the backend's requirements (torch, diffusers...); "
                                        "empty: the checkout's .venv when there is one")
-    model_source: EnumProperty(name="Model", items=MODEL_SOURCES, default="HUB", update=_launch_settings_changed)
+    model_source: EnumProperty(name="Model", items=MODEL_SOURCES, default="HUB", update=_launch_settings_changed,
+                               description="Which weights the local backend loads")
     depth_model: StringProperty(name="Depth Model", default=default_base_model("depth"),
                                 update=_launch_settings_changed,
                                 description="Hugging Face id of the SD 2 depth model textures are made with "
@@ -70,14 +71,17 @@ class MVDIFF_AddonPreferences(bpy.types.AddonPreferences):
     base_model: StringProperty(name="Base Model", default=default_base_model("base"),
                                update=_launch_settings_changed,
                                description="Hugging Face id of the SD 2 base model 360 Worlds are made with")
-    model_folder: StringProperty(name="Model Folder", subtype="DIR_PATH", update=_launch_settings_changed)
+    model_folder: StringProperty(name="Model Folder", subtype="DIR_PATH", update=_launch_settings_changed,
+                                 description="A folder with the depth/ and base/ model folders (Model: Local Folder)")
     depth_caa: StringProperty(name="Depth Multi-View Weights", subtype="FILE_PATH", update=_launch_settings_changed,
                               description="Trained multi-view blocks for texturing (.safetensors or released .ckpt)")
     panorama_caa: StringProperty(name="Panorama Multi-View Weights", subtype="FILE_PATH",
                                  update=_launch_settings_changed,
                                  description="Trained multi-view blocks for panoramas")
-    device: EnumProperty(name="Device", items=DEVICES, default="AUTO", update=_launch_settings_changed)
-    port: IntProperty(name="Port", default=8765, min=1024, max=65535, update=_launch_settings_changed)
+    device: EnumProperty(name="Device", items=DEVICES, default="AUTO", update=_launch_settings_changed,
+                         description="Where the local backend runs the models")
+    port: IntProperty(name="Port", default=8765, min=1024, max=65535, update=_launch_settings_changed,
+                      description="The port the local backend listens on (127.0.0.1 only)")
     url: StringProperty(name="URL", default="http://127.0.0.1:8765",
                         description="Where the backend listens, e.g. http://gpu-box:8765")
     token: StringProperty(name="Token", subtype="PASSWORD",

@@ -1,0 +1,209 @@
+"""The add-on as a user clicks it: a file opened during a job, a preparation that fails, depth rendered
+step by step, cancels that ask first, a result applied again, scene-sized clip ranges, view sizes
+that snap, and a tooltip on every setting."""
+
+import types
+
+import numpy as np
+import pytest
+
+from backend.pipelines.texturing_outputs import write_npz, write_texture
+
+pytestmark = pytest.mark.blender
+
+
+@pytest.fixture
+def remote(addon):
+    """Preferences that make a connection without starting anything (no job reaches it in these tests)."""
+    import bpy
+
+    prefs = addon.preferences.get(bpy.context)
+    mode, url = prefs.mode, prefs.url
+    prefs.mode, prefs.url = "REMOTE", "http://127.0.0.1:9"
+    yield prefs
+    prefs.mode, prefs.url = mode, url
+
+
+def _cube(bpy, name="Cube", size=2.0, location=(0.0, 0.0, 0.0)):
+    bpy.ops.mesh.primitive_cube_add(size=size, location=location)
+    obj = bpy.context.object
+    obj.name = name
+    return obj
+
+
+def _orbit_scene(bpy, scene, tmp_path, views=3):
+    cube = _cube(bpy)
+    settings = scene.mvdiff
+    settings.prompt, settings.camera_source, settings.orbit_views, settings.orbit_rings = "stone", "ORBIT", views, 1
+    settings.width = settings.height = 64
+    settings.output_dir = str(tmp_path / "out")
+    bpy.ops.object.select_all(action="DESELECT")
+    cube.select_set(True)
+    return cube
+
+
+def test_opening_a_file_during_a_job_resets_the_job(addon, scene):
+    import bpy
+
+    ops = addon.operators
+    running = ops.RunningJob("texture")
+    ops._active = running
+    bpy.context.window_manager.mvdiff.running = True
+    try:
+        bpy.ops.wm.read_homefile(use_empty=True)
+        assert ops.active_job() is None and running.cancelled
+        assert not bpy.context.window_manager.mvdiff.running
+        assert "another file was opened" in bpy.context.window_manager.mvdiff.message
+    finally:
+        ops._active = None
+
+
+def test_an_unexpected_error_in_preparation_resets_the_job_panel(addon, scene, remote, tmp_path, monkeypatch):
+    import bpy
+
+    _orbit_scene(bpy, scene, tmp_path)
+
+    def broken(_context):
+        raise ZeroDivisionError("the unexpected")
+        yield
+
+    monkeypatch.setattr(addon.operators, "texture_job_steps", broken)
+    with pytest.raises(RuntimeError, match="Preparing the job failed: ZeroDivisionError: the unexpected"):
+        bpy.ops.mvdiff.texture()
+    state = bpy.context.window_manager.mvdiff
+    assert not state.running and "ZeroDivisionError" in state.message
+    assert addon.operators.active_job() is None
+    assert bpy.ops.mvdiff.texture.poll(), "the next job may start"
+
+
+def test_depth_is_prepared_one_pose_per_step_and_a_cancel_restores_the_scene(addon, scene, tmp_path):
+    import bpy
+
+    _orbit_scene(bpy, scene, tmp_path, views=3)
+    engine = scene.render.engine
+    objects = sorted(o.name for o in bpy.data.objects)
+    steps = addon.job.texture_job_steps(bpy.context)
+    assert next(steps) == ("depth", 1, 3)
+    assert "MVDiffusion Depth Camera" in bpy.data.objects  # mid-way: the renders are set up
+    steps.close()  # Esc between two ticks
+    assert scene.render.engine == engine
+    assert sorted(o.name for o in bpy.data.objects) == objects, "placed and temporary cameras removed"
+    assert addon.cameras.camera_collection(scene) is None or not addon.cameras.placed_cameras(scene)
+
+    progress = []
+    prepared = addon.job.run_steps(addon.job.texture_job_steps(bpy.context), lambda *s: progress.append(s))
+    assert progress == [("depth", 1, 3), ("depth", 2, 3), ("depth", 3, 3)]
+    assert (prepared.folder / "job.npz").is_file() and (prepared.folder / "blender.json").is_file()
+    assert scene.render.engine == engine
+
+
+def test_cancelling_a_long_job_asks_first(addon):
+    ops = addon.operators
+    job = ops.RunningJob("texture")
+    assert not job.needs_confirmation(now=1e9), "nothing sent yet: cancel at once"
+    job.sent_at = 100.0
+    assert not job.needs_confirmation(now=101.0)
+    assert job.needs_confirmation(now=100.0 + ops.CONFIRM_CANCEL_AFTER)
+
+    asked = []
+    wm = types.SimpleNamespace(invoke_confirm=lambda op, event, **kw: asked.append(kw) or {"RUNNING_MODAL"},
+                               mvdiff=types.SimpleNamespace(message=""))
+    context = types.SimpleNamespace(window_manager=wm)
+    me = types.SimpleNamespace(execute=lambda ctx: ops.MVDIFF_OT_cancel.execute(me, ctx))
+    job.sent_at = 0.0
+    ops._active = job
+    try:
+        assert ops.MVDIFF_OT_cancel.invoke(me, context, None) == {"RUNNING_MODAL"}
+        assert asked and not job.cancelled, "a long job is only cancelled once the user confirms"
+        job.sent_at = None
+        ops.MVDIFF_OT_cancel.invoke(me, context, None)
+        assert job.cancelled and len(asked) == 1
+    finally:
+        ops._active = None
+
+
+def test_apply_result_applies_a_downloaded_result_again(addon, scene, tmp_path):
+    import bpy
+
+    cube = _cube(bpy, "Again")
+    folder = tmp_path / "mvdiff_jobs" / "T"
+    (folder / "result").mkdir(parents=True)
+    prepared = addon.job.PreparedJob("texture", b"", folder, tmp_path / "out", "T", ["Again"])
+    prepared.write_record()
+    write_texture(folder / "result" / "texture.png", np.full((8, 8, 3), 0.25), 8)
+    me = cube.data
+    me.calc_loop_triangles()
+    write_npz(folder / "result" / "uvs.npz", {"Again": np.full((len(me.loop_triangles), 3, 2), 0.5, np.float32)})
+    assert bpy.ops.mvdiff.apply_result(directory=str(folder / "result")) == {"FINISHED"}
+    assert "MVDiffusion" in cube.data.uv_layers and (tmp_path / "out" / "T.png").is_file()
+    with pytest.raises(RuntimeError, match="not a job folder"):
+        bpy.ops.mvdiff.apply_result(directory=str(tmp_path))
+
+
+def test_walk_cameras_clip_follows_the_scene_size(addon, scene, tmp_path):
+    """A room modelled in centimetres (30 m across = 3000 units): nothing may fall beyond the clip end."""
+    import bpy
+
+    room = _cube(bpy, "Room", size=3000.0)
+    room.scale = (1.0, 1.0, 0.1)
+    bpy.context.view_layer.update()
+    curve_data = bpy.data.curves.new("Path", "CURVE")
+    spline = curve_data.splines.new("POLY")
+    spline.points.add(1)
+    spline.points[0].co = (-1000.0, 0.0, 0.0, 1.0)
+    spline.points[1].co = (1000.0, 0.0, 0.0, 1.0)
+    curve = bpy.data.objects.new("Path", curve_data)
+    scene.collection.objects.link(curve)
+    placed = addon.cameras.place_walk(scene, curve, 3, 24.0)
+    corners = addon.cameras.scene_corners(scene)
+    for cam in placed:
+        far = np.linalg.norm(corners - np.array(cam.matrix_world.translation), axis=1).max()
+        assert cam.data.clip_end > far and cam.data.clip_start <= 0.01
+    poses = [addon.cameras.pose_of(c) for c in placed]
+    depths = addon.render_depth.render_depths(scene, poses, 64, 48, tmp_path / "depth")
+    assert (depths > 0).all(), "inside a closed room every pixel hits a wall"
+
+
+def test_views_that_see_nothing_are_reported_and_none_seeing_anything_is_refused(addon):
+    poses = [types.SimpleNamespace(name="Front"), types.SimpleNamespace(name="Away")]
+    depths = np.ones((2, 4, 4), np.float32)
+    depths[1] = 0.0
+    warnings = addon.job._empty_views(poses, depths)
+    assert len(warnings) == 1 and "Away" in warnings[0] and "Front" not in warnings[0]
+    assert addon.job._empty_views(poses, np.ones((2, 4, 4), np.float32)) == []
+    with pytest.raises(addon.job.JobError, match="No camera sees any geometry"):
+        addon.job._empty_views(poses, np.zeros((2, 4, 4), np.float32))
+
+
+def test_view_sizes_snap_to_the_models_multiple(addon, scene):
+    from backend.protocol import VIEW_SIZE_MULTIPLE
+
+    settings = scene.mvdiff
+    for name, typed, snapped in (("width", 200, 192), ("height", 100, 128), ("world_view_size", 600, 576)):
+        setattr(settings, name, typed)
+        assert getattr(settings, name) == snapped
+        assert getattr(settings, name) % VIEW_SIZE_MULTIPLE == 0
+
+
+def test_every_setting_and_operator_has_a_tooltip(addon):
+    import bpy
+
+    missing = []
+    classes = [cls for module in addon._modules() for cls in getattr(module, "classes", ())]
+    assert classes
+    for cls in classes:
+        if issubclass(cls, bpy.types.Panel):
+            continue
+        rna = cls.bl_rna
+        if issubclass(cls, bpy.types.Operator):
+            if not getattr(cls, "bl_description", "").strip():
+                missing.append(cls.__name__)
+            module, name = cls.bl_idname.split(".")
+            rna = getattr(getattr(bpy.ops, module), name).get_rna_type()
+        own = getattr(cls, "__annotations__", {})
+        for prop in rna.properties:
+            if prop.identifier not in own:
+                continue
+            if not prop.description.strip():
+                missing.append(f"{cls.__name__}.{prop.identifier}")
+    assert not missing, f"settings without a tooltip: {missing}"

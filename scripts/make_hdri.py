@@ -4,7 +4,8 @@
     python scripts/make_hdri.py scene.blend -- --prompt "..." --models tiny --save out/scene.blend
 
 Without a .blend (standalone) it starts from an empty scene. Prints progress lines, then one
-JSON object on the last line (panorama path, World, ok, message).
+JSON object on the last line (panorama path, World, ok, message, or ``{"ok": false, "error": ...}``
+with exit code 1).
 """
 
 from __future__ import annotations
@@ -19,16 +20,20 @@ import blender_cli  # noqa: E402
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--negative-prompt")
+    setting = blender_cli.setting_help
+    parser.add_argument("--prompt", required=True, help="what the 360 environment should show")
+    parser.add_argument("--negative-prompt", help=setting("what it should not show", "negative_prompt"))
     blender_cli.add_scheduler_argument(parser)
-    parser.add_argument("--steps", type=int)
-    parser.add_argument("--guidance", type=float)
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--height", type=int, help="equirect height in pixels (width is twice)")
-    parser.add_argument("--view-size", type=int, help="size of each generated view, a multiple of 64")
-    parser.add_argument("--strength", type=float, help="World background strength")
-    parser.add_argument("--use-current-world", action="store_true", help="put it into the scene's World")
+    parser.add_argument("--steps", type=int, help=setting("denoising steps", "steps"))
+    parser.add_argument("--guidance", type=float, help=setting("classifier-free guidance scale", "guidance"))
+    parser.add_argument("--seed", type=int, help=setting("random seed", "seed"))
+    parser.add_argument("--height", type=int, help=setting("equirect height in pixels (width is twice)",
+                                                           "world_height"))
+    parser.add_argument("--view-size", type=int, help=setting("size of each generated view, a multiple of 64",
+                                                              "world_view_size"))
+    parser.add_argument("--strength", type=float, help=setting("World background strength", "world_strength"))
+    parser.add_argument("--use-current-world", action="store_true",
+                        help="put it into the scene's World instead of a new one (the old World is kept either way)")
 
 
 def main() -> int:
@@ -50,4 +55,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(blender_cli.run(main))

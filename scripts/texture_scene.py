@@ -3,8 +3,8 @@
     blender -b scene.blend --python scripts/texture_scene.py -- --prompt "a cosy cabin" --cameras orbit
     python scripts/texture_scene.py scene.blend -- --objects Floor Walls --prompt "..." --models tiny
 
-Prints progress lines, then one JSON object on the last line (texture path, objects, ok, message);
-the exit code is 0 only when the texture was applied.
+Prints progress lines, then one JSON object on the last line (texture path, objects, ok, message,
+or ``{"ok": false, "error": ...}``); the exit code is 0 only when the texture was applied.
 """
 
 from __future__ import annotations
@@ -22,35 +22,46 @@ CAMERA_SOURCES = {"selected": "SELECTED", "animated": "ANIMATED", "orbit": "ORBI
 
 
 def add_arguments(parser) -> None:
+    setting = blender_cli.setting_help
     parser.add_argument("--objects", nargs="+", help="mesh objects to texture (default: every visible mesh)")
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--negative-prompt")
+    parser.add_argument("--prompt", required=True, help="what the textures should show")
+    parser.add_argument("--negative-prompt", help=setting("what the textures should not show", "negative_prompt"))
     parser.add_argument("--cameras", choices=sorted(CAMERA_SOURCES), default="selected",
-                        help="selected: the cameras named by --camera-names (default: every camera)")
-    parser.add_argument("--camera-names", nargs="+", help="camera objects for --cameras selected")
+                        help="where the poses come from; selected: the cameras named by --camera-names")
+    parser.add_argument("--camera-names", nargs="+", help="camera objects for --cameras selected (default: every "
+                                                          "camera)")
     parser.add_argument("--camera", help="the animated camera for --cameras animated (default: the scene camera)")
-    parser.add_argument("--frames", nargs=3, type=int, metavar=("START", "END", "STEP"))
-    parser.add_argument("--orbit-views", type=int)
-    parser.add_argument("--orbit-rings", type=int)
-    parser.add_argument("--orbit-elevation", type=float, help="degrees")
+    parser.add_argument("--frames", nargs=3, type=int, metavar=("START", "END", "STEP"),
+                        help="frame range for --cameras animated (default: the file's setting; "
+                             f"{' '.join(map(blender_cli.scene_default, ('frame_start', 'frame_end', 'frame_step')))}"
+                             " in a new file)")
+    parser.add_argument("--orbit-views", type=int, help=setting("cameras per orbit ring", "orbit_views"))
+    parser.add_argument("--orbit-rings", type=int, help=setting("orbit rings", "orbit_rings"))
+    parser.add_argument("--orbit-elevation", type=float,
+                        help="elevation of the highest ring in degrees (default: the file's setting; "
+                             f"{math.degrees(float(blender_cli.scene_default('orbit_elevation'))):.0f} in a new file)")
     parser.add_argument("--walk-curve", help="curve object for --cameras walk")
-    parser.add_argument("--walk-views", type=int)
-    parser.add_argument("--width", type=int)
-    parser.add_argument("--height", type=int)
+    parser.add_argument("--walk-views", type=int, help=setting("cameras along the walk curve", "walk_views"))
+    parser.add_argument("--width", type=int, help=setting("view width in pixels, a multiple of 64", "width"))
+    parser.add_argument("--height", type=int, help=setting("view height in pixels, a multiple of 64", "height"))
     blender_cli.add_scheduler_argument(parser)
-    parser.add_argument("--steps", type=int)
-    parser.add_argument("--guidance", type=float)
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--texture-size", choices=("256", "512", "1024", "2048", "4096"))
-    parser.add_argument("--uv", choices=("active", "unwrap"), help="bake into the active UV map, or unwrap")
+    parser.add_argument("--steps", type=int, help=setting("denoising steps", "steps"))
+    parser.add_argument("--guidance", type=float, help=setting("classifier-free guidance scale", "guidance"))
+    parser.add_argument("--seed", type=int, help=setting("random seed", "seed"))
+    parser.add_argument("--texture-size", choices=("256", "512", "1024", "2048", "4096"),
+                        help=setting("texture width and height", "texture_size"))
+    parser.add_argument("--uv", choices=("active", "unwrap"),
+                        help=setting("bake into the active UV map, or unwrap", "uv_source"))
+    parser.add_argument("--make-single-user", action="store_true",
+                        help="give textured objects that share a mesh with others their own copy")
 
 
 def _object(name: str, kind: str) -> bpy.types.Object:
     obj = bpy.data.objects.get(name)
     if obj is None:
-        raise SystemExit(f"No object named {name!r} in {bpy.data.filepath or 'the scene'}")
+        raise blender_cli.ScriptError(f"No object named {name!r} in {bpy.data.filepath or 'the scene'}")
     if kind and obj.type != kind:
-        raise SystemExit(f"{name!r} is a {obj.type}, not a {kind}")
+        raise blender_cli.ScriptError(f"{name!r} is a {obj.type}, not a {kind}")
     return obj
 
 
@@ -73,6 +84,8 @@ def configure(args, settings) -> list[bpy.types.Object]:
         settings.orbit_elevation = math.radians(args.orbit_elevation)
     if args.uv:
         settings.uv_source = args.uv.upper()
+    if args.make_single_user:
+        settings.make_single_user = True
     settings.camera_source = CAMERA_SOURCES[args.cameras]
     selection = list(targets)
     if args.cameras == "selected":
@@ -86,7 +99,7 @@ def configure(args, settings) -> list[bpy.types.Object]:
             settings.frame_start, settings.frame_end, settings.frame_step = args.frames
     elif args.cameras == "walk":
         if not args.walk_curve:
-            raise SystemExit("--cameras walk needs --walk-curve")
+            raise blender_cli.ScriptError("--cameras walk needs --walk-curve")
         settings.walk_curve = _object(args.walk_curve, "CURVE")
     return selection
 
@@ -106,4 +119,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(blender_cli.run(main))

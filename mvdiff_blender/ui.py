@@ -68,9 +68,7 @@ class MVDIFF_PT_texture(_Panel, bpy.types.Panel):
         col.prop(settings, "result_name")
         multiview_weights.draw(layout.column(), ("depth",), show_result=False)
         layout.operator("mvdiff.texture", icon="TEXTURE")
-        row = layout.row(align=True)
-        row.operator("mvdiff.restore_materials", icon="MATERIAL")
-        row.operator("mvdiff.apply_result", icon="IMPORT")
+        layout.operator("mvdiff.restore_materials", icon="MATERIAL")
 
 
 class MVDIFF_PT_environment(_Panel, bpy.types.Panel):
@@ -108,6 +106,7 @@ class MVDIFF_PT_job(_Panel, bpy.types.Panel):
             layout.operator("mvdiff.cancel", icon="CANCEL")
         else:
             layout.label(text=state.message or "No job running")
+            layout.operator("mvdiff.apply_result", icon="IMPORT")
         session = operators.active_session()
         if session is not None and session.snapshot.job_id:
             layout.label(text=f"Job {session.snapshot.job_id[:8]}")

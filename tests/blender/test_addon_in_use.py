@@ -207,3 +207,78 @@ def test_every_setting_and_operator_has_a_tooltip(addon):
             if not prop.description.strip():
                 missing.append(f"{cls.__name__}.{prop.identifier}")
     assert not missing, f"settings without a tooltip: {missing}"
+
+
+class _Modal:
+    """The modal job operator's logic outside Blender's window manager (the bpy module has no windows):
+    the same methods, driven by fake timer and key events, with a context that records the UI calls."""
+
+    def __init__(self, addon, bpy, kind="texture"):
+        ops = addon.operators
+        base = ops.MVDIFF_OT_texture if kind == "texture" else ops.MVDIFF_OT_make_world
+
+        class Driver(ops._JobOperator):
+            kind_label = base.kind_label
+            preparation = base.preparation
+            apply_result = base.apply_result
+
+            def report(self, level, text):
+                self.reports.append((sorted(level)[0], text))
+
+        self.op = Driver()
+        self.op.reports = []
+        self.timer = object()
+        real = bpy.context
+        self.status = []
+        wm = types.SimpleNamespace(
+            mvdiff=real.window_manager.mvdiff, windows=[],
+            event_timer_add=lambda *a, **k: self.timer, event_timer_remove=lambda t: None,
+            modal_handler_add=lambda op: None, progress_begin=lambda *a: None, progress_update=lambda *a: None,
+            progress_end=lambda: None)
+        self.context = types.SimpleNamespace(
+            window=object(), window_manager=wm, scene=real.scene, preferences=real.preferences,
+            selected_objects=list(real.selected_objects), view_layer=real.view_layer,
+            evaluated_depsgraph_get=real.evaluated_depsgraph_get,
+            workspace=types.SimpleNamespace(status_text_set=self.status.append))
+
+    def start(self):
+        """What ``invoke`` does in a window."""
+        assert self.op._begin(self.context)
+        self.op._steps = self.op.preparation(self.context)
+        self.op._timer = self.context.window_manager.event_timer_add(0.2)
+        return {"RUNNING_MODAL"}
+
+    def event(self, kind, value="NOTHING"):
+        return self.op.modal(self.context, types.SimpleNamespace(type=kind, value=value, timer=self.timer))
+
+
+def test_the_modal_path_renders_one_pose_per_tick_and_esc_stops_it(addon, scene, remote, tmp_path):
+    import bpy
+
+    _orbit_scene(bpy, scene, tmp_path, views=3)
+    engine, objects = scene.render.engine, sorted(o.name for o in bpy.data.objects)
+    modal = _Modal(addon, bpy)
+    modal.start()
+    assert modal.event("TIMER") == {"RUNNING_MODAL"}
+    assert bpy.context.window_manager.mvdiff.message == "depth 1/3" and "Esc cancels" in modal.status[-1]
+    assert modal.event("LEFTMOUSE", "PRESS") == {"RUNNING_MODAL"}, "no edits while depth renders"
+    modal.event("ESC", "PRESS")
+    assert modal.event("TIMER") == {"CANCELLED"}
+    assert scene.render.engine == engine and sorted(o.name for o in bpy.data.objects) == objects
+    assert addon.operators.active_job() is None and not bpy.context.window_manager.mvdiff.running
+    assert modal.op.reports[-1] == ("WARNING", "Cancelled")
+
+    # To the end: three depth ticks, then the session (to a backend that is not there) ends the job cleanly.
+    modal = _Modal(addon, bpy)
+    modal.start()
+    results = [modal.event("TIMER") for _ in range(4)]
+    assert results == [{"RUNNING_MODAL"}] * 4 and modal.op._session is not None
+    assert modal.event("MOUSEMOVE") == {"PASS_THROUGH"}, "the UI is usable while the backend works"
+    for _ in range(200):
+        done = modal.event("TIMER")
+        if done != {"PASS_THROUGH"}:
+            break
+        modal.op._session._thread.join(0.05)
+    assert done == {"CANCELLED"} and "cannot reach the backend" in modal.op.reports[-1][1]
+    assert addon.operators.active_job() is None and not bpy.context.window_manager.mvdiff.running
+    assert not addon.cameras.placed_cameras(scene), "a failed job removes the cameras it placed"

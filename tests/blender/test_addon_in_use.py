@@ -282,3 +282,23 @@ def test_the_modal_path_renders_one_pose_per_tick_and_esc_stops_it(addon, scene,
     assert done == {"CANCELLED"} and "cannot reach the backend" in modal.op.reports[-1][1]
     assert addon.operators.active_job() is None and not bpy.context.window_manager.mvdiff.running
     assert not addon.cameras.placed_cameras(scene), "a failed job removes the cameras it placed"
+
+
+def test_repeat_last_in_a_window_starts_the_modal_path(addon, scene, remote, tmp_path, monkeypatch):
+    """Repeat Last calls ``execute``: with a window it must not block Blender for the whole job."""
+    import bpy
+
+    class WithWindows:  # bpy as Blender's UI sees it (the bpy module always runs in background mode)
+        app = types.SimpleNamespace(background=False)
+
+        def __getattr__(self, name):
+            return getattr(bpy, name)
+
+    _orbit_scene(bpy, scene, tmp_path, views=2)
+    monkeypatch.setattr(addon.operators, "bpy", WithWindows())
+    modal = _Modal(addon, bpy)
+    assert modal.op.execute(modal.context) == {"RUNNING_MODAL"}
+    assert modal.op._steps is not None and modal.op._session is None, "nothing ran yet: the timer drives it"
+    modal.event("ESC", "PRESS")
+    assert modal.event("TIMER") == {"CANCELLED"}
+    assert addon.operators.active_job() is None

@@ -209,7 +209,7 @@ def _texture_job(context, settings, objects, poses, placed) -> Steps:
             yield "depth", done, total
     except render_depth.DepthRenderError as err:
         raise JobError(str(err)) from None
-    warnings = _empty_views(poses, depths)
+    warnings = _empty_views(poses, depths) + clipped_views(scene, poses)
     job = TextureJob(generation, [p.to_camera(width, height) for p in poses], list(depths), exported.mesh,
                      int(settings.texture_size), exported.object_names, 16 if settings.texture_16bit else 8,
                      exported.occluders)
@@ -238,6 +238,25 @@ def _empty_views(poses, depths: np.ndarray) -> list[str]:
         return []
     return [f"{len(names)} camera(s) see almost nothing (over {100 * EMPTY_VIEW_LIMIT:.0f}% of the view is empty): "
             f"{', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"]
+
+
+def clipped_views(scene: bpy.types.Scene, poses) -> list[str]:
+    """A warning naming the cameras whose Clip End stops short of the scene's far side (geometry there
+    is missing from their depth and gets no texture from them); placed cameras never do."""
+    corners = cameras.scene_corners(scene)
+    if not len(corners):
+        return []
+    short = []
+    for k, pose in enumerate(poses):
+        far = float(np.linalg.norm(corners - pose.matrix_world[:3, 3], axis=1).max())
+        if pose.clip_end < far:
+            short.append((pose.name or f"view {k}", far))
+    if not short:
+        return []
+    reach = max(far for _, far in short)
+    return [f"{len(short)} camera(s) end their Clip End before the far side of the scene ({reach:.4g} units "
+            f"away), so geometry beyond it gets no texture from them: {', '.join(n for n, _ in short[:8])}"
+            f"{' ...' if len(short) > 8 else ''}. Raise their Clip End"]
 
 
 def world_job_steps(context) -> Steps:

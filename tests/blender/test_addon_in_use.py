@@ -302,3 +302,19 @@ def test_repeat_last_in_a_window_starts_the_modal_path(addon, scene, remote, tmp
     modal.event("ESC", "PRESS")
     assert modal.event("TIMER") == {"CANCELLED"}
     assert addon.operators.active_job() is None
+
+
+def test_cameras_whose_clip_end_cuts_the_scene_are_named(addon, scene):
+    import bpy
+
+    _cube(bpy, "Hall", size=100.0)
+    bpy.ops.object.camera_add(location=(0.0, 0.0, 0.0))
+    short = bpy.context.object
+    short.name, short.data.clip_end = "Short", 10.0
+    bpy.ops.object.camera_add(location=(0.0, 0.0, 0.0))
+    enough = bpy.context.object
+    enough.name, enough.data.clip_end = "Enough", 1000.0
+    poses = [addon.cameras.pose_of(c) for c in (short, enough)]
+    warnings = addon.job.clipped_views(scene, poses)
+    assert len(warnings) == 1 and "Short" in warnings[0] and "Enough" not in warnings[0]
+    assert addon.job.clipped_views(scene, poses[1:]) == []

@@ -13,6 +13,7 @@ The per-view arithmetic runs in torch (float32, all cores, one ``grid_sample`` f
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -124,12 +125,16 @@ def bake(
     settings: BakeSettings | None = None,
     *,
     object_ids: np.ndarray | None = None,
+    check: Callable[[], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> BakeResult:
     """Blend ``views`` into the atlas whose texels ``surface`` describes (``raster.rasterize_uv``).
 
     ``object_ids`` (per triangle) keeps the unseen-texel fill within an object where the object
     was seen at all. Pass :class:`TexelChunks` instead of the surface to reuse the culling
-    structure across bakes of the same atlas.
+    structure across bakes of the same atlas. ``check`` runs before every view and before the
+    fill (raise to stop: a large atlas takes seconds per view); ``progress`` gets (views done,
+    views).
     """
     settings = settings or BakeSettings()
     _check_settings(settings)
@@ -143,8 +148,12 @@ def bake(
     count = len(chunks.index)
     colour_sum = torch.zeros(count, 3)
     weight_sum = torch.zeros(count)
-    for image, camera, depth in checked:
+    for number, (image, camera, depth) in enumerate(checked, start=1):
+        if check is not None:
+            check()
         texels = chunks.texels_in_frustum(camera)
+        if progress is not None:
+            progress(number, len(checked))
         if texels.numel() == 0:
             continue
         texels, colour, weight = _sample_view(texels, chunks, image, camera, depth, settings)
@@ -165,6 +174,8 @@ def bake(
     seen = _scatter_mask(chunks, seen_chunked)
 
     filled = np.zeros_like(seen)
+    if check is not None:
+        check()
     if settings.fill_unseen and seen.any():
         filled = surface.covered & ~seen
         labels = None

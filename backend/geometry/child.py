@@ -1,0 +1,147 @@
+"""Native calls that may crash, hang or hold the GIL, run in a child Python process.
+
+xatlas segfaults on some large meshes and holds the GIL for many seconds per call; in the
+server's process either would take every request down with it. A child process
+(``python -m <module> in.npz out.npz``) isolates both: the parent keeps answering, polls the
+job's cancel check, enforces a time limit, relays the child's progress and turns a crash into a
+:class:`ChildFailed` whose message a user can act on. Arrays travel as ``.npz`` files in a
+temporary folder, so nothing is pickled either way.
+
+The child side is :func:`child_main`: a module's ``if __name__ == "__main__"`` block hands it the
+function to run. An :class:`~backend.validation.InputError` raised there reaches the parent as
+the same error (same field), so callers see no difference from an in-process call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from ..validation import InputError
+
+try:
+    import resource
+except ImportError:  # Windows: no peak-memory figure
+    resource = None
+
+Check = Callable[[], None]  # raises (e.g. Cancelled) to stop the work
+Progress = Callable[[int, int], None]  # step, total
+Work = Callable[[dict[str, np.ndarray], Progress], dict[str, np.ndarray]]
+
+POLL_SECONDS = 0.05
+PROGRESS_PREFIX = "progress "
+INPUT_ERROR_EXIT = 3  # the child raised InputError; the details are in the error file
+PEAK_MEMORY_KEY = "peak_rss_bytes"
+_PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+
+
+class ChildFailed(RuntimeError):
+    """A child process crashed, ran past its time limit or failed unexpectedly; ``str`` says which."""
+
+
+def run_child(
+    module: str,
+    arrays: dict[str, np.ndarray],
+    *,
+    what: str,
+    time_limit: float,
+    check: Check | None = None,
+    progress: Progress | None = None,
+) -> dict[str, np.ndarray]:
+    """Run ``python -m module`` on ``arrays`` and return the arrays it wrote.
+
+    ``what`` names the work in error messages ("unwrapping 82k triangles"). ``check`` is called
+    every poll; whatever it raises stops the child (killed) and propagates. The result holds
+    :data:`PEAK_MEMORY_KEY`, the child's peak resident memory in bytes.
+    """
+    with tempfile.TemporaryDirectory(prefix="mvdiff-child-") as folder:
+        source, target = Path(folder) / "in.npz", Path(folder) / "out.npz"
+        error_file, log_file = target.with_suffix(".error.json"), Path(folder) / "stderr.txt"
+        np.savez(source, **arrays)
+        path = os.pathsep.join(p for p in (str(_PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        with log_file.open("wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", module, str(source), str(target)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
+                env={**os.environ, "PYTHONPATH": path},
+            )
+            reader = threading.Thread(target=_relay, args=(process.stdout, progress), daemon=True)
+            reader.start()
+            try:
+                code = _wait(process, what, time_limit, check)
+            finally:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+                reader.join(5)
+        if code == 0:
+            with np.load(target, allow_pickle=False) as result:
+                return {name: result[name] for name in result.files}
+        if code == INPUT_ERROR_EXIT and error_file.exists():
+            error = json.loads(error_file.read_text())
+            raise InputError(error["field"], error["problem"])
+        raise ChildFailed(_crash_message(what, code, log_file.read_text(errors="replace")))
+
+
+def _wait(process: subprocess.Popen, what: str, time_limit: float, check: Check | None) -> int:
+    """The child's exit code once it ends; raises if ``check`` does or the time limit passes."""
+    waited = 0.0
+    while True:
+        try:
+            return process.wait(POLL_SECONDS)
+        except subprocess.TimeoutExpired:
+            waited += POLL_SECONDS
+        if check is not None:
+            check()
+        if waited > time_limit:
+            raise ChildFailed(f"{what} did not finish within its time limit of {time_limit:.0f} s and was stopped; "
+                              "simplify the mesh (e.g. a Decimate modifier) or use its own UV map")
+
+
+def _relay(stream, progress: Progress | None) -> None:
+    for raw in stream:
+        line = raw.decode("utf-8", "replace").strip()
+        if progress is not None and line.startswith(PROGRESS_PREFIX):
+            step, total = (int(part) for part in line[len(PROGRESS_PREFIX):].split())
+            progress(step, total)
+
+
+def _crash_message(what: str, code: int, log: str) -> str:
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return (f"{what} crashed ({name}); the backend itself kept running. Simplify the mesh (e.g. a "
+                "Decimate modifier) or use its own UV map")
+    last = next((line for line in reversed(log.strip().splitlines()) if line.strip()), "no message")
+    return f"{what} failed (exit code {code}): {last}"
+
+
+def child_main(work: Work) -> None:
+    """The child's side: read ``argv[1]``, run ``work``, write ``argv[2]`` (or the error file)."""
+    source, target = Path(sys.argv[1]), Path(sys.argv[2])
+    with np.load(source, allow_pickle=False) as data:
+        arrays = {name: data[name] for name in data.files}
+
+    def report(step: int, total: int) -> None:
+        print(f"{PROGRESS_PREFIX}{int(step)} {int(total)}", flush=True)
+
+    try:
+        result = work(arrays, report)
+    except InputError as err:
+        target.with_suffix(".error.json").write_text(json.dumps({"field": err.field, "problem": err.problem}))
+        sys.exit(INPUT_ERROR_EXIT)
+    # ru_maxrss is in KiB on Linux (bytes on macOS, where this figure is only informative).
+    peak = 0 if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result[PEAK_MEMORY_KEY] = np.int64(peak)
+    np.savez(target, **result)

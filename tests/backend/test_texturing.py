@@ -207,6 +207,27 @@ def test_cancel_during_keyframes_stops_the_job_without_a_texture(models, scene, 
     assert not (tmp_path / "texture.png").exists() and not (tmp_path / "report.json").exists()
 
 
+@pytest.mark.parametrize("stage", ["keyframe_selection", "bake"])
+def test_cancel_inside_a_stage_stops_it_before_its_last_step(models, scene, stage, tmp_path):
+    # Thousands of views take hours to select keyframes from, and a large bake minutes: cancel
+    # must act between the views of a stage, not at its end.
+    ctx = JobContext(tmp_path)
+    events = []
+
+    def on_progress(name, step, total):
+        events.append((name, step, total))
+        if name == stage and step == 2:
+            ctx.cancel.set()
+
+    ctx.on_progress = on_progress
+    with pytest.raises(Cancelled):
+        run_texture_job(make_job(scene), models, ctx)
+    steps = [(step, total) for name, step, total in events if name == stage]
+    assert max(step for step, _ in steps) == 2 and steps[-1][1] == len(scene[1]) > 2
+    assert events[-1][0] == stage  # no later stage started
+    assert not (tmp_path / "texture.png").exists() and not (tmp_path / "report.json").exists()
+
+
 def test_memory_level_2_splits_guidance_and_shortens_windows(models, scene, tmp_path):
     sampler = models.sampler("depth")
     split = []

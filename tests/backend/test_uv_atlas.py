@@ -1,9 +1,11 @@
 import numpy as np
 import pytest
 
+from backend.geometry.child import ChildFailed
 from backend.geometry.mesh import Mesh
 from backend.geometry.raster import rasterize_uv, uv_coverage_count
 from backend.geometry.uv_atlas import ensure_uvs
+from backend.scenes.shapes import icosphere
 from backend.validation import InputError
 
 
@@ -147,3 +149,42 @@ def test_non_mesh_is_rejected():
     with pytest.raises(InputError) as err:
         ensure_uvs(np.zeros((3, 3)))
     assert err.value.field == "mesh"
+
+
+def test_charts_that_cannot_fit_raise_the_resolution_error_from_the_child_process():
+    # The unwrap runs in a child process; its InputError comes back with the same field, which
+    # the texturing job relies on to retry with a narrower gutter.
+    mesh = Mesh.concatenate([cube(offset=(3.0 * k, 0.0, 0.0)) for k in range(40)])
+    with pytest.raises(InputError) as err:
+        ensure_uvs(mesh, resolution=16, padding=4)
+    assert err.value.field == "resolution"
+
+
+def test_an_unwrap_past_its_time_limit_is_stopped_with_a_clear_error():
+    vertices, triangles = icosphere([0.0, 0.0, 0.0], 1.0, 4)
+    with pytest.raises(ChildFailed, match="did not finish within its time limit"):
+        ensure_uvs(Mesh(vertices, triangles), 512, 2, time_limit=0.0)
+
+
+def test_a_cancel_check_stops_the_unwrap_where_it_raises():
+    class Stop(Exception):
+        pass
+
+    calls = []
+
+    def check():
+        calls.append(1)
+        if len(calls) == 3:
+            raise Stop
+
+    vertices, triangles = icosphere([0.0, 0.0, 0.0], 1.0, 4)
+    with pytest.raises(Stop):
+        ensure_uvs(Mesh(vertices, triangles), 512, 2, check=check)
+    assert len(calls) == 3
+
+
+def test_unwrap_progress_comes_from_the_child_process():
+    steps = []
+    ensure_uvs(cube(), 128, 4, progress=lambda step, total: steps.append((step, total)))
+    assert steps and steps[0][0] == 1 and all(step <= total for step, total in steps)
+    assert [step for step, _ in steps] == sorted(step for step, _ in steps)

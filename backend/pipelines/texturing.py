@@ -4,11 +4,13 @@ Stages, each timed and reported through the :class:`JobContext`:
 
 1. ``unwrap``: the meshes' own UVs or an xatlas unwrap (in a child process). It comes first so
    that a mesh xatlas cannot unwrap fails the job before any GPU work.
-2. ``keyframe_selection``: overlap of every pair of frames, then keyframes along the trajectory.
-3. ``keyframes``: all keyframes generated jointly (CAA ties the overlapping ones together).
-4. ``interpolation``: every window between consecutive keyframes, conditioned on both ends.
-5. ``bake``: every generated frame blended into the atlas.
-6. ``write``: texture, masks, frames, unwrapped UVs, consistency scores and the report.
+2. ``visibility``: what each camera sees of the atlas, from the depth maps alone; a job whose
+   cameras see nothing (inside an object, back faces only) fails here, before any GPU work.
+3. ``keyframe_selection``: overlap of every pair of frames, then keyframes along the trajectory.
+4. ``keyframes``: all keyframes generated jointly (CAA ties the overlapping ones together).
+5. ``interpolation``: every window between consecutive keyframes, conditioned on both ends.
+6. ``bake``: every generated frame blended into the atlas.
+7. ``write``: texture, masks, frames, unwrapped UVs, consistency scores and the report.
 
 Every stage checks ``ctx.cancel`` inside its loops (per pair of views, per view, per denoising
 step, per frame written) and stops there; only the last stage writes ``texture.png``, so a
@@ -38,8 +40,9 @@ from .context import JobContext
 from .interpolation import InterpolationPipeline
 from .keyframes import KeyframePipeline
 from .sampling import MultiViewSampler, SamplingSettings, StepInfo, preview
+from .texturing_checks import check_visibility
 
-STAGES = ("unwrap", "keyframe_selection", "keyframes", "interpolation", "bake", "write")
+STAGES = ("unwrap", "visibility", "keyframe_selection", "keyframes", "interpolation", "bake", "write")
 MAX_IN_BETWEEN = 10  # in-between frames per interpolation batch at memory level 0
 OVERLAP_STRIDE = 8  # pixel stride of the overlap estimate: keyframe choice needs no more detail
 
@@ -79,6 +82,9 @@ def _run(job: TextureJob, sampler: MultiViewSampler, ctx: JobContext, described:
 
     with ctx.stage("unwrap"):
         atlas = _atlas(job, ctx)
+    with ctx.stage("visibility", len(job.cameras)):
+        visibility = check_visibility(job, atlas, ctx.check_cancel,
+                                      lambda step, total: ctx.progress("visibility", step, total))
     with ctx.stage("keyframe_selection", len(job.cameras)):
         plan, overlap = _plan(job, ctx)
     generated = _generate(job, sampler, ctx, plan, overlap, prompts, settings, max_in_between)
@@ -91,7 +97,9 @@ def _run(job: TextureJob, sampler: MultiViewSampler, ctx: JobContext, described:
         ctx.check_cancel()
         _write_outputs(job, ctx, generated.frames, atlas, result)
         ctx.progress("write", 1 + len(job.cameras), 1 + len(job.cameras))
-    report = {**_report(job, ctx, generated, atlas.unwrapped, coverage, consistency), **described}
+    report = {**_report(job, ctx, generated, atlas.unwrapped, coverage, consistency), **described,
+              "empty_depth": [round(share, 4) for share in visibility.empty_depth],
+              "blind_cameras": visibility.blind_cameras, "warnings": visibility.warnings(coverage)}
     outputs.write_json(ctx.out_dir / "report.json", report)
     return report
 

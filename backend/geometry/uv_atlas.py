@@ -20,12 +20,14 @@ import numpy as np
 from ..validation import InputError, positive_int
 from .child import Check, Progress, child_main, run_child
 from .mesh import UV_TOLERANCE, Mesh
+from .polygon_charts import ChartMesh, merge_polygons
 
 # xatlas estimates texels per unit from the requested resolution only approximately, and its
 # atlas can come out larger than asked; it is then packed again at a fixed resolution with the
 # density scaled down by these factors until everything fits on a single page.
 _REPACK_SCALES = (1.0, 0.95, 0.9, 0.8, 0.65, 0.5)
-_UNWRAP_STEPS = 2 + len(_REPACK_SCALES)  # progress steps: mesh added, charts packed, each repack
+# Progress steps: mesh added, then each pack (first try and repacks), twice when polygons are joined.
+_UNWRAP_STEPS = 1 + 2 * (1 + len(_REPACK_SCALES))
 # xatlas needs about 0.2 ms per triangle, more when it packs again; the limit leaves a wide margin
 # and stops only runaway calls (a mesh scaled by 1e37 kept it busy for many minutes).
 UNWRAP_BASE_SECONDS = 60.0
@@ -87,6 +89,8 @@ def ensure_uvs(
     limit = unwrap_time_limit(len(mesh.triangles)) if time_limit is None else float(time_limit)
     inputs = {"vertices": mesh.vertices, "triangles": mesh.triangles,
               "resolution": np.int64(resolution), "padding": np.int64(padding)}
+    if mesh.polygon_ids is not None:
+        inputs["polygon_ids"] = mesh.polygon_ids
     result = run_child(__name__, inputs, what=f"xatlas unwrapping {len(mesh.triangles):,} triangles",
                        time_limit=limit, check=check, progress=progress)
     uvs, chart_ids = result["uvs"], result["chart_ids"]
@@ -98,49 +102,95 @@ def ensure_uvs(
 def _unwrap_child(arrays: dict[str, np.ndarray], progress: Progress) -> dict[str, np.ndarray]:
     """The child process's work: the arrays :func:`ensure_uvs` sent in, the unwrap out."""
     uvs, chart_ids = _unwrap(arrays["vertices"], arrays["triangles"], int(arrays["resolution"]),
-                             int(arrays["padding"]), progress)
+                             int(arrays["padding"]), progress, arrays.get("polygon_ids"))
     return {"uvs": uvs, "chart_ids": chart_ids}
 
 
 def _unwrap(
-    vertices: np.ndarray, triangles: np.ndarray, resolution: int, padding: int, progress: Progress
+    vertices: np.ndarray,
+    triangles: np.ndarray,
+    resolution: int,
+    padding: int,
+    progress: Progress,
+    polygon_ids: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-corner UVs (M, 3, 2) of the original triangles, and a chart id per triangle."""
+    """Per-corner UVs (M, 3, 2) of the original triangles, and a chart id per triangle.
+
+    With ``polygon_ids``, the triangles of a polygon that xatlas put into different charts are
+    joined into one (:mod:`.polygon_charts`) and the charts packed again.
+    """
     import xatlas
 
-    atlas = xatlas.Atlas()
-    atlas.add_mesh(np.ascontiguousarray(vertices, np.float32), np.ascontiguousarray(triangles, np.uint32))
-    progress(1, _UNWRAP_STEPS)
-    chart_options = xatlas.ChartOptions()
-    pack = xatlas.PackOptions()
-    pack.resolution = resolution
-    pack.padding = padding
-    atlas.generate(chart_options=chart_options, pack_options=pack)
-    progress(2, _UNWRAP_STEPS)
-    if atlas.atlas_count != 1 or max(atlas.width, atlas.height) > resolution:
-        estimate = atlas.texels_per_unit * resolution / max(atlas.width, atlas.height, 1)
-        for step, scale in enumerate(_REPACK_SCALES, start=3):
-            pack = xatlas.PackOptions()
-            pack.resolution = resolution
-            pack.padding = padding
-            pack.texels_per_unit = estimate * scale
-            atlas.generate(chart_options=chart_options, pack_options=pack)
-            progress(step, _UNWRAP_STEPS)
-            if atlas.atlas_count == 1:
-                break
-        else:
-            raise InputError("resolution", f"xatlas could not fit the charts into one {resolution}^2 atlas")
+    steps = iter(range(1, _UNWRAP_STEPS + 1))
+    report = lambda: progress(min(next(steps, _UNWRAP_STEPS), _UNWRAP_STEPS), _UNWRAP_STEPS)  # noqa: E731
+    mesh_atlas = xatlas.Atlas()  # charts are computed once; repacking this atlas keeps them
+    mesh_atlas.add_mesh(np.ascontiguousarray(vertices, np.float32), np.ascontiguousarray(triangles, np.uint32))
+    report()
+    atlas = _pack(lambda: mesh_atlas, resolution, padding, report)
     vertex_map, indices, uvs = atlas[0]
     if indices.shape != triangles.shape or not np.array_equal(vertex_map[indices], triangles):
         raise RuntimeError("xatlas changed the triangle order or count; cannot map UVs back to the mesh")
+    chart_ids = _chart_ids(atlas, len(triangles))
+    if polygon_ids is not None:
+        texels = uvs.astype(np.float64) * [atlas.width, atlas.height]
+        charts = ChartMesh(indices.astype(np.int64), texels, vertex_map.astype(np.int64), chart_ids)
+        if merge_polygons(vertices, triangles, polygon_ids, charts):
+            # Pack the grown charts again, in texels of the first pack (one texel per UV unit).
+            # xatlas packs a UV mesh wrongly when asked twice, so each try starts afresh.
+            def uv_mesh() -> xatlas.Atlas:
+                fresh = xatlas.Atlas()
+                fresh.add_uv_mesh(charts.uvs.astype(np.float32), charts.corners.astype(np.uint32))
+                return fresh
+
+            atlas = _pack(uv_mesh, resolution, padding, report, texels_per_unit=1.0)
+            uv_map, indices, uvs = atlas[0]
+            if indices.shape != triangles.shape or not np.array_equal(uv_map[indices], charts.corners):
+                raise RuntimeError("xatlas changed the triangle order or count; cannot map UVs back to the mesh")
+            chart_ids = _chart_ids(atlas, len(triangles))
     # xatlas normalises by its own atlas size; rescale so one xatlas texel is one texture texel,
     # which keeps the padding exact (the atlas may be smaller than the texture, never larger).
     scale = np.array([atlas.width, atlas.height], np.float64) / resolution
     corner_uvs = (uvs.astype(np.float64)[indices] * scale).astype(np.float32)
-    chart_ids = np.full(len(triangles), -1, np.int32)
+    return corner_uvs, chart_ids
+
+
+def _pack(atlas_for_try, resolution: int, padding: int, report, texels_per_unit: float = 0.0):
+    """Chart (or take the UV mesh's charts) and pack them into one page of ``resolution`` texels.
+
+    xatlas' first pack may come out larger than asked; the charts are then packed again at a
+    density scaled down by :data:`_REPACK_SCALES` until they fit on one page. ``atlas_for_try``
+    gives the atlas for each try (the same one again, or a fresh one); the last is returned.
+    """
+    import xatlas
+
+    atlas = None
+
+    def generate(density: float) -> None:
+        nonlocal atlas
+        atlas = atlas_for_try()
+        pack = xatlas.PackOptions()
+        pack.resolution = resolution
+        pack.padding = padding
+        pack.texels_per_unit = density
+        atlas.generate(chart_options=xatlas.ChartOptions(), pack_options=pack)
+        report()
+
+    generate(texels_per_unit)
+    if atlas.atlas_count == 1 and max(atlas.width, atlas.height) <= resolution:
+        return atlas
+    estimate = atlas.texels_per_unit * resolution / max(atlas.width, atlas.height, 1)
+    for scale in _REPACK_SCALES:
+        generate(estimate * scale)
+        if atlas.atlas_count == 1:
+            return atlas
+    raise InputError("resolution", f"xatlas could not fit the charts into one {resolution}^2 atlas")
+
+
+def _chart_ids(atlas, count: int) -> np.ndarray:
+    chart_ids = np.full(count, -1, np.int32)
     for chart in range(atlas.get_mesh_chart_count(0)):
         chart_ids[np.asarray(atlas.get_mesh_chart(0, chart).faces, dtype=np.int64)] = chart
-    return corner_uvs, chart_ids
+    return chart_ids
 
 
 if __name__ == "__main__":

@@ -21,17 +21,13 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from ..validation import InputError
-
-try:
-    import resource
-except ImportError:  # Windows: no peak-memory figure
-    resource = None
 
 Check = Callable[[], None]  # raises (e.g. Cancelled) to stop the work
 Progress = Callable[[int, int], None]  # step, total
@@ -45,7 +41,14 @@ _PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 
 class ChildFailed(RuntimeError):
-    """A child process crashed, ran past its time limit or failed unexpectedly; ``str`` says which."""
+    """A child process crashed, ran past its time limit or failed unexpectedly; ``str`` says which.
+
+    ``peak_bytes``: the child's peak resident memory where the system reports it, else None.
+    """
+
+    def __init__(self, message: str, peak_bytes: int | None = None):
+        super().__init__(message)
+        self.peak_bytes = peak_bytes
 
 
 def run_child(
@@ -61,7 +64,8 @@ def run_child(
 
     ``what`` names the work in error messages ("unwrapping 82k triangles"). ``check`` is called
     every poll; whatever it raises stops the child (killed) and propagates. The result holds
-    :data:`PEAK_MEMORY_KEY`, the child's peak resident memory in bytes.
+    :data:`PEAK_MEMORY_KEY`, the child's peak resident memory in bytes (0 where the system does
+    not report it).
     """
     with tempfile.TemporaryDirectory(prefix="mvdiff-child-") as folder:
         source, target = Path(folder) / "in.npz", Path(folder) / "out.npz"
@@ -77,7 +81,7 @@ def run_child(
             reader = threading.Thread(target=_relay, args=(process.stdout, progress), daemon=True)
             reader.start()
             try:
-                code = _wait(process, what, time_limit, check)
+                code, peak = _wait(process, what, time_limit, check)
             finally:
                 if process.poll() is None:
                     process.kill()
@@ -85,24 +89,37 @@ def run_child(
                 reader.join(5)
         if code == 0:
             with np.load(target, allow_pickle=False) as result:
-                return {name: result[name] for name in result.files}
+                arrays = {name: result[name] for name in result.files}
+            arrays[PEAK_MEMORY_KEY] = np.int64(peak or 0)
+            return arrays
         if code == INPUT_ERROR_EXIT and error_file.exists():
             error = json.loads(error_file.read_text())
             raise InputError(error["field"], error["problem"])
-        raise ChildFailed(_crash_message(what, code, log_file.read_text(errors="replace")))
+        raise ChildFailed(_crash_message(what, code, log_file.read_text(errors="replace")), peak)
 
 
-def _wait(process: subprocess.Popen, what: str, time_limit: float, check: Check | None) -> int:
-    """The child's exit code once it ends; raises if ``check`` does or the time limit passes."""
-    waited = 0.0
+def _wait(process: subprocess.Popen, what: str, time_limit: float, check: Check | None) -> tuple[int, int | None]:
+    """The child's exit code and peak memory (bytes, or None) once it ends.
+
+    Raises what ``check`` raises, or ChildFailed once the time limit passes. On Unix the child
+    is reaped with ``wait4``, whose resource usage gives its peak memory even after a crash.
+    """
+    deadline = time.monotonic() + time_limit
     while True:
-        try:
-            return process.wait(POLL_SECONDS)
-        except subprocess.TimeoutExpired:
-            waited += POLL_SECONDS
+        if hasattr(os, "wait4"):
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+            if pid:
+                process.returncode = os.waitstatus_to_exitcode(status)
+                return process.returncode, usage.ru_maxrss * 1024  # KiB on Linux
+            time.sleep(POLL_SECONDS)
+        else:
+            try:
+                return process.wait(POLL_SECONDS), None
+            except subprocess.TimeoutExpired:
+                pass
         if check is not None:
             check()
-        if waited > time_limit:
+        if time.monotonic() > deadline:
             raise ChildFailed(f"{what} did not finish within its time limit of {time_limit:.0f} s and was stopped; "
                               "simplify the mesh (e.g. a Decimate modifier) or use its own UV map")
 
@@ -141,7 +158,4 @@ def child_main(work: Work) -> None:
     except InputError as err:
         target.with_suffix(".error.json").write_text(json.dumps({"field": err.field, "problem": err.problem}))
         sys.exit(INPUT_ERROR_EXIT)
-    # ru_maxrss is in KiB on Linux (bytes on macOS, where this figure is only informative).
-    peak = 0 if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    result[PEAK_MEMORY_KEY] = np.int64(peak)
     np.savez(target, **result)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import threading
 import time
 
+import numpy as np
+
 from .child import ChildFailed
 from .mesh import Mesh
 from .uv_atlas import ensure_uvs
@@ -21,10 +23,6 @@ HEARTBEAT_SECONDS = 0.01
 def run_unwrap_benchmark(subdivisions: int, resolution: int, padding: int = 4) -> dict:
     from ..scenes.shapes import icosphere
 
-    try:
-        import resource
-    except ImportError:  # Windows
-        resource = None
     mesh = Mesh(*icosphere([0.0, 0.0, 0.0], 1.0, subdivisions))
     gaps: list[float] = []
     stop = threading.Event()
@@ -41,13 +39,14 @@ def run_unwrap_benchmark(subdivisions: int, resolution: int, padding: int = 4) -
     start = time.perf_counter()
     try:
         atlas = ensure_uvs(mesh, resolution, padding)
+        peak = atlas.unwrap_peak_bytes
         outcome, charts = "done", int(atlas.chart_ids.max()) + 1
+        unplaced = int(np.count_nonzero(atlas.chart_ids < 0))
     except ChildFailed as err:
-        outcome, charts = f"failed: {err}", None
+        outcome, charts, unplaced, peak = f"failed: {err}", None, None, err.peak_bytes
     seconds = time.perf_counter() - start
     stop.set()
     beat.join()
-    peak = None if resource is None else resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return {
         "benchmark": "unwrap",
         "triangles": int(len(mesh.triangles)),
@@ -55,7 +54,8 @@ def run_unwrap_benchmark(subdivisions: int, resolution: int, padding: int = 4) -
         "resolution": resolution,
         "outcome": outcome,
         "charts": charts,
+        "triangles_outside_charts": unplaced,
         "seconds": round(seconds, 2),
-        "child_peak_mib": None if peak is None else round(peak, 1),
+        "child_peak_mib": None if not peak else round(peak / 2**20, 1),
         "caller_longest_stall_seconds": round(max(gaps, default=0.0) - HEARTBEAT_SECONDS, 3),
     }

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..validation import InputError, positive_int
-from .child import Check, Progress, child_main, run_child
+from .child import PEAK_MEMORY_KEY, Check, Progress, child_main, run_child
 from .mesh import UV_TOLERANCE, Mesh
 from .polygon_charts import ChartMesh, merge_polygons
 
@@ -28,10 +28,11 @@ from .polygon_charts import ChartMesh, merge_polygons
 _REPACK_SCALES = (1.0, 0.95, 0.9, 0.8, 0.65, 0.5)
 # Progress steps: mesh added, then each pack (first try and repacks), twice when polygons are joined.
 _UNWRAP_STEPS = 1 + 2 * (1 + len(_REPACK_SCALES))
-# xatlas needs about 0.2 ms per triangle, more when it packs again; the limit leaves a wide margin
-# and stops only runaway calls (a mesh scaled by 1e37 kept it busy for many minutes).
-UNWRAP_BASE_SECONDS = 60.0
-UNWRAP_SECONDS_PER_TRIANGLE = 1e-3
+# xatlas needs from 0.2 ms per triangle (an icosphere) to over 1.5 ms (a 100k-triangle UV sphere,
+# whose charts it packs several times); the limit is a backstop far beyond that which stops only
+# runaway calls (a mesh scaled by 1e37 kept it busy for many minutes). Cancel works at any time.
+UNWRAP_BASE_SECONDS = 300.0
+UNWRAP_SECONDS_PER_TRIANGLE = 0.01
 
 
 def unwrap_time_limit(triangles: int) -> float:
@@ -47,7 +48,8 @@ class Atlas:
     when the mesh's own UVs were kept. ``chart_ids`` (int32 per triangle, -1 for triangles
     xatlas left out, such as degenerate ones) is set only for unwrapped meshes; the bake uses
     charts to pad islands. ``padding`` is the guaranteed gap in texels between charts at
-    ``resolution``, for unwrapped meshes.
+    ``resolution``, for unwrapped meshes. ``unwrap_peak_bytes``: the unwrap's peak memory (its
+    child process's), 0 when unknown or not unwrapped.
     """
 
     mesh: Mesh
@@ -55,6 +57,7 @@ class Atlas:
     resolution: int
     padding: int
     chart_ids: np.ndarray | None = None
+    unwrap_peak_bytes: int = 0
 
 
 def ensure_uvs(
@@ -96,7 +99,8 @@ def ensure_uvs(
     uvs, chart_ids = result["uvs"], result["chart_ids"]
     if uvs.min() < -UV_TOLERANCE or uvs.max() > 1.0 + UV_TOLERANCE:
         raise RuntimeError(f"xatlas returned UVs outside [0, 1]: [{uvs.min()}, {uvs.max()}]")
-    return Atlas(mesh.with_uvs(uvs), unwrapped=True, resolution=resolution, padding=padding, chart_ids=chart_ids)
+    return Atlas(mesh.with_uvs(uvs), unwrapped=True, resolution=resolution, padding=padding, chart_ids=chart_ids,
+                 unwrap_peak_bytes=int(result[PEAK_MEMORY_KEY]))
 
 
 def _unwrap_child(arrays: dict[str, np.ndarray], progress: Progress) -> dict[str, np.ndarray]:

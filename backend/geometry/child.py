@@ -90,7 +90,8 @@ def run_child(
         if code == 0:
             with np.load(target, allow_pickle=False) as result:
                 arrays = {name: result[name] for name in result.files}
-            arrays[PEAK_MEMORY_KEY] = np.int64(peak or 0)
+            # The child's own figure is exact; the polls may have missed its last moments.
+            arrays[PEAK_MEMORY_KEY] = np.int64(max(int(arrays.get(PEAK_MEMORY_KEY, 0)), peak or 0))
             return arrays
         if code == INPUT_ERROR_EXIT and error_file.exists():
             error = json.loads(error_file.read_text())
@@ -99,29 +100,36 @@ def run_child(
 
 
 def _wait(process: subprocess.Popen, what: str, time_limit: float, check: Check | None) -> tuple[int, int | None]:
-    """The child's exit code and peak memory (bytes, or None) once it ends.
+    """The child's exit code and peak memory (bytes, or None where unknown) once it ends.
 
-    Raises what ``check`` raises, or ChildFailed once the time limit passes. On Unix the child
-    is reaped with ``wait4``, whose resource usage gives its peak memory even after a crash.
+    Raises what ``check`` raises, or ChildFailed once the time limit passes. The peak is the
+    child's own high-water mark (Linux ``VmHWM``) read at every poll, so it is known after a
+    crash too; ``ru_maxrss`` would not do, as it counts the parent's memory at the fork.
     """
     deadline = time.monotonic() + time_limit
+    peak = None
     while True:
-        if hasattr(os, "wait4"):
-            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-            if pid:
-                process.returncode = os.waitstatus_to_exitcode(status)
-                return process.returncode, usage.ru_maxrss * 1024  # KiB on Linux
-            time.sleep(POLL_SECONDS)
-        else:
-            try:
-                return process.wait(POLL_SECONDS), None
-            except subprocess.TimeoutExpired:
-                pass
+        try:
+            return process.wait(POLL_SECONDS), peak
+        except subprocess.TimeoutExpired:  # by now the child runs its own program, not a copy of ours
+            peak = max(peak or 0, _high_water(process.pid)) or peak
         if check is not None:
             check()
         if time.monotonic() > deadline:
             raise ChildFailed(f"{what} did not finish within its time limit of {time_limit:.0f} s and was stopped; "
-                              "simplify the mesh (e.g. a Decimate modifier) or use its own UV map")
+                              "simplify the mesh (e.g. a Decimate modifier) or use its own UV map", peak)
+
+
+def _high_water(pid: int) -> int:
+    """Peak resident memory of a running process in bytes (0 where /proc does not say)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def _relay(stream, progress: Progress | None) -> None:
@@ -158,4 +166,5 @@ def child_main(work: Work) -> None:
     except InputError as err:
         target.with_suffix(".error.json").write_text(json.dumps({"field": err.field, "problem": err.problem}))
         sys.exit(INPUT_ERROR_EXIT)
+    result[PEAK_MEMORY_KEY] = np.int64(_high_water(os.getpid()))
     np.savez(target, **result)

@@ -210,7 +210,7 @@ def test_cancel_during_keyframes_stops_the_job_without_a_texture(models, scene, 
     assert not (tmp_path / "texture.png").exists() and not (tmp_path / "report.json").exists()
 
 
-@pytest.mark.parametrize("stage", ["keyframe_selection", "bake"])
+@pytest.mark.parametrize("stage", ["keyframe_selection", "bake", "write"])
 def test_cancel_inside_a_stage_stops_it_before_its_last_step(models, scene, stage, tmp_path):
     # Thousands of views take hours to select keyframes from, and a large bake minutes: cancel
     # must act between the views of a stage, not at its end.
@@ -226,7 +226,7 @@ def test_cancel_inside_a_stage_stops_it_before_its_last_step(models, scene, stag
     with pytest.raises(Cancelled):
         run_texture_job(make_job(scene), models, ctx)
     steps = [(step, total) for name, step, total in events if name == stage]
-    assert max(step for step, _ in steps) == 2 and steps[-1][1] == len(scene[1]) > 2
+    assert max(step for step, _ in steps) == 2 and steps[-1][1] >= len(scene[1]) > 2
     assert events[-1][0] == stage  # no later stage started
     assert not (tmp_path / "texture.png").exists() and not (tmp_path / "report.json").exists()
 

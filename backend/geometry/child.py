@@ -15,6 +15,7 @@ the same error (same field), so callers see no difference from an in-process cal
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -29,6 +30,7 @@ import numpy as np
 
 from ..validation import InputError
 
+log = logging.getLogger("backend.child")
 Check = Callable[[], None]  # raises (e.g. Cancelled) to stop the work
 Progress = Callable[[int, int], None]  # step, total
 Work = Callable[[dict[str, np.ndarray], Progress], dict[str, np.ndarray]]
@@ -133,11 +135,17 @@ def _high_water(pid: int) -> int:
 
 
 def _relay(stream, progress: Progress | None) -> None:
+    """Pass the child's progress lines on; read to the end whatever happens, so the child never blocks."""
     for raw in stream:
         line = raw.decode("utf-8", "replace").strip()
-        if progress is not None and line.startswith(PROGRESS_PREFIX):
+        if progress is None or not line.startswith(PROGRESS_PREFIX):
+            continue
+        try:
             step, total = (int(part) for part in line[len(PROGRESS_PREFIX):].split())
             progress(step, total)
+        except Exception:  # progress is best effort: a failing status write must not stall the child
+            log.exception("could not report the progress line %r", line)
+            progress = None
 
 
 def _crash_message(what: str, code: int, log: str) -> str:

@@ -4,10 +4,11 @@ xatlas unwraps triangles, so a chart seam may run along the diagonal of a quad. 
 one UV per polygon corner, shared by the polygon's triangles: when the two halves of a quad lie
 in different charts, whichever triangle is written last moves the shared corners, and the other
 half then stretches across the atlas (on Sponza, a triangle spanning about 1,040 texels instead
-of about 2). This module moves every stray triangle of a polygon into the chart that holds most
-of the polygon's area, unfolded flat across the edge it shares with the triangles already
-there, at that chart's texel density. The atlas is then packed again (xatlas' UV-mesh mode), as
-the charts have grown by those triangles.
+of about 2). This module gives every polygon that xatlas split a chart of its own: its largest
+triangle keeps its UVs (and so the texel density of its chart), the others are unfolded flat
+across shared edges. The atlas is then packed again (xatlas' UV-mesh mode). A chart of its own
+cannot overlap another chart once packed, whereas joining the stray triangles to a neighbouring
+chart can fold them over that chart's other triangles.
 """
 
 from __future__ import annotations
@@ -19,15 +20,14 @@ import numpy as np
 
 @dataclass
 class ChartMesh:
-    """xatlas' output for one mesh: corner -> output vertex, and each output vertex's UV and source.
+    """xatlas' output for one mesh: corner -> output vertex, and each output vertex's UV.
 
-    ``corners`` (M, 3) indexes ``uvs`` (V', 2, in texels) and ``sources`` (V', the input vertex);
-    ``chart_ids`` (M,) is -1 for triangles xatlas left out.
+    ``corners`` (M, 3) indexes ``uvs`` (V', 2, in texels); ``chart_ids`` (M,) is -1 for
+    triangles xatlas left out.
     """
 
     corners: np.ndarray
     uvs: np.ndarray
-    sources: np.ndarray
     chart_ids: np.ndarray
 
 
@@ -42,7 +42,8 @@ def split_polygons(polygon_ids: np.ndarray, chart_ids: np.ndarray) -> list[np.nd
     return [order[s:e] for s, e in zip(starts[low != high], ends[low != high], strict=True)]
 
 
-def merge_polygons(vertices: np.ndarray, triangles: np.ndarray, polygon_ids: np.ndarray, charts: ChartMesh) -> int:
+def keep_polygons_whole(vertices: np.ndarray, triangles: np.ndarray, polygon_ids: np.ndarray,
+                        charts: ChartMesh) -> int:
     """Give every split polygon a chart of its own, in place; returns how many triangles moved.
 
     A triangle that shares no edge with the rest of its polygon (Blender never triangulates a
@@ -50,16 +51,14 @@ def merge_polygons(vertices: np.ndarray, triangles: np.ndarray, polygon_ids: np.
     """
     vertices = np.asarray(vertices, np.float64)
     new_uvs: list[np.ndarray] = []
-    new_sources: list[int] = []
     moved, islands = 0, [0]
     for members in split_polygons(polygon_ids, charts.chart_ids):
-        moved += _merge_one(vertices, triangles, members, charts, new_uvs, new_sources)
+        moved += _own_chart(vertices, triangles, members, charts, new_uvs)
         islands.append(len(new_uvs))
     if new_uvs:
         uvs = np.asarray(new_uvs, np.float64)
         _spread(uvs, islands, float(charts.uvs[:, 0].max()) if len(charts.uvs) else 0.0)
         charts.uvs = np.concatenate([charts.uvs, uvs.astype(charts.uvs.dtype)])
-        charts.sources = np.concatenate([charts.sources, np.asarray(new_sources, charts.sources.dtype)])
     return moved
 
 
@@ -78,7 +77,7 @@ def _spread(uvs: np.ndarray, bounds: list[int], right: float) -> None:
         piece += corner - piece.min(axis=0)
 
 
-def _merge_one(vertices, triangles, members, charts: ChartMesh, new_uvs: list, new_sources: list) -> int:
+def _own_chart(vertices, triangles, members, charts: ChartMesh, new_uvs: list) -> int:
     """Lay one split polygon out as its own chart, unfolded from its largest triangle; returns its triangle count.
 
     The largest triangle keeps its UVs (and so its chart's texel density); every other triangle
@@ -93,7 +92,7 @@ def _merge_one(vertices, triangles, members, charts: ChartMesh, new_uvs: list, n
     slot: dict[int, int] = {}  # input vertex -> its output vertex in the new chart
     for k in range(3):
         v = int(triangles[seed, k])
-        slot[v] = _add(charts, new_uvs, new_sources, _uv(charts, new_uvs, int(charts.corners[seed, k])), v)
+        slot[v] = _add(charts, new_uvs, _uv(charts, new_uvs, int(charts.corners[seed, k])))
     _attach(triangles, charts, seed, slot, chart)
     placed, stray = [seed], [int(t) for t in members if int(t) != seed]
     while stray:
@@ -108,7 +107,7 @@ def _merge_one(vertices, triangles, members, charts: ChartMesh, new_uvs: list, n
         for v in (int(v) for v in triangles[t]):
             if v not in slot:
                 uv = _unfold(vertices, triangles, charts, new_uvs, reference, a, b, v)
-                slot[v] = _add(charts, new_uvs, new_sources, uv, v)
+                slot[v] = _add(charts, new_uvs, uv)
         _attach(triangles, charts, t, slot, chart)
         placed.append(t)
     return len(placed)
@@ -118,9 +117,8 @@ def _uv(charts: ChartMesh, new_uvs: list, index: int) -> np.ndarray:
     return np.asarray(charts.uvs[index] if index < len(charts.uvs) else new_uvs[index - len(charts.uvs)], np.float64)
 
 
-def _add(charts: ChartMesh, new_uvs: list, new_sources: list, uv: np.ndarray, source: int) -> int:
+def _add(charts: ChartMesh, new_uvs: list, uv: np.ndarray) -> int:
     new_uvs.append(uv)
-    new_sources.append(source)
     return len(charts.uvs) + len(new_uvs) - 1
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from ..validation import InputError, positive_int
 from .child import PEAK_MEMORY_KEY, Check, Progress, child_main, run_child
 from .mesh import UV_TOLERANCE, Mesh
-from .polygon_charts import ChartMesh, merge_polygons
+from .polygon_charts import ChartMesh, keep_polygons_whole
 
 # xatlas estimates texels per unit from the requested resolution only approximately, and its
 # atlas can come out larger than asked; it is then packed again at a fixed resolution with the
@@ -120,8 +120,8 @@ def _unwrap(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-corner UVs (M, 3, 2) of the original triangles, and a chart id per triangle.
 
-    With ``polygon_ids``, the triangles of a polygon that xatlas put into different charts are
-    joined into one (:mod:`.polygon_charts`) and the charts packed again.
+    With ``polygon_ids``, a polygon whose triangles xatlas put into different charts becomes a
+    chart of its own (:mod:`.polygon_charts`) and the charts are packed again.
     """
     import xatlas
 
@@ -137,8 +137,8 @@ def _unwrap(
     chart_ids = _chart_ids(atlas, len(triangles))
     if polygon_ids is not None:
         texels = uvs.astype(np.float64) * [atlas.width, atlas.height]
-        charts = ChartMesh(indices.astype(np.int64), texels, vertex_map.astype(np.int64), chart_ids)
-        if merge_polygons(vertices, triangles, polygon_ids, charts):
+        charts = ChartMesh(indices.astype(np.int64), texels, chart_ids)
+        if keep_polygons_whole(vertices, triangles, polygon_ids, charts):
             # Pack the grown charts again, in texels of the first pack (one texel per UV unit).
             # xatlas packs a UV mesh wrongly when asked twice, so each try starts afresh.
             def uv_mesh() -> xatlas.Atlas:

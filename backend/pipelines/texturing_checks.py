@@ -21,8 +21,6 @@ from ..geometry.uv_atlas import Atlas
 from ..protocol import TextureJob
 from ..validation import InputError
 
-MIN_COVERAGE = 1e-3
-"""Below this share of the surfaces seen by some camera the job is refused: the texture would be black."""
 LOW_COVERAGE = 0.01
 """Below this share of the surfaces seen, the report warns that most of the texture is guessed."""
 EMPTY_DEPTH_WARNING = 0.75
@@ -69,19 +67,23 @@ def check_visibility(
     check: Callable[[], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> Visibility:
-    """What each camera sees of the atlas; raises InputError (field ``cameras``) when nothing is seen."""
+    """What each camera sees of the atlas; raises InputError (field ``cameras``) when no camera sees anything.
+
+    Only a job that cannot texture a single texel is refused: the check runs on a coarse atlas,
+    where a camera that sees a sliver of a large scene may find no texel, so a camera that sees
+    nothing here is only named in the warnings.
+    """
     empty = [float(np.mean(depth <= 0)) for depth in job.depths]
     surface = rasterize_uv(atlas.mesh, min(CHECK_ATLAS_SIZE, job.texture_size), check=check)
     seen, counts = texels_seen_per_view(surface, _views(job, progress), check=check)
     covered = np.count_nonzero(surface.covered)
     visibility = Visibility(empty, counts, float(np.count_nonzero(seen) / covered) if covered else 0.0)
-    if visibility.coverage < MIN_COVERAGE:
-        blind = visibility.blind_cameras
-        named = "no camera saw anything" if len(blind) == len(counts) else (
-            f"{_cameras(blind)} saw nothing" if blind else "every camera sees almost nothing")
-        raise InputError("cameras", f"the cameras see {visibility.coverage:.2%} of the textured surfaces "
-                         f"({named}): a camera inside an object, or a closed mesh seen from outside whose "
-                         "normals face inward, sees only back faces, which cannot be textured")
+    if not any(counts):
+        without_depth = [k for k, share in enumerate(empty) if share >= 1.0]
+        why = f" ({_cameras(without_depth)} hit no surface at all)" if without_depth else ""
+        raise InputError("cameras", f"no camera saw anything of the textured surfaces from the front{why}: a camera "
+                         "inside an object, or a closed mesh seen from outside whose normals face inward, sees only "
+                         "back faces, which cannot be textured")
     return visibility
 
 

@@ -162,6 +162,16 @@ def bench_job(args: argparse.Namespace) -> dict:
     return result
 
 
+@benchmark("unwrap")
+def bench_unwrap(args: argparse.Namespace) -> dict:
+    """Unwrap an icosphere (20 * 4^subdivisions triangles) in the child process: time, memory, caller stalls."""
+    from .geometry.unwrap_bench import run_unwrap_benchmark
+
+    result = run_unwrap_benchmark(args.subdivisions, args.size)
+    result["machine"] = machine()
+    return result
+
+
 @benchmark("consistency")
 def bench_consistency(args: argparse.Namespace) -> dict:
     """Train the tiny recipe (or load --run), generate held-out trajectories with and without CAA, score overlap."""
@@ -207,6 +217,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="training recipe (consistency; default backend/train/recipes/tiny_depth.json)")
     parser.add_argument("--run", help="evaluate this finished run folder instead of training (consistency)")
     parser.add_argument("--out", help="keep the run trained by the benchmark in this folder (consistency)")
+    parser.add_argument("--subdivisions", type=int, default=6,
+                        help="icosphere subdivisions (unwrap: 6 is 82k triangles, 8 is 1.3 M)")
     parser.add_argument("--scaling", default="", help="view counts for the memory-scaling rows, e.g. 12,48,192")
 
 

@@ -135,6 +135,8 @@ class TextureJob:
         }
         if self.mesh.uvs is not None:
             arrays["uvs"] = self.mesh.uvs
+        if self.mesh.polygon_ids is not None:
+            arrays["polygon_ids"] = self.mesh.polygon_ids
         if self.occluders is not None:
             arrays["occluder_vertices"] = self.occluders.vertices
             arrays["occluder_triangles"] = self.occluders.triangles
@@ -163,7 +165,7 @@ class TextureJob:
                 raise InputError(f"cameras[{k}].{err.field}", err.problem) from None
         depth_list = [depth_map(f"depths[{k}]", depths[k], height, width) for k in range(len(K))]
         mesh = Mesh(_required(arrays, "vertices"), _required(arrays, "triangles"), arrays.get("uvs"),
-                    arrays.get("object_ids"))
+                    arrays.get("object_ids"), arrays.get("polygon_ids"))
         occluders = None
         if "occluder_vertices" in arrays or "occluder_triangles" in arrays:
             try:

@@ -55,6 +55,7 @@ class _Arrays:
     triangles: np.ndarray  # (M, 3) int32
     uvs: np.ndarray | None  # (M, 3, 2) float32
     uv_map: str | None
+    polygons: np.ndarray | None = None  # (M,) the polygon of each triangle, for an unwrap
 
 
 def mirrored(obj: bpy.types.Object) -> bool:
@@ -188,11 +189,14 @@ def _object_arrays(obj: bpy.types.Object, depsgraph: bpy.types.Depsgraph, *, uv_
         me.vertices.foreach_get("co", co)
         triangles = np.empty(n_tris * 3, np.int32)
         me.loop_triangles.foreach_get("vertices", triangles)
-        uvs, uv_map = None, None
+        uvs, uv_map, polygons = None, None, None
         if uv_source == "ACTIVE":
             uvs, uv_map = _active_uvs(obj, me)
         elif uv_source == "UNWRAP":
             _check_topology(obj, me)
+            # The unwrap keeps each polygon in one chart: Blender stores one UV per polygon corner.
+            polygons = np.empty(n_tris, np.int32)
+            me.loop_triangles.foreach_get("polygon_index", polygons)
     finally:
         evaluated.to_mesh_clear()
 
@@ -201,7 +205,7 @@ def _object_arrays(obj: bpy.types.Object, depsgraph: bpy.types.Depsgraph, *, uv_
     triangles = triangles.reshape(-1, 3)[:, order]
     if uvs is not None:
         uvs = uvs[:, order]
-    return _Arrays(vertices.astype(np.float32), np.ascontiguousarray(triangles), uvs, uv_map)
+    return _Arrays(vertices.astype(np.float32), np.ascontiguousarray(triangles), uvs, uv_map, polygons)
 
 
 def _active_uvs(obj: bpy.types.Object, me: bpy.types.Mesh) -> tuple[np.ndarray, str]:
@@ -249,7 +253,11 @@ def _merge(parts: list[_Arrays], *, with_uvs: bool, what: str, single_object: bo
     triangles = np.concatenate([p.triangles + off for p, off in zip(parts, offsets, strict=True)])
     ids = [np.full(len(p.triangles), 0 if single_object else k, np.int32) for k, p in enumerate(parts)]
     uvs = np.concatenate([p.uvs for p in parts]) if with_uvs else None
+    polygons = None
+    if all(p.polygons is not None for p in parts):  # numbered across objects, as the backend wants
+        starts = np.cumsum([0] + [int(p.polygons.max()) + 1 for p in parts[:-1]])
+        polygons = np.concatenate([p.polygons.astype(np.int64) + start for p, start in zip(parts, starts, strict=True)])
     try:
-        return Mesh(np.concatenate([p.vertices for p in parts]), triangles, uvs, np.concatenate(ids))
+        return Mesh(np.concatenate([p.vertices for p in parts]), triangles, uvs, np.concatenate(ids), polygons)
     except InputError as err:
         raise ExportError(f"{what} cannot be exported: {err}") from None

@@ -13,6 +13,7 @@ The per-view arithmetic runs in torch (float32, all cores, one ``grid_sample`` f
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -124,12 +125,16 @@ def bake(
     settings: BakeSettings | None = None,
     *,
     object_ids: np.ndarray | None = None,
+    check: Callable[[], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> BakeResult:
     """Blend ``views`` into the atlas whose texels ``surface`` describes (``raster.rasterize_uv``).
 
     ``object_ids`` (per triangle) keeps the unseen-texel fill within an object where the object
     was seen at all. Pass :class:`TexelChunks` instead of the surface to reuse the culling
-    structure across bakes of the same atlas.
+    structure across bakes of the same atlas. ``check`` runs before every view and before the
+    fill (raise to stop: a large atlas takes seconds per view); ``progress`` gets (views done,
+    views).
     """
     settings = settings or BakeSettings()
     _check_settings(settings)
@@ -143,8 +148,12 @@ def bake(
     count = len(chunks.index)
     colour_sum = torch.zeros(count, 3)
     weight_sum = torch.zeros(count)
-    for image, camera, depth in checked:
+    for number, (image, camera, depth) in enumerate(checked, start=1):
+        if check is not None:
+            check()
         texels = chunks.texels_in_frustum(camera)
+        if progress is not None:
+            progress(number, len(checked))
         if texels.numel() == 0:
             continue
         texels, colour, weight = _sample_view(texels, chunks, image, camera, depth, settings)
@@ -165,6 +174,8 @@ def bake(
     seen = _scatter_mask(chunks, seen_chunked)
 
     filled = np.zeros_like(seen)
+    if check is not None:
+        check()
     if settings.fill_unseen and seen.any():
         filled = surface.covered & ~seen
         labels = None
@@ -183,16 +194,37 @@ def visible_texels(
     This is the denominator of texture coverage: what some camera sees (in front, unoccluded,
     not beyond the grazing cut-off) and a bake from other cameras should therefore have seen.
     """
+    return texels_seen_per_view(surface, views, settings)[0]
+
+
+def texels_seen_per_view(
+    surface: TexelSurface | TexelChunks,
+    views: Iterable[View],
+    settings: BakeSettings | None = None,
+    *,
+    check: Callable[[], None] | None = None,
+) -> tuple[np.ndarray, list[int]]:
+    """The texels some view sees (as :func:`visible_texels`) and how many each view sees.
+
+    A view that sees no texel contributes nothing to a bake: its camera is inside an object,
+    looks at back faces or at nothing at all. ``views`` may be a generator, so a long
+    trajectory need not hold every image at once; ``check`` runs before every view.
+    """
     settings = settings or BakeSettings()
     _check_settings(settings)
     chunks = _as_chunks(surface)
     seen = torch.zeros(len(chunks.index), dtype=torch.bool)
-    for image, camera, depth in (_check_view(k, view) for k, view in enumerate(views)):
+    counts = []
+    for k, view in enumerate(views):
+        if check is not None:
+            check()
+        image, camera, depth = _check_view(k, view)
         texels = chunks.texels_in_frustum(camera)
         if texels.numel():
             texels, _, _ = _sample_view(texels, chunks, image, camera, depth, settings)
             seen[texels] = True
-    return _scatter_mask(chunks, seen.numpy())
+        counts.append(int(texels.numel()))
+    return _scatter_mask(chunks, seen.numpy()), counts
 
 
 def _as_chunks(surface: TexelSurface | TexelChunks) -> TexelChunks:

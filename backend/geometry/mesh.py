@@ -18,13 +18,16 @@ class Mesh:
     """World-space triangles of one or several objects.
 
     ``uvs`` are per triangle corner, (M, 3, 2), with (0, 0) at the texture's bottom-left as in
-    Blender. ``object_ids`` says which object each triangle came from.
+    Blender. ``object_ids`` says which object each triangle came from. ``polygon_ids`` (optional)
+    says which polygon (quad, n-gon) each triangle came from, numbered across all objects: Blender
+    keeps one UV per polygon corner, so an unwrap keeps every polygon whole in one chart.
     """
 
     vertices: np.ndarray
     triangles: np.ndarray
     uvs: np.ndarray | None = None
     object_ids: np.ndarray | None = None
+    polygon_ids: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         vertices = as_array("vertices", self.vertices, shape=(None, 3), dtype=np.float32)
@@ -54,6 +57,7 @@ class Mesh:
         object.__setattr__(self, "triangles", triangles)
         object.__setattr__(self, "uvs", uvs)
         object.__setattr__(self, "object_ids", object_ids)
+        object.__setattr__(self, "polygon_ids", _polygon_ids(self.polygon_ids, object_ids))
         if not np.any(self.areas() > 0):
             raise InputError("triangles", "every triangle is degenerate (zero area)")
 
@@ -78,21 +82,41 @@ class Mesh:
         return int(self.object_ids.max()) + 1
 
     def with_uvs(self, uvs: np.ndarray) -> Mesh:
-        return Mesh(self.vertices, self.triangles, uvs, self.object_ids)
+        return Mesh(self.vertices, self.triangles, uvs, self.object_ids, self.polygon_ids)
 
     @staticmethod
     def concatenate(meshes: list[Mesh]) -> Mesh:
         """Merge meshes into one, numbering objects in order (each input keeps its own ids)."""
         if not meshes:
             raise InputError("meshes", "need at least one mesh")
-        vertices, triangles, uvs, ids = [], [], [], []
-        offset, id_offset = 0, 0
+        vertices, triangles, uvs, ids, polygons = [], [], [], [], []
+        offset, id_offset, polygon_offset = 0, 0, 0
         for mesh in meshes:
             vertices.append(mesh.vertices)
             triangles.append(mesh.triangles + offset)
             uvs.append(mesh.uvs)
             ids.append(mesh.object_ids + id_offset)
+            if mesh.polygon_ids is not None:
+                polygons.append(mesh.polygon_ids + polygon_offset)
+                polygon_offset += int(mesh.polygon_ids.max()) + 1
             offset += len(mesh.vertices)
             id_offset += mesh.num_objects
         merged_uvs = None if any(u is None for u in uvs) else np.concatenate(uvs)
-        return Mesh(np.concatenate(vertices), np.concatenate(triangles), merged_uvs, np.concatenate(ids))
+        merged_polygons = np.concatenate(polygons) if len(polygons) == len(meshes) else None
+        return Mesh(np.concatenate(vertices), np.concatenate(triangles), merged_uvs, np.concatenate(ids),
+                    merged_polygons)
+
+
+def _polygon_ids(polygon_ids: object, object_ids: np.ndarray) -> np.ndarray | None:
+    """Validated polygon ids (int64 >= 0, each polygon within one object), or None."""
+    if polygon_ids is None:
+        return None
+    ids = as_array("polygon_ids", polygon_ids, shape=(len(object_ids),), dtype=np.int64)
+    if ids.min() < 0:
+        raise InputError("polygon_ids", f"must be >= 0, got {ids.min()}")
+    order = np.lexsort((object_ids, ids))
+    same_polygon = ids[order][1:] == ids[order][:-1]
+    if np.any(same_polygon & (object_ids[order][1:] != object_ids[order][:-1])):
+        raise InputError("polygon_ids", "a polygon's triangles must belong to one object (number polygons "
+                         "across objects)")
+    return ids

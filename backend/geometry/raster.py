@@ -14,7 +14,7 @@ of the near plane. Back faces are kept, since rooms are seen from inside.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -246,11 +246,12 @@ def _ray_forms(p: np.ndarray, K_inv: np.ndarray, boxes: _Boxes) -> tuple[np.ndar
 
 
 # ---------------------------------------------------------------------- UV atlases
-def rasterize_uv(mesh: Mesh, size: int) -> TexelSurface:
+def rasterize_uv(mesh: Mesh, size: int, check: Callable[[], None] | None = None) -> TexelSurface:
     """World position and face normal behind every texel centre of a ``size`` x ``size`` atlas.
 
     Texel (row i, col j) has its centre at u = (j + 0.5) / size, v = 1 - (i + 0.5) / size. Where
-    UV triangles overlap any one of them wins.
+    UV triangles overlap any one of them wins. ``check`` runs before every chunk of candidates
+    (raise to stop: an 8k atlas takes many seconds).
     """
     size = _check_uv_inputs(mesh, size)
     n = size * size
@@ -262,6 +263,8 @@ def rasterize_uv(mesh: Mesh, size: int) -> TexelSurface:
     origin, e1, e2 = corners[:, 0], corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0]
     face_normals = mesh.face_normals().astype(np.float32)
     for tri, flat, l1, l2 in _uv_hits(mesh, size, UV_EDGE_EPS):
+        if check is not None:
+            check()
         ids = np.arange(len(flat), dtype=np.int32)
         winner[flat] = ids
         keep = winner[flat] == ids

@@ -20,7 +20,7 @@ from ..geometry.cameras import Camera
 from ..geometry.keyframes import KeyframePlan
 from ..validation import InputError, rgb_image
 from .keyframes import KeyframePipeline
-from .sampling import ProgressCallback, SamplingSettings, StepInfo, view_prompts
+from .sampling import Cancelled, ProgressCallback, SamplingSettings, StepInfo, view_prompts
 
 WindowProgress = Callable[[int, int, StepInfo], None]
 
@@ -79,6 +79,8 @@ class InterpolationPipeline:
         ]
         images: dict[int, np.ndarray] = {}
         for number, (a, b, frames) in enumerate(batches):
+            if cancel is not None and cancel.is_set():  # before the VAE encodes this batch's keyframes
+                raise Cancelled(f"cancelled before interpolation batch {number + 1} of {len(batches)}")
             window = [a, *frames, b]
             latents = self.encode_images(np.stack([keyframe_images[a], keyframe_images[b]]))
             condition = torch.zeros(len(window), 5, *latents.shape[-2:], device=latents.device, dtype=latents.dtype)

@@ -2,14 +2,19 @@
 
 Stages, each timed and reported through the :class:`JobContext`:
 
-1. ``keyframe_selection``: overlap of every pair of frames, then keyframes along the trajectory.
-2. ``keyframes``: all keyframes generated jointly (CAA ties the overlapping ones together).
-3. ``interpolation``: every window between consecutive keyframes, conditioned on both ends.
-4. ``bake``: the meshes' own UVs or an xatlas unwrap, then every generated frame blended in.
-5. ``write``: texture, masks, frames, unwrapped UVs, consistency scores and the report.
+1. ``unwrap``: the meshes' own UVs or an xatlas unwrap (in a child process). It comes first so
+   that a mesh xatlas cannot unwrap fails the job before any GPU work.
+2. ``visibility``: what each camera sees of the atlas, from the depth maps alone; a job whose
+   cameras see nothing (inside an object, back faces only) fails here, before any GPU work.
+3. ``keyframe_selection``: overlap of every pair of frames, then keyframes along the trajectory.
+4. ``keyframes``: all keyframes generated jointly (CAA ties the overlapping ones together).
+5. ``interpolation``: every window between consecutive keyframes, conditioned on both ends.
+6. ``bake``: every generated frame blended into the atlas.
+7. ``write``: texture, masks, frames, unwrapped UVs, consistency scores and the report.
 
-The job stops at the next stage boundary or denoising step once ``ctx.cancel`` is set, and only
-the last stage writes ``texture.png``, so a cancelled job never leaves one behind.
+Every stage checks ``ctx.cancel`` inside its loops (per pair of views, per view, per denoising
+step, per frame written) and stops there; only the last stage writes ``texture.png``, so a
+cancelled job never leaves one behind.
 """
 
 from __future__ import annotations
@@ -35,8 +40,9 @@ from .context import JobContext
 from .interpolation import InterpolationPipeline
 from .keyframes import KeyframePipeline
 from .sampling import MultiViewSampler, SamplingSettings, StepInfo, preview
+from .texturing_checks import check_visibility
 
-STAGES = ("keyframe_selection", "keyframes", "interpolation", "bake", "write")
+STAGES = ("unwrap", "visibility", "keyframe_selection", "keyframes", "interpolation", "bake", "write")
 MAX_IN_BETWEEN = 10  # in-between frames per interpolation batch at memory level 0
 OVERLAP_STRIDE = 8  # pixel stride of the overlap estimate: keyframe choice needs no more detail
 
@@ -74,18 +80,26 @@ def _run(job: TextureJob, sampler: MultiViewSampler, ctx: JobContext, described:
     settings = SamplingSettings.of(job.settings)
     prompts = _prompts(job)
 
-    with ctx.stage("keyframe_selection"):
-        plan, overlap = _plan(job)
+    with ctx.stage("unwrap"):
+        atlas = _atlas(job, ctx)
+    with ctx.stage("visibility", len(job.cameras)):
+        visibility = check_visibility(job, atlas, ctx.check_cancel,
+                                      lambda step, total: ctx.progress("visibility", step, total))
+    with ctx.stage("keyframe_selection", len(job.cameras)):
+        plan, overlap = _plan(job, ctx)
     generated = _generate(job, sampler, ctx, plan, overlap, prompts, settings, max_in_between)
 
-    with ctx.stage("bake"):
-        atlas, result, coverage = _bake(job, generated.frames)
+    with ctx.stage("bake", len(job.cameras)):
+        result, coverage = _bake(job, atlas, generated.frames, ctx)
 
-    with ctx.stage("write"):
-        consistency = _consistency(generated.frames, job, atlas, result)
+    with ctx.stage("write", 1 + len(job.cameras)):
+        consistency = _consistency(generated.frames, job, atlas, result, ctx)
         ctx.check_cancel()
         _write_outputs(job, ctx, generated.frames, atlas, result)
-    report = {**_report(job, ctx, generated, atlas.unwrapped, coverage, consistency), **described}
+        ctx.progress("write", 1 + len(job.cameras), 1 + len(job.cameras))
+    report = {**_report(job, ctx, generated, atlas.unwrapped, coverage, consistency), **described,
+              "empty_depth": [round(share, 4) for share in visibility.empty_depth],
+              "blind_cameras": visibility.blind_cameras, "warnings": visibility.warnings(coverage)}
     outputs.write_json(ctx.out_dir / "report.json", report)
     return report
 
@@ -95,12 +109,13 @@ def _prompts(job: TextureJob) -> list[str]:
     return prompts * len(job.cameras) if len(prompts) == 1 else prompts
 
 
-def _plan(job: TextureJob) -> tuple[KeyframePlan, np.ndarray]:
+def _plan(job: TextureJob, ctx: JobContext) -> tuple[KeyframePlan, np.ndarray]:
     """Keyframes and windows from the overlap of all frames (a single frame is its own keyframe)."""
     if len(job.cameras) == 1:
         overlap = np.ones((1, 1))
     else:
-        overlap = overlap_matrix(job.cameras, job.depths, stride=OVERLAP_STRIDE)
+        overlap = overlap_matrix(job.cameras, job.depths, stride=OVERLAP_STRIDE, check=ctx.check_cancel,
+                                 progress=lambda step, total: ctx.progress("keyframe_selection", step, total))
     return select_keyframes(overlap), overlap
 
 
@@ -153,12 +168,13 @@ def unwrap_padding(texture_size: int) -> int:
     return min(8, max(2, texture_size // 256))
 
 
-def _atlas(job: TextureJob) -> Atlas:
+def _atlas(job: TextureJob, ctx: JobContext) -> Atlas:
     """The mesh's own UVs, or an unwrap with the widest gutter (down to 1 texel) that still fits."""
     padding = unwrap_padding(job.texture_size)
     while True:
         try:
-            return ensure_uvs(job.mesh, job.texture_size, padding)
+            return ensure_uvs(job.mesh, job.texture_size, padding, check=ctx.check_cancel,
+                              progress=lambda step, total: ctx.progress("unwrap", step, total))
         except InputError as err:
             if err.field != "resolution":
                 raise
@@ -168,17 +184,18 @@ def _atlas(job: TextureJob) -> Atlas:
             padding //= 2
 
 
-def _bake(job: TextureJob, frames: list[np.ndarray]) -> tuple[Atlas, BakeResult, float]:
-    """The atlas, the bake of every frame into it, and the share of covered texels some frame saw."""
-    atlas = _atlas(job)
-    surface = rasterize_uv(atlas.mesh, job.texture_size)
+def _bake(job: TextureJob, atlas: Atlas, frames: list[np.ndarray], ctx: JobContext) -> tuple[BakeResult, float]:
+    """The bake of every frame into the atlas, and the share of covered texels some frame saw."""
+    surface = rasterize_uv(atlas.mesh, job.texture_size, check=ctx.check_cancel)
     views = [View(frame, camera, depth) for frame, camera, depth in zip(frames, job.cameras, job.depths, strict=True)]
-    result = bake(surface, views, object_ids=atlas.mesh.object_ids)
+    result = bake(surface, views, object_ids=atlas.mesh.object_ids, check=ctx.check_cancel,
+                  progress=lambda step, total: ctx.progress("bake", step, total))
     covered = np.count_nonzero(surface.covered)
-    return atlas, result, float(np.count_nonzero(result.seen & surface.covered) / covered) if covered else 0.0
+    return result, float(np.count_nonzero(result.seen & surface.covered) / covered) if covered else 0.0
 
 
-def _consistency(frames: list[np.ndarray], job: TextureJob, atlas: Atlas, result: BakeResult) -> dict[str, Any]:
+def _consistency(frames: list[np.ndarray], job: TextureJob, atlas: Atlas, result: BakeResult,
+                 ctx: JobContext) -> dict[str, Any]:
     """Overlap PSNR of the generated frames, alone and relative to a perfectly consistent texture.
 
     Raw overlap PSNR depends on the scene and the poses (resampling, texture detail), so MVDiffusion
@@ -196,8 +213,12 @@ def _consistency(frames: list[np.ndarray], job: TextureJob, atlas: Atlas, result
     if math.isnan(generated.mean_psnr):
         return empty
     texture = result.texture_uint8()
-    reference = depth_overlap_psnr([render_textured(atlas.mesh, texture, camera).image for camera in job.cameras],
-                                   job.cameras, job.depths)
+    renders = []
+    for number, camera in enumerate(job.cameras, start=1):
+        ctx.check_cancel()
+        renders.append(render_textured(atlas.mesh, texture, camera).image)
+        ctx.progress("write", number, 1 + len(job.cameras))
+    reference = depth_overlap_psnr(renders, job.cameras, job.depths)
     try:
         ratio = overlap_psnr_ratio(generated, reference)["ratio_of_means"]
     except InputError:  # the reference scored no pair the generated frames did
@@ -209,7 +230,7 @@ def _write_outputs(job: TextureJob, ctx: JobContext, frames: list[np.ndarray], a
                    result: BakeResult) -> None:
     """Frames, masks and UVs first, the texture last: its presence means the outputs are complete."""
     out = ctx.out_dir
-    outputs.write_frames(out / "frames", frames)
+    outputs.write_frames(out / "frames", frames, check=ctx.check_cancel)
     outputs.write_mask(out / "seen_mask.png", result.seen)
     outputs.write_mask(out / "filled_mask.png", result.filled)
     if atlas.unwrapped:  # the add-on needs the new UVs; meshes that came with UVs keep their own

@@ -80,11 +80,13 @@ def write_mask(path: Path, mask: np.ndarray) -> None:
     _atomic(path, lambda tmp: iio.imwrite(tmp, pixels, extension=".png"))
 
 
-def write_frames(folder: Path, frames: Sequence[np.ndarray]) -> list[Path]:
-    """Every generated frame as ``frame_0000.png``... in trajectory order."""
+def write_frames(folder: Path, frames: Sequence[np.ndarray], check: Callable[[], None] | None = None) -> list[Path]:
+    """Every generated frame as ``frame_0000.png``... in trajectory order; ``check`` runs before each."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for index, frame in enumerate(frames):
+        if check is not None:
+            check()
         path = folder / f"frame_{index:04d}.png"
         _atomic(path, lambda tmp, image=frame: iio.imwrite(tmp, image, extension=".png"))
         paths.append(path)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..engine import ModelSet
+from ..geometry.child import ChildFailed
 from ..pipelines.context import JobContext
 from ..pipelines.sampling import Cancelled
 from ..protocol import read_job
@@ -189,7 +190,7 @@ def _describe(error: Exception, level: int) -> str:
             f"out of GPU memory even at memory level {level} (guidance halves apart, short interpolation "
             "windows); use smaller views, fewer cameras or a GPU with more memory"
         )
-    if isinstance(error, InputError):
+    if isinstance(error, (InputError, ChildFailed)):  # their messages are written for the user
         return str(error)
     log.error("job failed:\n%s", "".join(traceback.format_exception(error)))
     return f"{type(error).__name__}: {error}"

@@ -53,6 +53,17 @@ def test_occluders_travel_with_the_job_and_bad_ones_are_named(texture_job):
         read_job(pack_arrays(arrays, meta))
 
 
+def test_polygon_ids_travel_with_the_job(texture_job):
+    from dataclasses import replace
+
+    mesh = texture_job.mesh
+    polygons = np.arange(len(mesh.triangles)) // 2
+    job = read_job(replace(texture_job, mesh=type(mesh)(mesh.vertices, mesh.triangles, None, mesh.object_ids,
+                                                        polygons)).to_bytes())
+    np.testing.assert_array_equal(job.mesh.polygon_ids, polygons)
+    assert read_job(texture_job.to_bytes()).mesh.polygon_ids is None  # optional: jobs without it still read
+
+
 def test_panorama_job_round_trips():
     job = read_job(PanoramaJob(GenerationSettings(["a beach at dawn"]), 512, 256).to_bytes())
     assert isinstance(job, PanoramaJob) and job.equirect_height == 512 and job.view_size == 256
@@ -96,6 +107,8 @@ def test_oversized_contents_are_refused_before_decompressing():
         (lambda a, m: m["settings"].__setitem__("prompts", ["a", "b"]), "prompts"),
         (lambda a, m: m["settings"].__setitem__("surprise", 1), "settings"),
         (lambda a, m: m.__setitem__("texture_size", 10**6), "texture_size"),
+        (lambda a, m: a.__setitem__("polygon_ids", np.zeros(3, np.int64)), "polygon_ids"),
+        (lambda a, m: a.__setitem__("polygon_ids", np.full(len(a["triangles"]), -1)), "polygon_ids"),
     ],
 )
 def test_bad_jobs_name_the_field(texture_job, change, field):

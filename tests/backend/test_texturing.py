@@ -11,6 +11,8 @@ import pytest
 from PIL import Image
 
 from backend.engine import ModelConfig, ModelSet
+from backend.geometry.cameras import Camera, look_at
+from backend.geometry.mesh import Mesh
 from backend.geometry.raster import rasterize_uv
 from backend.geometry.render import render_depth
 from backend.geometry.uv_atlas import ensure_uvs
@@ -20,6 +22,7 @@ from backend.pipelines.texturing import STAGES, run_texture_job, unwrap_padding
 from backend.pipelines.texturing_outputs import encode_png16
 from backend.protocol import GenerationSettings, TextureJob
 from backend.scenes.demo_room import build_demo_room, trajectory
+from backend.scenes.shapes import box, icosphere, orient
 from backend.validation import InputError
 
 SIZE = 128
@@ -207,6 +210,27 @@ def test_cancel_during_keyframes_stops_the_job_without_a_texture(models, scene, 
     assert not (tmp_path / "texture.png").exists() and not (tmp_path / "report.json").exists()
 
 
+@pytest.mark.parametrize("stage", ["keyframe_selection", "bake", "write"])
+def test_cancel_inside_a_stage_stops_it_before_its_last_step(models, scene, stage, tmp_path):
+    # Thousands of views take hours to select keyframes from, and a large bake minutes: cancel
+    # must act between the views of a stage, not at its end.
+    ctx = JobContext(tmp_path)
+    events = []
+
+    def on_progress(name, step, total):
+        events.append((name, step, total))
+        if name == stage and step == 2:
+            ctx.cancel.set()
+
+    ctx.on_progress = on_progress
+    with pytest.raises(Cancelled):
+        run_texture_job(make_job(scene), models, ctx)
+    steps = [(step, total) for name, step, total in events if name == stage]
+    assert max(step for step, _ in steps) == 2 and steps[-1][1] >= len(scene[1]) > 2
+    assert events[-1][0] == stage  # no later stage started
+    assert not (tmp_path / "texture.png").exists() and not (tmp_path / "report.json").exists()
+
+
 def test_memory_level_2_splits_guidance_and_shortens_windows(models, scene, tmp_path):
     sampler = models.sampler("depth")
     split = []
@@ -257,3 +281,38 @@ def test_views_the_unet_cannot_halve_are_refused_naming_the_cameras(models, scen
         run_texture_job(job, models, JobContext(tmp_path))
     assert err.value.field == "cameras"
     assert not any(tmp_path.iterdir())
+
+
+def sphere_job(eyes, mesh=None, fov=70.0) -> TextureJob:
+    """A job on a sphere (outward normals) from cameras at ``eyes`` looking at points beside the centre."""
+    mesh = mesh or Mesh(*icosphere([0.0, 0.0, 0.0], 1.0, 2))
+    cameras = [Camera.from_fov(fov, 64, 64, look_at(eye, [0.1, 0.2, 0.0])) for eye in eyes]
+    return TextureJob(GenerationSettings(["stone"], steps=1), cameras, [render_depth(mesh, c) for c in cameras],
+                      mesh, SIZE)
+
+
+@pytest.mark.parametrize("case", ["camera inside the object", "closed room seen from outside"])
+def test_cameras_that_see_only_back_faces_are_refused_before_generation(models, case, tmp_path):
+    if case == "camera inside the object":
+        job = sphere_job([[0.0, 0.0, 0.0], [0.2, -0.1, 0.1]])
+    else:  # a room's walls face inwards; from outside, each camera sees the back of one wall
+        vertices, triangles = box([0.0, 0.0, 0.0], [2.0, 2.0, 2.0], cell=0.5)
+        room = Mesh(vertices, orient(vertices, triangles, [0.0, 0.0, 0.0], outward=False))
+        job = sphere_job([[3.0, 0.1, 0.1], [0.1, 3.0, 0.1]], mesh=room, fov=30.0)
+    stages = []
+    ctx = JobContext(tmp_path, on_progress=lambda stage, step, total: stages.append(stage))
+    with pytest.raises(InputError) as err:
+        run_texture_job(job, models, ctx)
+    assert err.value.field == "cameras" and "no camera saw anything" in err.value.problem
+    assert "keyframes" not in stages  # refused before any model ran
+    assert not (tmp_path / "texture.png").exists()
+
+
+def test_a_camera_that_sees_nothing_is_named_in_the_report_warnings(models, tmp_path):
+    job = sphere_job([[3.0, 0.0, 0.5], [0.0, 0.0, 0.0], [0.0, 3.0, 0.5]])  # camera 1 sits inside the sphere
+    report = run_texture_job(job, models, JobContext(tmp_path))
+    assert report["blind_cameras"] == [1]
+    assert any("camera 1 saw no textured surface" in warning for warning in report["warnings"])
+    assert len(report["empty_depth"]) == 3 and report["empty_depth"][1] == 0.0  # inside, every pixel hits
+    assert 0.0 < report["empty_depth"][0] < 1.0  # outside, the background is empty
+    assert json.loads((tmp_path / "report.json").read_text())["warnings"] == report["warnings"]

@@ -1,9 +1,13 @@
+import os
+
 import numpy as np
 import pytest
 
+from backend.geometry.child import ChildFailed
 from backend.geometry.mesh import Mesh
 from backend.geometry.raster import rasterize_uv, uv_coverage_count
 from backend.geometry.uv_atlas import ensure_uvs
+from backend.scenes.shapes import icosphere
 from backend.validation import InputError
 
 
@@ -147,3 +151,87 @@ def test_non_mesh_is_rejected():
     with pytest.raises(InputError) as err:
         ensure_uvs(np.zeros((3, 3)))
     assert err.value.field == "mesh"
+
+
+def test_charts_that_cannot_fit_raise_the_resolution_error_from_the_child_process():
+    # The unwrap runs in a child process; its InputError comes back with the same field, which
+    # the texturing job relies on to retry with a narrower gutter.
+    mesh = Mesh.concatenate([cube(offset=(3.0 * k, 0.0, 0.0)) for k in range(40)])
+    with pytest.raises(InputError) as err:
+        ensure_uvs(mesh, resolution=16, padding=4)
+    assert err.value.field == "resolution"
+
+
+def test_an_unwrap_past_its_time_limit_is_stopped_with_a_clear_error():
+    vertices, triangles = icosphere([0.0, 0.0, 0.0], 1.0, 4)
+    with pytest.raises(ChildFailed, match="did not finish within its time limit"):
+        ensure_uvs(Mesh(vertices, triangles), 512, 2, time_limit=0.0)
+
+
+def test_a_cancel_check_stops_the_unwrap_where_it_raises():
+    class Stop(Exception):
+        pass
+
+    calls = []
+
+    def check():
+        calls.append(1)
+        if len(calls) == 3:
+            raise Stop
+
+    vertices, triangles = icosphere([0.0, 0.0, 0.0], 1.0, 4)
+    with pytest.raises(Stop):
+        ensure_uvs(Mesh(vertices, triangles), 512, 2, check=check)
+    assert len(calls) == 3
+
+
+def test_unwrap_progress_comes_from_the_child_process():
+    steps = []
+    atlas = ensure_uvs(cube(), 128, 4, progress=lambda step, total: steps.append((step, total)))
+    assert steps and steps[0][0] == 1 and all(step <= total for step, total in steps)
+    assert atlas.unwrap_peak_bytes > 2**20 or not os.path.exists("/proc/self/status")  # the child's peak memory
+    assert [step for step, _ in steps] == sorted(step for step, _ in steps)
+
+
+def bumpy_quad_torus(rings: int = 32, sides: int = 16, bumps: float = 0.02) -> tuple[Mesh, int]:
+    """A torus of non-planar quads, each split into triangles k and k + quads; returns it and the quad count."""
+    u, v = np.meshgrid(np.linspace(0, 2 * np.pi, rings, endpoint=False),
+                       np.linspace(0, 2 * np.pi, sides, endpoint=False), indexing="ij")
+    vertices = np.stack([(1 + 0.35 * np.cos(v)) * np.cos(u), (1 + 0.35 * np.cos(v)) * np.sin(u), 0.35 * np.sin(v)], -1)
+    vertices = vertices.reshape(-1, 3) + np.random.default_rng(0).normal(0.0, bumps, (rings * sides, 3))
+    index = np.arange(rings * sides).reshape(rings, sides)
+    a, b = index.ravel(), np.roll(index, -1, 0).ravel()
+    c, d = np.roll(np.roll(index, -1, 0), -1, 1).ravel(), np.roll(index, -1, 1).ravel()
+    triangles = np.concatenate([np.stack([a, b, c], 1), np.stack([a, c, d], 1)])
+    return Mesh(vertices, triangles, polygon_ids=np.tile(np.arange(len(a)), 2)), len(a)
+
+
+def test_every_quad_stays_whole_in_one_chart_when_polygons_are_given():
+    # Blender keeps one UV per quad corner: a seam along a quad's diagonal would stretch one half
+    # across the atlas once both halves are written to the same corners.
+    mesh, quads = bumpy_quad_torus()
+    triangles_only = ensure_uvs(Mesh(mesh.vertices, mesh.triangles), 512, 4)
+    assert np.count_nonzero(triangles_only.chart_ids[:quads] != triangles_only.chart_ids[quads:]) > 0
+
+    atlas, surface = check_unwrap(mesh, 512, 4)
+    np.testing.assert_array_equal(atlas.chart_ids[:quads], atlas.chart_ids[quads:])
+    uvs = atlas.mesh.uvs
+    # Triangles (a, b, c) and (a, c, d) share the diagonal a-c: the same UVs on both sides.
+    np.testing.assert_array_equal(uvs[:quads, 0], uvs[quads:, 0])
+    np.testing.assert_array_equal(uvs[:quads, 2], uvs[quads:, 1])
+    assert atlas.mesh.polygon_ids is not None
+
+
+def test_polygon_ids_are_validated():
+    mesh = cube()
+    with pytest.raises(InputError) as err:
+        Mesh(mesh.vertices, mesh.triangles, polygon_ids=np.arange(len(mesh.triangles) - 1))
+    assert err.value.field == "polygon_ids"
+    with pytest.raises(InputError) as err:
+        Mesh(mesh.vertices, mesh.triangles, polygon_ids=-np.ones(len(mesh.triangles)))
+    assert err.value.field == "polygon_ids"
+    with pytest.raises(InputError, match="one object") as err:
+        Mesh(mesh.vertices, mesh.triangles, object_ids=np.arange(len(mesh.triangles)) % 2,
+             polygon_ids=np.zeros(len(mesh.triangles)))
+    merged = Mesh.concatenate([Mesh(mesh.vertices, mesh.triangles, polygon_ids=np.arange(12) // 2)] * 2)
+    np.testing.assert_array_equal(merged.polygon_ids, np.arange(24) // 2)

@@ -308,3 +308,36 @@ def test_saved_blend_gets_relative_paths_and_default_folder(apply, scene, tmp_pa
     applied = apply.apply_texture([obj], result, object_names=["Saved"], output_dir="", basename="R")
     assert applied.path == tmp_path / "R.png"  # no output folder: next to the .blend
     assert applied.image.filepath == "//R.png" and tuple(applied.image.size) == (32, 48)
+
+
+def test_an_unwrap_of_bumpy_quads_is_stored_without_split_triangles(apply, export, scene, tmp_path):
+    # xatlas sees triangles; without the polygons it may cut a quad along its diagonal, and the
+    # quad's shared corners then cannot hold both halves' UVs.
+    import bpy
+
+    from backend.geometry.mesh import Mesh
+    from backend.geometry.uv_atlas import ensure_uvs
+    from backend.pipelines.texturing_outputs import object_uvs
+
+    bpy.ops.mesh.primitive_torus_add(major_segments=32, minor_segments=16)
+    obj = bpy.context.object
+    obj.name = "Bumpy"
+    co = np.empty(len(obj.data.vertices) * 3, np.float32)
+    obj.data.vertices.foreach_get("co", co)
+    co += np.random.default_rng(0).normal(0.0, 0.02, co.shape).astype(np.float32)
+    obj.data.vertices.foreach_set("co", co)
+    obj.data.update()
+    exported = export.export_meshes(bpy.context.evaluated_depsgraph_get(), [obj], "UNWRAP").mesh
+    assert exported.polygon_ids is not None
+    # The add-on's copy of the backend modules is a different package: rebuild the mesh in this one.
+    mesh = Mesh(exported.vertices, exported.triangles, None, exported.object_ids, exported.polygon_ids)
+
+    split = {}
+    for label, sent in (("triangles", Mesh(mesh.vertices, mesh.triangles)), ("polygons", mesh)):
+        uvs = object_uvs(ensure_uvs(sent, 512, 4).mesh, ["Bumpy"])
+        result = _result(tmp_path / label, uvs=uvs)
+        applied = apply.apply_texture([obj], result, object_names=["Bumpy"], output_dir=tmp_path / "out",
+                                      basename=label)
+        split[label] = applied.split_triangles[0]
+    assert split["triangles"] > 0 and split["polygons"] == 0
+    np.testing.assert_array_equal(_corner_uvs(obj, "MVDiffusion"), uvs["Bumpy"])  # stored exactly as unwrapped

@@ -294,3 +294,21 @@ def test_unwrap_refuses_a_deformation_that_splits_a_quad_differently(export, sce
     dent.value = 0.0
     depsgraph = bpy.context.evaluated_depsgraph_get()
     assert len(export.export_meshes(depsgraph, [obj], "UNWRAP").mesh.triangles) == 2
+
+
+def test_unwrap_sends_each_triangles_polygon_numbered_across_objects(export, scene):
+    import bpy
+
+    a = _cube(bpy, scene, "A")  # six quads, two triangles each
+    b = _link(bpy, scene, bpy.data.objects.new("B", _grid_mesh(bpy, "grid", 3)))  # 18 triangles, 18 polygons
+    depsgraph = bpy.context.evaluated_depsgraph_get()
+
+    polygons = export.export_meshes(depsgraph, [b, a], "UNWRAP").mesh.polygon_ids
+    np.testing.assert_array_equal(polygons[:18], np.arange(18))
+    assert sorted(np.bincount(polygons[18:] - 18)) == [2] * 6  # each quad of the cube: two triangles
+    # Each quad's two triangles share two vertices (the diagonal).
+    cube_triangles = export.export_meshes(depsgraph, [a], "UNWRAP").mesh
+    for quad in range(6):
+        pair = cube_triangles.triangles[cube_triangles.polygon_ids == quad]
+        assert len(set(pair[0]) & set(pair[1])) == 2
+    assert export.export_meshes(depsgraph, [a], "ACTIVE").mesh.polygon_ids is None

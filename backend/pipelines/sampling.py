@@ -4,6 +4,10 @@ All views of a job and both guidance halves go through the UNet in one batch (un
 views first, then the text-conditioned ones, each half with its views consecutive), so CAA
 mixes views within a half and never across them, as in the released code.
 
+The model is reached through a base model adapter (``backend/models/base_adapter.py``): SD 2
+inside the trained multi-view UNet, or an SD 1.5 / SDXL UNet with a depth ControlNet. The loop
+only hands it latents, the timestep, the text conditioning and each view's control input.
+
 The loop steps whichever scheduler the settings name (``backend/sampling_options.py``): a new
 instance per run, built from the model's training schedule, since one sampler serves every job
 of a process and multistep schedulers keep state between steps.
@@ -19,6 +23,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, SchedulerMixin
 
+from ..models.base_adapter import BaseModelAdapter, LatentChannelsAdapter, TextConditioning
 from ..models.mv_unet import MultiViewUNet
 from ..models.schedulers import build_scheduler, clean_estimate, step
 from ..sampling_options import DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, scheduler_name
@@ -83,15 +88,40 @@ class MultiViewSampler:
 
     ``scheduler`` (any diffusers scheduler) gives only the model's training schedule, its config;
     every run builds the scheduler its settings name from that config and steps it alone.
+
+    Built from the SD 2 parts (``model`` the trained multi-view UNet), or with
+    :meth:`from_adapter` for any base. ``model`` is what the pipelines inspect (its ``task``,
+    ``released`` and ``condition``): the multi-view UNet, or the adapter itself for other bases.
     """
 
-    def __init__(self, model: MultiViewUNet, vae: AutoencoderKL, text_encoder, tokenizer, scheduler):
+    def __init__(self, model: MultiViewUNet, vae: AutoencoderKL, text_encoder, tokenizer, scheduler, *,
+                 adapter: BaseModelAdapter | None = None):
+        self.adapter = adapter if adapter is not None else LatentChannelsAdapter(model, text_encoder, tokenizer)
         self.model, self.vae = model, vae
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
         self.schedule = scheduler.config  # a FrozenDict: read by every run, changed by none
         # Both guidance halves in one UNet call is fastest; one call per half halves the peak
         # memory of a step (the halves never exchange anything, so results are the same).
         self.split_guidance = False
+
+    @classmethod
+    def from_adapter(cls, adapter: BaseModelAdapter, vae: AutoencoderKL, scheduler) -> MultiViewSampler:
+        """A sampler driving any base model through its adapter."""
+        if isinstance(adapter, LatentChannelsAdapter):
+            return cls(adapter.model, vae, adapter.text_encoder, adapter.tokenizer, scheduler, adapter=adapter)
+        return cls(adapter, vae, adapter.text_encoders[0], adapter.tokenizers[0], scheduler, adapter=adapter)
+
+    @property
+    def base_kind(self) -> str:
+        """The adapter's kind: ``sd2_depth``, ``sd15_controlnet`` or ``sdxl_controlnet``."""
+        return self.adapter.kind
+
+    @property
+    def native_size(self) -> int:
+        """The view size the base model was trained at, in pixels (diffusers' default height and width:
+        the UNet's ``sample_size`` in latents times the VAE's factor)."""
+        unet = getattr(self.adapter, "unet", None) or self.model.unet
+        return int(unet.config.sample_size) * self.latent_factor
 
     @property
     def device(self) -> torch.device:
@@ -132,27 +162,28 @@ class MultiViewSampler:
         geometry: dict | None,
         *,
         latents: torch.Tensor | None = None,
-        extra_channels: torch.Tensor | None = None,
+        control: torch.Tensor | None = None,
         condition: torch.Tensor | None = None,
         progress: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
     ) -> tuple[np.ndarray, torch.Tensor]:
-        """Noise (from the seed unless given; unit variance) -> guided denoising -> float images (V, H, W, 3)."""
+        """Noise (from the seed unless given; unit variance) -> guided denoising -> float images (V, H, W, 3).
+
+        ``control``: each view's control input for the base model (``BaseModelAdapter.depth_control``,
+        or an SD 2 UNet's extra input channels)."""
         width, height = size
         if latents is None:
             latents = self.initial_noise(len(prompts), height, width, settings.seed)
-        text = self.encode_text(prompts)
-        negative = self.encode_text([settings.negative_prompt] * len(prompts))
-        latents = self.denoise(latents, text, negative, settings, geometry, extra_channels, progress, cancel, condition)
+        text, negative = self.encode_text(prompts, settings, size)
+        latents = self.denoise(latents, text, negative, settings, geometry, control, progress, cancel, condition)
         return self.decode(latents), latents
 
-    @torch.no_grad()
-    def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(
-            prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.device)
-        return self.text_encoder(ids)[0].to(self.dtype)
+    def encode_text(
+        self, prompts: list[str], settings: SamplingSettings, size: tuple[int, int]
+    ) -> tuple[TextConditioning, TextConditioning | None]:
+        """The prompts' conditioning and, when guidance runs, the negative prompt's; ``size`` is (width, height)."""
+        negative = [settings.negative_prompt] * len(prompts) if settings.guidance_scale > 1.0 else None
+        return self.adapter.encode_prompts(prompts, negative, size)
 
     def initial_noise(self, views: int, height: int, width: int, seed: int) -> torch.Tensor:
         """Independent unit Gaussian noise per view from one seed, the same on every device.
@@ -169,26 +200,28 @@ class MultiViewSampler:
     def denoise(
         self,
         latents: torch.Tensor,
-        prompt_embeds: torch.Tensor,
-        negative_embeds: torch.Tensor,
+        text: TextConditioning,
+        negative: TextConditioning | None,
         settings: SamplingSettings,
         geometry: dict | None,
-        extra_channels: torch.Tensor | None = None,
+        control: torch.Tensor | None = None,
         progress: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
         condition: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Run the guided loop from unit-variance ``latents``; ``extra_channels`` (V, k, h, w) are
-        appended to every UNet input.
+        """Run the guided loop from unit-variance ``latents``; ``control`` (one per view) goes with
+        every model call, the same for both guidance halves.
 
         ``condition`` (V, 5, h, w) feeds the interpolation module's condition branch, the same for
         both guidance halves. The scheduler is ``settings.scheduler``, new for this run.
         """
         settings.validated()
         guided = settings.guidance_scale > 1.0
-        embeds = torch.cat([negative_embeds, prompt_embeds]) if guided else prompt_embeds
-        if extra_channels is not None:
-            extra_channels = torch.cat([extra_channels] * 2) if guided else extra_channels
+        if guided and negative is None:
+            raise ValueError("guidance needs the negative prompt's conditioning")
+        embeds = TextConditioning.cat([negative, text]) if guided else text
+        if control is not None:
+            control = torch.cat([control] * 2) if guided else control
         scheduler = self.new_scheduler(settings.scheduler)
         scheduler.set_timesteps(settings.steps, device=self.device)
         timesteps = scheduler.timesteps
@@ -198,13 +231,14 @@ class MultiViewSampler:
                 raise Cancelled(f"cancelled before step {index + 1} of {len(timesteps)}")
             scaled = scheduler.scale_model_input(latents, t)
             model_input = torch.cat([scaled] * 2) if guided else scaled
-            if extra_channels is not None:
-                model_input = torch.cat([model_input, extra_channels], dim=1)
             if guided and self.split_guidance:
-                halves = zip(model_input.chunk(2), embeds.chunk(2), strict=True)
-                noise = torch.cat([self.model(x, t, e, geometry, condition) for x, e in halves])
+                controls = [None, None] if control is None else control.chunk(2)
+                halves = zip(model_input.chunk(2), embeds.chunk(2), controls, strict=True)
+                noise = torch.cat([
+                    self.adapter(x, t, e, c, geometry=geometry, condition=condition) for x, e, c in halves
+                ])
             else:
-                noise = self.model(model_input, t, embeds, geometry, condition)
+                noise = self.adapter(model_input, t, embeds, control, geometry=geometry, condition=condition)
             if guided:
                 uncond, text = noise.chunk(2)
                 noise = uncond + settings.guidance_scale * (text - uncond)

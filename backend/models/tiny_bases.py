@@ -13,6 +13,7 @@ leaves the global random state alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, ControlNetModel, SchedulerMixin, UNet2DConditionModel
@@ -147,3 +148,31 @@ def tiny_base(kind: str, task: str, seed: int = 0) -> TinyBase:
     if kind not in TINY_SHAPE_OF_KIND:
         raise InputError("base_kind", f"must be one of {SD2_DEPTH}, {SD15_CONTROLNET}, {SDXL_CONTROLNET}; got {kind!r}")
     return tiny_controlnet_base(TINY_SHAPE_OF_KIND[kind], seed, with_controlnet=task == "depth")
+
+
+def write_tiny_controlnet_base(shape: str, directory: str | Path, seed: int = 0) -> tuple[Path, Path]:
+    """Write a tiny ``shape`` model as a diffusers folder ``<shape>/`` (the layout of the SD 1.5 and SDXL
+    repositories) and its ControlNet as ``<shape>-controlnet/``; returns both folders."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    base = tiny_controlnet_base(shape, seed)
+    adapter = base.adapter
+    parts = dict(vae=base.vae, unet=adapter.unet, scheduler=base.scheduler, text_encoder=adapter.text_encoders[0],
+                 tokenizer=adapter.tokenizers[0])
+    if adapter.xl:
+        pipe = StableDiffusionXLPipeline(**parts, text_encoder_2=adapter.text_encoders[1],
+                                         tokenizer_2=adapter.tokenizers[1])
+    else:
+        pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    root = Path(directory)
+    model, controlnet = root / shape, root / f"{shape}-controlnet"
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # the absent safety checker "cannot be saved": that is the intent
+    try:
+        pipe.save_pretrained(model, safe_serialization=True)
+        adapter.controlnet.save_pretrained(controlnet, safe_serialization=True)
+    finally:
+        diffusers_logging.set_verbosity(level)
+    return model, controlnet

@@ -24,6 +24,7 @@ import torch
 from diffusers import AutoencoderKL, SchedulerMixin
 
 from ..models.base_adapter import BaseModelAdapter, LatentChannelsAdapter, TextConditioning
+from ..models.catalog import base_family
 from ..models.mv_unet import MultiViewUNet
 from ..models.schedulers import build_scheduler, clean_estimate, step
 from ..sampling_options import DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, scheduler_name
@@ -118,10 +119,8 @@ class MultiViewSampler:
 
     @property
     def native_size(self) -> int:
-        """The view size the base model was trained at, in pixels (diffusers' default height and width:
-        the UNet's ``sample_size`` in latents times the VAE's factor)."""
-        unet = getattr(self.adapter, "unet", None) or self.model.unet
-        return int(unet.config.sample_size) * self.latent_factor
+        """The square view size, in pixels, the base model's family was trained at (the catalog's)."""
+        return base_family(self.base_kind).view_size
 
     @property
     def device(self) -> torch.device:

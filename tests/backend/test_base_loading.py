@@ -1,0 +1,94 @@
+"""load_controlnet_base: SD 1.5 / SDXL folders, single files of fine-tuned models, ControlNets, and the errors."""
+
+import pytest
+import safetensors.torch
+import torch
+from ldm_layout import unet_to_ldm, vae_to_ldm
+
+from backend.models import catalog
+from backend.models.base_loading import load_controlnet_base
+from backend.models.tiny import write_tiny_models
+from backend.models.tiny_bases import tiny_controlnet_base, write_tiny_controlnet_base
+from backend.validation import InputError
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bases")
+    return {shape: write_tiny_controlnet_base(shape, root) for shape in ("sd15", "sdxl")}
+
+
+def same_weights(expected: torch.nn.Module, loaded: torch.nn.Module) -> bool:
+    want, have = expected.state_dict(), loaded.state_dict()
+    return want.keys() == have.keys() and all(torch.equal(value, have[key]) for key, value in want.items())
+
+
+@pytest.mark.parametrize(("shape", "kind"), [("sd15", "sd15_controlnet"), ("sdxl", "sdxl_controlnet")])
+def test_folders_load_every_component_with_the_controlnet(folders, shape, kind):
+    model, controlnet = folders[shape]
+    loaded = load_controlnet_base(kind, model, controlnet, offline=True)
+    tiny = tiny_controlnet_base(shape).adapter
+    assert loaded.adapter.kind == kind and loaded.adapter.task == "depth"
+    assert same_weights(tiny.unet, loaded.adapter.unet) and same_weights(tiny.controlnet, loaded.adapter.controlnet)
+    assert len(loaded.adapter.text_encoders) == (2 if shape == "sdxl" else 1)
+    for want, have in zip(tiny.text_encoders, loaded.adapter.text_encoders, strict=True):
+        assert same_weights(want, have)
+    without = load_controlnet_base(kind, model, None, offline=True)
+    assert without.adapter.controlnet is None and without.adapter.task == "panorama"
+
+
+def test_the_other_family_is_named_with_the_kind_to_use(folders):
+    with pytest.raises(InputError) as err:
+        load_controlnet_base("sd15_controlnet", folders["sdxl"][0], None, offline=True)
+    assert err.value.field == "source" and "sdxl_controlnet" in err.value.problem
+
+
+def test_a_controlnet_for_another_family_is_refused(folders):
+    with pytest.raises(InputError) as err:
+        load_controlnet_base("sdxl_controlnet", folders["sdxl"][0], folders["sd15"][1], offline=True)
+    assert err.value.field == "controlnet" and "SD 1.5" in err.value.problem
+
+
+def test_a_depth_channel_model_is_not_a_controlnet_base(tmp_path):
+    depth = write_tiny_models(tmp_path)["depth"]
+    with pytest.raises(InputError) as err:
+        load_controlnet_base("sd15_controlnet", depth, None, offline=True)
+    assert err.value.field == "source" and "5 input channels" in err.value.problem
+
+
+def test_missing_hub_model_offline_names_source_and_how_to_get_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(InputError) as err:
+        load_controlnet_base("sdxl_controlnet", catalog.default_family_model("sdxl_controlnet"), None, offline=True)
+    assert err.value.field == "source" and "hf download" in err.value.problem
+
+
+def sd15_single_file(adapter, vae) -> dict:
+    """A tiny SD 1.5 model in the original single-file layout (CLIP under cond_stage_model.transformer)."""
+    text = {"cond_stage_model.transformer.text_model." + key.removeprefix("text_model."): value
+            for key, value in adapter.text_encoders[0].state_dict().items() if not key.endswith("position_ids")}
+    state = {**unet_to_ldm(adapter.unet.state_dict()), **vae_to_ldm(vae.state_dict()), **text}
+    return {key: value.contiguous() for key, value in state.items()}
+
+
+def test_a_fine_tuned_single_file_loads_with_the_family_config(folders, tmp_path):
+    tuned = tiny_controlnet_base("sd15", seed=7)  # other weights than the config folder's
+    path = tmp_path / "my-finetune.safetensors"
+    safetensors.torch.save_file(sd15_single_file(tuned.adapter, tuned.vae), path)
+    model, controlnet = folders["sd15"]
+    loaded = load_controlnet_base("sd15_controlnet", path, controlnet, config=model, offline=True)
+    assert same_weights(tuned.adapter.unet, loaded.adapter.unet) and same_weights(tuned.vae, loaded.vae)
+    ids = loaded.adapter.tokenizers[0]("a red chair", return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = tuned.adapter.text_encoders[0](ids).last_hidden_state
+        assert torch.equal(loaded.adapter.text_encoders[0](ids).last_hidden_state, want)
+
+
+def test_single_file_offline_without_config_says_what_to_pass(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    tiny = tiny_controlnet_base("sd15")
+    path = tmp_path / "model.safetensors"
+    safetensors.torch.save_file(sd15_single_file(tiny.adapter, tiny.vae), path)
+    with pytest.raises(InputError) as err:
+        load_controlnet_base("sd15_controlnet", path, None, offline=True)
+    assert err.value.field == "config" and "config=" in err.value.problem

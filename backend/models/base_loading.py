@@ -208,6 +208,14 @@ def load_controlnet(
         raise InputError("controlnet", f"{ref} is not a ControlNet this backend can load: {_first_line(err)}") from None
 
 
+def with_controlnet(adapter: ControlNetAdapter, net: ControlNetModel) -> ControlNetAdapter:
+    """The same UNet and text encoders (shared, not copied) driven through ``net``, on their device and dtype."""
+    _check_controlnet_fits(net, adapter.unet, adapter.kind)
+    net = net.to(adapter.device, adapter.dtype).eval()
+    return ControlNetAdapter(adapter.unet, net, list(adapter.text_encoders), adapter.tokenizers,
+                             adapter.conditioning_scale)
+
+
 def _check_controlnet_fits(net: ControlNetModel, unet: UNet2DConditionModel, kind: str) -> None:
     """A ControlNet adds to the UNet's skips: it must have been made for this family and these widths."""
     made_for = _family_of(net.config)

@@ -134,12 +134,18 @@ class MultiViewSampler:
     def latent_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    @property
+    def view_multiple(self) -> int:
+        """What every view's width and height must be a multiple of: the VAE's factor times the 8 that
+        the UNet's three halvings need (64 for every Stable Diffusion family)."""
+        return 8 * self.latent_factor
+
     def check_views(self, cameras: Sequence) -> tuple[int, int]:
-        """(width, height) shared by every view, a multiple of what the UNet's levels divide."""
+        """(width, height) shared by every view, a multiple of :attr:`view_multiple`."""
         if len(cameras) == 0:
             raise InputError("cameras", "need at least one view")
         width, height = cameras[0].width, cameras[0].height
-        factor = 8 * self.latent_factor
+        factor = self.view_multiple
         if any((c.width, c.height) != (width, height) for c in cameras) or width % factor or height % factor:
             raise InputError("cameras", f"all views must share one size, a multiple of {factor} pixels")
         return width, height

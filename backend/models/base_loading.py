@@ -83,7 +83,7 @@ def load_controlnet_base(
     if net is not None:
         _check_controlnet_fits(net, unet, kind)
     # SDXL's VAE overflows in float16 (its config says force_upcast): it decodes in float32.
-    vae_dtype = torch.float32 if dtype == torch.float16 and vae.config.get("force_upcast", False) else dtype
+    vae_dtype = torch.float32 if xl and dtype == torch.float16 and vae.config.get("force_upcast", False) else dtype
     adapter = ControlNetAdapter(unet, net, encoders, tokenizers)
     if adapter.xl != xl:  # the config said one family, the weights loaded as the other
         raise InputError("source", f"{ref} is not an {FAMILY_NAMES[kind]} model")

@@ -258,7 +258,8 @@ class MultiViewSampler:
         """Latents (V, 4, h, w) -> float images (V, H, W, 3) in [0, 1], one view at a time."""
         images = []
         for view in latents:
-            image = self.vae.decode(view[None] / self.vae.config.scaling_factor, return_dict=False)[0]
+            latent = view[None].to(self.vae.dtype) / self.vae.config.scaling_factor  # SDXL's VAE may be float32
+            image = self.vae.decode(latent, return_dict=False)[0]
             images.append((image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy())
         return np.concatenate(images)
 

@@ -92,3 +92,12 @@ def test_single_file_offline_without_config_says_what_to_pass(tmp_path, monkeypa
     with pytest.raises(InputError) as err:
         load_controlnet_base("sd15_controlnet", path, None, offline=True)
     assert err.value.field == "config" and "config=" in err.value.problem
+
+
+def test_a_file_that_is_no_controlnet_is_named_as_the_controlnet(folders, tmp_path):
+    path = tmp_path / "not-a-controlnet.safetensors"
+    safetensors.torch.save_file({"some.weight": torch.zeros(2)}, path)
+    with pytest.raises(InputError) as err:
+        load_controlnet_base("sd15_controlnet", folders["sd15"][0], path, controlnet_config=folders["sd15"][1],
+                             offline=True)
+    assert err.value.field == "controlnet"

@@ -199,7 +199,7 @@ class ControlNetAdapter(BaseModelAdapter):
         encoder, encoder_2 = self.text_encoders
         pipe = StableDiffusionXLPipeline(
             vae=None, text_encoder=encoder, text_encoder_2=encoder_2, tokenizer=self.tokenizers[0],
-            tokenizer_2=self.tokenizers[1], unet=None, scheduler=None,
+            tokenizer_2=self.tokenizers[1], unet=None, scheduler=None, add_watermarker=False,
         )
         guided = negative is not None
         no_negative = guided and all(text == "" for text in negative)

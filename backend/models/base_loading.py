@@ -70,7 +70,6 @@ def load_controlnet_base(
         raise InputError("base_kind", f"must be one of {sorted(FAMILY_NAMES)}, got {kind!r}")
     if offline is None:
         offline = catalog.hub_offline()
-    xl = kind == SDXL_CONTROLNET
     where, ref = locate("source", source)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated")
@@ -83,10 +82,9 @@ def load_controlnet_base(
     if net is not None:
         _check_controlnet_fits(net, unet, kind)
     # SDXL's VAE overflows in float16 (its config says force_upcast): it decodes in float32.
-    vae_dtype = torch.float32 if xl and dtype == torch.float16 and vae.config.get("force_upcast", False) else dtype
+    upcast = kind == SDXL_CONTROLNET and dtype == torch.float16 and vae.config.get("force_upcast", False)
+    vae_dtype = torch.float32 if upcast else dtype
     adapter = ControlNetAdapter(unet, net, encoders, tokenizers)
-    if adapter.xl != xl:  # the config said one family, the weights loaded as the other
-        raise InputError("source", f"{ref} is not an {FAMILY_NAMES[kind]} model")
     return LoadedBase(adapter.to(device, dtype).eval(), vae.to(device, vae_dtype), scheduler, str(source))
 
 

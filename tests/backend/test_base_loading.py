@@ -101,3 +101,13 @@ def test_a_file_that_is_no_controlnet_is_named_as_the_controlnet(folders, tmp_pa
         load_controlnet_base("sd15_controlnet", folders["sd15"][0], path, controlnet_config=folders["sd15"][1],
                              offline=True)
     assert err.value.field == "controlnet"
+
+
+def test_sdxl_in_float16_keeps_its_vae_in_float32_and_decodes_half_latents(folders):
+    from backend.pipelines.sampling import MultiViewSampler
+
+    loaded = load_controlnet_base("sdxl_controlnet", folders["sdxl"][0], None, dtype=torch.float16, offline=True)
+    assert loaded.adapter.unet.dtype == torch.float16 and loaded.vae.dtype == torch.float32
+    sampler = MultiViewSampler.from_adapter(loaded.adapter, loaded.vae, loaded.scheduler)
+    images = sampler.decode(torch.zeros(1, 4, 8, 8, dtype=torch.float16))
+    assert images.shape == (1, 64, 64, 3) and images.dtype == "float32"

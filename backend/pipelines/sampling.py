@@ -171,16 +171,19 @@ class MultiViewSampler:
         condition: torch.Tensor | None = None,
         progress: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
+        attention_kwargs: dict | None = None,
     ) -> tuple[np.ndarray, torch.Tensor]:
         """Noise (from the seed unless given; unit variance) -> guided denoising -> float images (V, H, W, 3).
 
         ``control``: each view's control input for the base model (``BaseModelAdapter.depth_control``,
-        or an SD 2 UNet's extra input channels)."""
+        or an SD 2 UNet's extra input channels). ``attention_kwargs`` go to the UNet's attention
+        processors with every call (diffusers' ``cross_attention_kwargs``)."""
         width, height = size
         if latents is None:
             latents = self.initial_noise(len(prompts), height, width, settings.seed)
         text, negative = self.encode_text(prompts, settings, size)
-        latents = self.denoise(latents, text, negative, settings, geometry, control, progress, cancel, condition)
+        latents = self.denoise(latents, text, negative, settings, geometry, control, progress, cancel, condition,
+                               attention_kwargs)
         return self.decode(latents), latents
 
     def encode_text(
@@ -213,6 +216,7 @@ class MultiViewSampler:
         progress: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
         condition: torch.Tensor | None = None,
+        attention_kwargs: dict | None = None,
     ) -> torch.Tensor:
         """Run the guided loop from unit-variance ``latents``; ``control`` (one per view) goes with
         every model call, the same for both guidance halves.
@@ -240,10 +244,12 @@ class MultiViewSampler:
                 controls = [None, None] if control is None else control.chunk(2)
                 halves = zip(model_input.chunk(2), embeds.chunk(2), controls, strict=True)
                 noise = torch.cat([
-                    self.adapter(x, t, e, c, geometry=geometry, condition=condition) for x, e, c in halves
+                    self.adapter(x, t, e, c, geometry=geometry, condition=condition, attention_kwargs=attention_kwargs)
+                    for x, e, c in halves
                 ])
             else:
-                noise = self.adapter(model_input, t, embeds, control, geometry=geometry, condition=condition)
+                noise = self.adapter(model_input, t, embeds, control, geometry=geometry, condition=condition,
+                                     attention_kwargs=attention_kwargs)
             if guided:
                 uncond, text = noise.chunk(2)
                 noise = uncond + settings.guidance_scale * (text - uncond)

@@ -139,3 +139,23 @@ def test_text_to_image_base_without_controlnet_generates_panorama_views():
     cameras = panorama_layout(size=64, ring_views=4, fov_deg=120.0, pole_views=False)
     result = PanoramaPipeline(sampler)("a beach", cameras, SamplingSettings(steps=STEPS, guidance_scale=5.0))
     assert result.images.shape == (4, 64, 64, 3)
+
+
+@pytest.mark.parametrize("kind", ["sd2_depth", "sd15_controlnet"])
+def test_attention_kwargs_reach_every_attention_processor_of_the_unet(kind):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    seen = []
+
+    class Recording(AttnProcessor2_0):
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                     views=None):
+            seen.append(views)
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+    base = tiny_base(kind, "panorama")
+    unet = base.adapter.unet if kind != SD2_DEPTH else base.adapter.model.unet
+    unet.set_attn_processor(Recording())
+    settings = SamplingSettings(steps=1, guidance_scale=1.0)
+    sampler_of(base).generate(["a lake"], (64, 64), settings, None, attention_kwargs={"views": "geometry"})
+    assert len(seen) == len(unet.attn_processors) and set(seen) == {"geometry"}

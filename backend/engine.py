@@ -57,9 +57,9 @@ class ModelConfig:
 
     ``base_kind`` (``sd2_depth``, ``sd15_controlnet``, ``sdxl_controlnet``): the family. For the
     ControlNet kinds ``model`` is the SD 1.5 / SDXL model (hub id, folder, single file or
-    ``"tiny"``; ``None``: the catalog's) and ``controlnet`` its depth ControlNet (``None``: the
-    catalog's); ``model_config`` / ``controlnet_config`` give the configs of single files. The
-    SD 2 fields above are then unused.
+    ``"tiny"``; ``None``: the catalog's, its copy in the models folder when downloaded) and
+    ``controlnet`` its depth ControlNet (``None`` likewise); ``model_config`` /
+    ``controlnet_config`` give the configs of single files. The SD 2 fields above are then unused.
     """
 
     depth: str = DEFAULT_DEPTH_MODEL
@@ -97,13 +97,19 @@ class ModelConfig:
             return None
         if self.model == TINY:
             return TINY
-        return self.controlnet or catalog.default_controlnet(self.base_kind)
+        if self.controlnet is not None:
+            return self.controlnet
+        local = catalog.local_family_models(self.base_kind, self.models_dir)[1]
+        return str(local) if local is not None else catalog.default_controlnet(self.base_kind)
 
     def source(self, task: str) -> str:
         if task not in TASKS:
             raise InputError("task", f"must be one of {sorted(TASKS)}, got {task!r}")
         if not self.trained:
-            return self.model or catalog.default_family_model(self.family().kind)
+            if self.model is not None:
+                return self.model
+            local = catalog.local_family_models(self.base_kind, self.models_dir)[0]
+            return str(local) if local is not None else catalog.default_family_model(self.base_kind)
         kind = TASKS[task]
         if self.root is not None:
             return str(Path(self.root).expanduser() / kind)

@@ -119,13 +119,14 @@ def _from_pretrained(ref: str, kind: str, local_only: bool, dtype: torch.dtype):
         raise InputError("source", f"{ref} is not a diffusers model folder (no readable unet/config.json)") from None
     _check_unet("source", ref, unet_config, kind)
     load = {"local_files_only": local_only}
+    weights = {**load, **_fp16_only(ref, "unet/")}
     try:
-        unet = UNet2DConditionModel.from_pretrained(ref, subfolder="unet", torch_dtype=dtype, **load)
-        vae = AutoencoderKL.from_pretrained(ref, subfolder="vae", torch_dtype=dtype, **load)
-        encoders = [CLIPTextModel.from_pretrained(ref, subfolder="text_encoder", **load)]
+        unet = UNet2DConditionModel.from_pretrained(ref, subfolder="unet", torch_dtype=dtype, **weights)
+        vae = AutoencoderKL.from_pretrained(ref, subfolder="vae", torch_dtype=dtype, **weights)
+        encoders = [CLIPTextModel.from_pretrained(ref, subfolder="text_encoder", **weights)]
         tokenizers = [CLIPTokenizer.from_pretrained(ref, subfolder="tokenizer", **load)]
         if kind == SDXL_CONTROLNET:
-            encoders.append(CLIPTextModelWithProjection.from_pretrained(ref, subfolder="text_encoder_2", **load))
+            encoders.append(CLIPTextModelWithProjection.from_pretrained(ref, subfolder="text_encoder_2", **weights))
             tokenizers.append(CLIPTokenizer.from_pretrained(ref, subfolder="tokenizer_2", **load))
         scheduler = _scheduler(ref, local_only)
     except (OSError, ValueError) as err:
@@ -133,6 +134,14 @@ def _from_pretrained(ref: str, kind: str, local_only: bool, dtype: torch.dtype):
             raise _hub_failure("source", ref, local_only, err) from None
         raise InputError("source", f"{ref}: incomplete diffusers model folder: {_first_line(err)}") from None
     return unet, vae, [e.eval() for e in encoders], tokenizers, scheduler
+
+
+def _fp16_only(ref: str, weights_in: str) -> dict[str, str]:
+    """``variant="fp16"`` for a folder downloaded with ``models download --fp16``, which holds only those files."""
+    folder = Path(ref) / weights_in
+    if not Path(ref).is_dir() or (folder / "diffusion_pytorch_model.safetensors").is_file():
+        return {}
+    return {"variant": "fp16"} if (folder / "diffusion_pytorch_model.fp16.safetensors").is_file() else {}
 
 
 def _from_single_file(path: Path, kind: str, config, offline: bool, dtype: torch.dtype):
@@ -197,7 +206,7 @@ def load_controlnet(
             return ControlNetModel.from_single_file(
                 state, config=config_ref, local_files_only=offline or Path(config_ref).is_dir(), **cast
             ).eval()
-        return ControlNetModel.from_pretrained(ref, local_files_only=local_only, **cast).eval()
+        return ControlNetModel.from_pretrained(ref, local_files_only=local_only, **cast, **_fp16_only(ref, "")).eval()
     except InputError as err:
         raise InputError("controlnet", err.problem) from None
     except (OSError, ValueError, RuntimeError, KeyError) as err:

@@ -221,6 +221,14 @@ def hub_folder(repo_id: str, root: str | os.PathLike | None = None) -> Path:
     return models_dir(root) / HUB_FOLDER / repo_id.replace("/", "--")
 
 
+def local_family_models(kind: str, root: str | os.PathLike | None = None) -> tuple[Path | None, Path | None]:
+    """The default model and depth ControlNet of a ControlNet base kind, where downloaded into the models folder."""
+    model = hub_folder(default_family_model(kind), root)
+    controlnet = hub_folder(default_controlnet(kind), root)
+    return (model if (model / "model_index.json").is_file() else None,
+            controlnet if (controlnet / "config.json").is_file() else None)
+
+
 def local_base_model(kind: str, root: str | os.PathLike | None = None) -> Path | None:
     """The first catalog model of ``kind`` downloaded into the models folder, if any."""
     for repo_id in base_models(kind):

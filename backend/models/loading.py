@@ -171,9 +171,11 @@ def _hub_failure(field: str, ref: str, local_only: bool, err: Exception) -> Inpu
 
 def _download_name(ref: str) -> str:
     """What to give ``models download`` for ``ref``: its kind when it is a catalog id, else the id."""
-    from .catalog import BASE_MODELS
+    from .catalog import BASE_KINDS, BASE_MODELS
 
-    return next((kind for kind, ids in BASE_MODELS.items() if ref in ids), ref)
+    families = {kind: family.models + family.controlnets for kind, family in BASE_KINDS.items()
+                if not family.multiview_weights}
+    return next((kind for kind, ids in {**BASE_MODELS, **families}.items() if ref in ids), ref)
 
 
 def _first_line(err: Exception) -> str:

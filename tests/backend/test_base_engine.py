@@ -87,3 +87,24 @@ def test_command_line_chooses_the_base_kind_and_its_sources():
     assert (config.base_kind, config.model, config.model_config, config.controlnet) == (
         "sd15_controlnet", "my.safetensors", "cfg", "me/depth-cn")
     assert parse().base_kind == "sd2_depth"
+
+
+def test_downloaded_copies_of_the_default_model_and_controlnet_are_used(tmp_path):
+    from backend.models import catalog
+    from backend.models.hub import allow_patterns, required_weights
+
+    model, controlnet = write_tiny_controlnet_base("sdxl", tmp_path / "written")
+    local_model = catalog.hub_folder(catalog.default_family_model("sdxl_controlnet"), tmp_path)
+    local_controlnet = catalog.hub_folder(catalog.default_controlnet("sdxl_controlnet"), tmp_path)
+    config = ModelConfig(base_kind="sdxl_controlnet", models_dir=str(tmp_path))
+    assert config.source("depth") == catalog.default_family_model("sdxl_controlnet")
+    local_model.parent.mkdir(parents=True)
+    model.rename(local_model)
+    controlnet.rename(local_controlnet)
+    assert config.source("panorama") == str(local_model) and config.controlnet_source() == str(local_controlnet)
+    # What a snapshot of each fetches and must hold: SDXL's second text encoder, the ControlNet's one file.
+    assert "text_encoder_2/model" in required_weights(local_model) and required_weights(local_controlnet) == (
+        "diffusion_pytorch_model",)
+    patterns = allow_patterns()
+    assert {"text_encoder_2/model.safetensors", "tokenizer_2/*.json", "config.json"} <= set(patterns)
+    assert not any(p.endswith((".ckpt", ".bin")) or "fp16" in p for p in patterns)

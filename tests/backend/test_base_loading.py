@@ -111,3 +111,27 @@ def test_sdxl_in_float16_keeps_its_vae_in_float32_and_decodes_half_latents(folde
     sampler = MultiViewSampler.from_adapter(loaded.adapter, loaded.vae, loaded.scheduler)
     images = sampler.decode(torch.zeros(1, 4, 8, 8, dtype=torch.float16))
     assert images.shape == (1, 64, 64, 3) and images.dtype == "float32"
+
+
+def test_fp16_only_folders_load_their_fp16_files(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    tiny = tiny_controlnet_base("sd15")
+    adapter = tiny.adapter
+    pipe = StableDiffusionPipeline(vae=tiny.vae, unet=adapter.unet, text_encoder=adapter.text_encoders[0],
+                                   tokenizer=adapter.tokenizers[0], scheduler=tiny.scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(tmp_path / "model", variant="fp16")
+    adapter.controlnet.save_pretrained(tmp_path / "controlnet", variant="fp16")
+    assert not (tmp_path / "model" / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    loaded = load_controlnet_base("sd15_controlnet", tmp_path / "model", tmp_path / "controlnet", offline=True)
+    assert same_weights(adapter.unet, loaded.adapter.unet) and same_weights(adapter.controlnet,
+                                                                           loaded.adapter.controlnet)
+
+
+def test_offline_hint_names_the_base_kind_to_download(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    repo = catalog.default_family_model("sd15_controlnet")
+    with pytest.raises(InputError) as err:
+        load_controlnet_base("sd15_controlnet", repo, None, offline=True)
+    assert "models download sd15_controlnet" in err.value.problem and f"hf download {repo}" in err.value.problem

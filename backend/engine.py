@@ -59,7 +59,8 @@ class ModelConfig:
     ControlNet kinds ``model`` is the SD 1.5 / SDXL model (hub id, folder, single file or
     ``"tiny"``; ``None``: the catalog's, its copy in the models folder when downloaded) and
     ``controlnet`` its depth ControlNet (``None`` likewise); ``model_config`` /
-    ``controlnet_config`` give the configs of single files. The SD 2 fields above are then unused.
+    ``controlnet_config`` give the configs of single files. ``depth``, ``base``, ``root`` and the
+    ``*_caa`` weights are then unused.
     """
 
     depth: str = DEFAULT_DEPTH_MODEL

@@ -41,6 +41,7 @@ from .loading import (
     read_checkpoint,
 )
 
+LDM_CONTROLNET = "control_model."
 FAMILY_NAMES = {SD15_CONTROLNET: "SD 1.5 (or SD 2.x) text-to-image", SDXL_CONTROLNET: "SDXL"}
 
 
@@ -203,9 +204,13 @@ def load_controlnet(
         if where == "file":
             state = read_checkpoint(Path(ref))
             config_ref = catalog.default_controlnet(kind) if config is None else str(config)
-            return ControlNetModel.from_single_file(
+            net = ControlNetModel.from_single_file(
                 state, config=config_ref, local_files_only=offline or Path(config_ref).is_dir(), **cast
-            ).eval()
+            )
+            # Files hold control_model.* weights, or (distributed alone) the same names without the prefix.
+            found = sum(key.startswith(LDM_CONTROLNET) for key in state) or len(state)
+            _expect_all(Path(ref), "ControlNet", found, net)
+            return net.eval()
         return ControlNetModel.from_pretrained(ref, local_files_only=local_only, **cast, **_fp16_only(ref, "")).eval()
     except InputError as err:
         raise InputError("controlnet", err.problem) from None

@@ -107,3 +107,23 @@ def open_clip_to_ldm(state: dict) -> dict:
             ):
                 out[f"{dst}{ldm}.{leaf}"] = state[f"{src}{ours}.{leaf}"]
     return out
+
+
+def controlnet_to_ldm(state: dict) -> dict:
+    """A diffusers ControlNet in the original layout: the UNet encoder's names under control_model., the
+    zero convolutions and the depth-image encoder (input_hint_block: 0 in, 2, 4, ... 12 blocks, 14 out)."""
+    shared = {key: value for key, value in state.items() if not key.startswith("controlnet_")}
+    out = {key.replace("model.diffusion_model.", "control_model."): value for key, value in unet_to_ldm(shared).items()}
+    for key, value in state.items():
+        head, _, leaf = key.rpartition(".")
+        if head.startswith("controlnet_down_blocks."):
+            out[f"control_model.zero_convs.{head.split('.')[1]}.0.{leaf}"] = value
+        elif head == "controlnet_mid_block":
+            out[f"control_model.middle_block_out.0.{leaf}"] = value
+        elif head == "controlnet_cond_embedding.conv_in":
+            out[f"control_model.input_hint_block.0.{leaf}"] = value
+        elif head.startswith("controlnet_cond_embedding.blocks."):
+            out[f"control_model.input_hint_block.{2 * (int(head.split('.')[-1]) + 1)}.{leaf}"] = value
+        elif head == "controlnet_cond_embedding.conv_out":
+            out[f"control_model.input_hint_block.14.{leaf}"] = value
+    return {key: value.contiguous() for key, value in out.items()}

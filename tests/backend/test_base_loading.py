@@ -3,7 +3,7 @@
 import pytest
 import safetensors.torch
 import torch
-from ldm_layout import unet_to_ldm, vae_to_ldm
+from ldm_layout import controlnet_to_ldm, unet_to_ldm, vae_to_ldm
 
 from backend.models import catalog
 from backend.models.base_loading import load_controlnet_base
@@ -135,3 +135,18 @@ def test_offline_hint_names_the_base_kind_to_download(monkeypatch, tmp_path):
     with pytest.raises(InputError) as err:
         load_controlnet_base("sd15_controlnet", repo, None, offline=True)
     assert "models download sd15_controlnet" in err.value.problem and f"hf download {repo}" in err.value.problem
+
+
+def test_a_single_file_controlnet_loads_with_its_config(folders, tmp_path):
+    tuned = tiny_controlnet_base("sd15", seed=5).adapter.controlnet
+    path = tmp_path / "my-depth-controlnet.safetensors"
+    state = controlnet_to_ldm(tuned.state_dict())
+    safetensors.torch.save_file(state, path)
+    model, controlnet = folders["sd15"]
+    loaded = load_controlnet_base("sd15_controlnet", model, path, controlnet_config=controlnet, offline=True)
+    assert same_weights(tuned, loaded.adapter.controlnet)
+    del state["control_model.zero_convs.0.0.weight"]
+    safetensors.torch.save_file(state, path)
+    with pytest.raises(InputError) as err:
+        load_controlnet_base("sd15_controlnet", model, path, controlnet_config=controlnet, offline=True)
+    assert err.value.field == "controlnet"

@@ -42,6 +42,15 @@ from .loading import (
 )
 
 LDM_CONTROLNET = "control_model."
+LDM_TOKEN_EMBEDDINGS = {
+    "text_encoder": (
+        "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",  # SD 1.x
+        "cond_stage_model.model.token_embedding.weight",  # SD 2.x (OpenCLIP)
+        "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",  # SDXL's first
+    ),
+    "text_encoder_2": ("conditioner.embedders.1.model.token_embedding.weight",),  # SDXL's second (OpenCLIP)
+}
+"""Where each text encoder's token embedding sits in an original-layout file: the check that it was loaded."""
 FAMILY_NAMES = {SD15_CONTROLNET: "SD 1.5 (or SD 2.x) text-to-image", SDXL_CONTROLNET: "SDXL"}
 
 
@@ -184,12 +193,19 @@ def _from_single_file(path: Path, kind: str, config, offline: bool, dtype: torch
         classes.append(("text_encoder_2", CLIPTextModelWithProjection))
     encoders = []
     for subfolder, model_class in classes:
+        key = next((key for key in LDM_TOKEN_EMBEDDINGS[subfolder] if key in state), None)
+        if key is None:
+            raise InputError("source", f"{path} holds no weights for the {subfolder} ({FAMILY_NAMES[kind]} layout)")
         try:
-            encoders.append(create_diffusers_clip_model_from_ldm(
+            encoder = create_diffusers_clip_model_from_ldm(
                 model_class, state, subfolder=subfolder, config=ref, local_files_only=local_only,
-            ).eval())
+            ).eval()
         except (OSError, ValueError, RuntimeError, KeyError) as err:
             raise InputError("source", f"{path}: no {subfolder} the config of {ref} fits: {_first_line(err)}") from None
+        # diffusers loads these without strict key checks: a file it misreads leaves random weights.
+        if not torch.equal(encoder.get_input_embeddings().weight.float(), state[key].float()):
+            raise InputError("source", f"{path}: the {subfolder} weights were not read into the config of {ref}")
+        encoders.append(encoder)
     return unet, vae, encoders, tokenizers, scheduler
 
 

@@ -24,6 +24,7 @@ from .base_adapter import SD2_DEPTH, SD15_CONTROLNET, SDXL_CONTROLNET, BaseModel
 from .tiny import MAX_TOKENS, TEXT_HIDDEN, _build, _seeded, tiny_scheduler, tiny_tokenizer, tiny_unet, tiny_vae
 
 SDXL_TIME_EMBED = 8  # addition_time_embed_dim: each of the six time ids becomes this many features
+SDXL_TEXT_2 = 48  # the second text encoder is wider than the first, as in SDXL (1280 against 768)
 CONTROL_EMBEDDING = (8, 8, 16, 16)  # three stride-2 convolutions: depth image -> latent size, as in SD
 SD_SCALING, SDXL_SCALING = 0.18215, 0.13025  # the VAE latent scaling factors of SD 1.x/2.x and SDXL
 SHAPES = ("sd15", "sd2", "sdxl")
@@ -73,10 +74,10 @@ def tiny_sdxl_unet(seed: int = 0) -> UNet2DConditionModel:
             transformer_layers_per_block=(1, 1, 2),
             attention_head_dim=(2, 4, 8),
             use_linear_projection=True,
-            cross_attention_dim=2 * TEXT_HIDDEN,
+            cross_attention_dim=TEXT_HIDDEN + SDXL_TEXT_2,
             addition_embed_type="text_time",
             addition_time_embed_dim=SDXL_TIME_EMBED,
-            projection_class_embeddings_input_dim=6 * SDXL_TIME_EMBED + TEXT_HIDDEN,
+            projection_class_embeddings_input_dim=6 * SDXL_TIME_EMBED + SDXL_TEXT_2,
         ),
     )
 
@@ -96,10 +97,11 @@ def tiny_controlnet(unet: UNet2DConditionModel, seed: int = 0) -> ControlNetMode
 
 
 def tiny_clip(seed: int = 0, *, act: str = "gelu", projection: bool = False) -> CLIPTextModel:
-    """A 2-layer CLIP text transformer; ``projection`` gives SDXL's second encoder (pooled + projected)."""
+    """A 2-layer CLIP text transformer; ``projection`` gives SDXL's wider second encoder (pooled + projected)."""
+    width = SDXL_TEXT_2 if projection else TEXT_HIDDEN
     config = CLIPTextConfig(
-        vocab_size=1000, hidden_size=TEXT_HIDDEN, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-        max_position_embeddings=MAX_TOKENS, projection_dim=TEXT_HIDDEN, hidden_act=act,
+        vocab_size=1000, hidden_size=width, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+        max_position_embeddings=MAX_TOKENS, projection_dim=width, hidden_act=act,
         bos_token_id=0, eos_token_id=1, pad_token_id=1,
     )
     model_class = CLIPTextModelWithProjection if projection else CLIPTextModel

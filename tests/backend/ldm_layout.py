@@ -33,6 +33,8 @@ def unet_to_ldm(state: dict, layers_per_block: int = 1, attention_up_blocks=(1, 
         "time_embedding.linear_2": "time_embed.2",
         "conv_norm_out": "out.0",
         "conv_out": "out.2",
+        "add_embedding.linear_1": "label_emb.0.0",  # SDXL's pooled-text and size embedding
+        "add_embedding.linear_2": "label_emb.0.2",
     }
     out = {}
     for key, value in state.items():

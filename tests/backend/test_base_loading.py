@@ -3,7 +3,7 @@
 import pytest
 import safetensors.torch
 import torch
-from ldm_layout import controlnet_to_ldm, unet_to_ldm, vae_to_ldm
+from ldm_layout import controlnet_to_ldm, open_clip_to_ldm, unet_to_ldm, vae_to_ldm
 
 from backend.models import catalog
 from backend.models.base_loading import load_controlnet_base
@@ -150,3 +150,32 @@ def test_a_single_file_controlnet_loads_with_its_config(folders, tmp_path):
     with pytest.raises(InputError) as err:
         load_controlnet_base("sd15_controlnet", model, path, controlnet_config=controlnet, offline=True)
     assert err.value.field == "controlnet"
+
+
+def sdxl_single_file(adapter, vae) -> dict:
+    """A tiny SDXL model in the original layout: CLIP under conditioner.embedders.0, OpenCLIP under .1."""
+    first, second = adapter.text_encoders
+    clip = {"conditioner.embedders.0.transformer.text_model." + key.removeprefix("text_model."): value
+            for key, value in first.state_dict().items() if not key.endswith("position_ids")}
+    open_clip = {key.replace("cond_stage_model.model.", "conditioner.embedders.1.model."): value
+                 for key, value in open_clip_to_ldm(second.state_dict()).items()}
+    open_clip["conditioner.embedders.1.model.text_projection"] = second.text_projection.weight.T
+    unet = unet_to_ldm(adapter.unet.state_dict(), attention_up_blocks=(0, 1))
+    state = {**unet, **vae_to_ldm(vae.state_dict()), **clip, **open_clip}
+    return {key: value.contiguous() for key, value in state.items()}
+
+
+def test_a_fine_tuned_sdxl_single_file_loads_both_text_encoders(folders, tmp_path):
+    tuned = tiny_controlnet_base("sdxl", seed=5, with_controlnet=False)
+    path = tmp_path / "my-sdxl.safetensors"
+    state = sdxl_single_file(tuned.adapter, tuned.vae)
+    safetensors.torch.save_file(state, path)
+    loaded = load_controlnet_base("sdxl_controlnet", path, None, config=folders["sdxl"][0], offline=True)
+    assert same_weights(tuned.adapter.unet, loaded.adapter.unet) and same_weights(tuned.vae, loaded.vae)
+    for want, have in zip(tuned.adapter.text_encoders, loaded.adapter.text_encoders, strict=True):
+        assert same_weights(want, have)
+    del state["conditioner.embedders.1.model.token_embedding.weight"]
+    safetensors.torch.save_file(state, path)
+    with pytest.raises(InputError) as err:
+        load_controlnet_base("sdxl_controlnet", path, None, config=folders["sdxl"][0], offline=True)
+    assert err.value.field == "source" and "text_encoder_2" in err.value.problem

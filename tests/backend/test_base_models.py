@@ -125,7 +125,7 @@ def test_depth_reaches_the_prediction_through_the_controlnet(scene):
 def test_sdxl_text_conditioning_carries_pooled_text_and_the_view_size():
     adapter = tiny_controlnet_base("sdxl", with_controlnet=False).adapter
     text, negative = adapter.encode_prompts(["a lamp", "a rug"], ["", ""], (128, 64))
-    assert text.pooled.shape == (2, 32) and text.embeds.shape == (2, 77, 64)
+    assert text.pooled.shape == (2, 48) and text.embeds.shape == (2, 77, 32 + 48)  # pooled: the second encoder
     assert text.time_ids.tolist() == [[64, 128, 0, 0, 64, 128]] * 2
     assert not negative.embeds.any() and not negative.pooled.any()  # SDXL's zeros for an empty negative prompt
     both = TextConditioning.cat([negative, text])

@@ -28,18 +28,30 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="default: float16 on a GPU")
     group.add_argument("--offline", action="store_true", help="never contact the model hub")
     group.add_argument("--models-dir", help="models folder (default: $MVDIFF_MODELS_DIR or the user data folder)")
+    from .models.catalog import BASE_KINDS, DEFAULT_BASE_KIND
+
+    kinds = ", ".join(f"{kind} ({family.label})" for kind, family in BASE_KINDS.items())
+    group.add_argument("--base-kind", choices=tuple(BASE_KINDS), default=DEFAULT_BASE_KIND,
+                       help=f"the base model family: {kinds}. Default: {DEFAULT_BASE_KIND}")
+    group.add_argument("--model", help="SD 1.5 / SDXL model of a ControlNet kind: hub id, folder, .safetensors/.ckpt "
+                                       "file, or 'tiny' (default: the kind's catalog model)")
+    group.add_argument("--controlnet", help="its depth ControlNet: hub id, folder or file (default: the catalog's)")
+    group.add_argument("--model-config", help="configs for a single-file --model: diffusers folder or hub id")
+    group.add_argument("--controlnet-config", help="config for a single-file --controlnet: folder or hub id")
 
 
 def model_config(args: argparse.Namespace):
     from .engine import ModelConfig
 
     if args.models == "tiny":
-        return ModelConfig.tiny()
+        return ModelConfig.tiny(args.base_kind)
     defaults = ModelConfig()
     return ModelConfig(
         depth=args.depth_model, base=args.base_model, root=args.models, depth_caa=args.depth_caa,
         panorama_caa=args.panorama_caa, device=args.device or defaults.device, dtype=args.dtype or defaults.dtype,
-        offline=True if args.offline else None, models_dir=args.models_dir,
+        offline=True if args.offline else None, models_dir=args.models_dir, base_kind=args.base_kind,
+        model=args.model, controlnet=args.controlnet, model_config=args.model_config,
+        controlnet_config=args.controlnet_config,
     )
 
 
@@ -150,7 +162,8 @@ def add_panorama_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--height", type=int, default=1024, help="equirect height (width is twice that)")
-    parser.add_argument("--view-size", type=int, default=512, help="size of each generated view")
+    parser.add_argument("--view-size", type=int,
+                        help="size of each generated view (default: the base model's native size, 512 or 1024)")
     parser.add_argument("--out", required=True, help="output folder")
     add_model_arguments(parser)
 

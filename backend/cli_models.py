@@ -52,7 +52,8 @@ def add_models_arguments(parser: argparse.ArgumentParser) -> None:
         sub.add_argument("--json", action="store_true", help="print one JSON object on the last line")
         if name == "download":
             sub.add_argument("items", nargs="+", metavar="ITEM",
-                             help=f"a base model kind ({', '.join(catalog.BASE_MODELS)}), a hub id, or a "
+                             help=f"an SD 2 model kind ({', '.join(catalog.BASE_MODELS)}), a base kind with all it "
+                             f"needs ({', '.join(catalog.BASE_KINDS)}), a hub id, or a "
                              f"checkpoint ({', '.join(catalog.CHECKPOINTS)})")
             sub.add_argument("--fp16", action="store_true", help="base models: the half-size fp16 weight files")
             sub.add_argument("--token", help=f"Hugging Face token (default: ${catalog.TOKEN_ENV})")
@@ -124,6 +125,13 @@ def _download(args: argparse.Namespace) -> dict[str, Any]:
     for index, item in enumerate(args.items):
         if args.progress_lines:
             print(f"PROGRESS {index / len(args.items):.3f} {item}: starting", flush=True)
+        if item in catalog.BASE_KINDS:
+            from .models.hub import download_kind
+
+            for repo_id, folder in download_kind(item, root=root, fp16=args.fp16, token=args.token):
+                done.append({"item": item, "id": repo_id, "path": str(folder)})
+                _say(args, f"{item}: {repo_id} in {folder}")
+            continue
         if item in catalog.BASE_MODELS or ("/" in item and not item.endswith(".ckpt")):
             from .models.hub import download_base
 
@@ -134,7 +142,8 @@ def _download(args: argparse.Namespace) -> dict[str, Any]:
         try:
             entry = catalog.checkpoint(item)
         except KeyError as err:
-            raise InputError("items", f"{err.args[0]}; base models are {', '.join(catalog.BASE_MODELS)}") from None
+            kinds = ", ".join((*catalog.BASE_MODELS, *catalog.BASE_KINDS))
+            raise InputError("items", f"{err.args[0]}; base models are {kinds}") from None
         path = root / entry.name
         if path.is_file():
             sha = manifest.check(path, "items")

@@ -6,6 +6,11 @@ texturing, and the panorama model (SD 2 base with CAA blocks) for environments. 
 hub ids, local diffusers folders or single checkpoint files (:mod:`~backend.models.loading`);
 the added blocks come from our safetensors files or a released MVDiffusion ``.ckpt``. ``tiny``
 builds small random-weight models in code, for tests and the offline demo.
+
+``base_kind`` picks the family (:data:`~backend.models.catalog.BASE_KINDS`): ``sd2_depth`` is the
+above; ``sd15_controlnet`` and ``sdxl_controlnet`` load one SD 1.5 or SDXL model
+(:mod:`~backend.models.base_loading`) that serves both tasks, the depth task through a depth
+ControlNet. Those have no trained multi-view blocks.
 """
 
 from __future__ import annotations
@@ -18,10 +23,13 @@ from pathlib import Path
 import torch
 
 from .models import catalog, manifest
+from .models.base_adapter import SD2_DEPTH, ControlNetAdapter
+from .models.base_loading import LoadedBase, load_controlnet, load_controlnet_base, with_controlnet
 from .models.loading import load_components
 from .models.mv_unet import MultiViewUNet
 from .models.released import load_released_checkpoint, use_released_behaviour
 from .models.tiny import CAA_WEIGHTS, tiny_multiview, tiny_pipeline
+from .models.tiny_bases import TINY_SHAPE_OF_KIND, tiny_controlnet_base
 from .models.weights import load_added_weights
 from .pipelines.sampling import MultiViewSampler
 from .protocol import NO_MULTIVIEW_WEIGHTS
@@ -46,6 +54,13 @@ class ModelConfig:
     :mod:`~backend.models.catalog`; its recorded sha256 is checked first), and failing that the
     blocks stay at their identity initialisation. A default hub id is replaced by a copy of any
     catalog model of its kind downloaded into the models folder.
+
+    ``base_kind`` (``sd2_depth``, ``sd15_controlnet``, ``sdxl_controlnet``): the family. For the
+    ControlNet kinds ``model`` is the SD 1.5 / SDXL model (hub id, folder, single file or
+    ``"tiny"``; ``None``: the catalog's, its copy in the models folder when downloaded) and
+    ``controlnet`` its depth ControlNet (``None`` likewise); ``model_config`` /
+    ``controlnet_config`` give the configs of single files. ``depth``, ``base``, ``root`` and the
+    ``*_caa`` weights are then unused.
     """
 
     depth: str = DEFAULT_DEPTH_MODEL
@@ -57,12 +72,45 @@ class ModelConfig:
     dtype: str = "float16" if torch.cuda.is_available() else "float32"
     offline: bool | None = None
     models_dir: str | None = None
+    base_kind: str = catalog.DEFAULT_BASE_KIND
+    model: str | None = None
+    controlnet: str | None = None
+    model_config: str | None = None
+    controlnet_config: str | None = None
 
     @classmethod
-    def tiny(cls) -> ModelConfig:
-        return cls(depth=TINY, base=TINY, device="cpu", dtype="float32")
+    def tiny(cls, base_kind: str = catalog.DEFAULT_BASE_KIND) -> ModelConfig:
+        return cls(depth=TINY, base=TINY, model=TINY, device="cpu", dtype="float32", base_kind=base_kind)
+
+    @property
+    def trained(self) -> bool:
+        """Whether the family has trained multi-view blocks (SD 2 only)."""
+        return self.family().multiview_weights
+
+    def family(self) -> catalog.BaseFamily:
+        if self.base_kind not in catalog.BASE_KINDS:
+            raise InputError("base_kind", f"must be one of {', '.join(catalog.BASE_KINDS)}, got {self.base_kind!r}")
+        return catalog.BASE_KINDS[self.base_kind]
+
+    def controlnet_source(self) -> str | None:
+        """The depth ControlNet of a ControlNet kind (``"tiny"`` with the tiny model); None for SD 2."""
+        if self.base_kind == SD2_DEPTH:
+            return None
+        if self.model == TINY:
+            return TINY
+        if self.controlnet is not None:
+            return self.controlnet
+        local = catalog.local_family_models(self.base_kind, self.models_dir)[1]
+        return str(local) if local is not None else catalog.default_controlnet(self.base_kind)
 
     def source(self, task: str) -> str:
+        if task not in TASKS:
+            raise InputError("task", f"must be one of {sorted(TASKS)}, got {task!r}")
+        if not self.trained:
+            if self.model is not None:
+                return self.model
+            local = catalog.local_family_models(self.base_kind, self.models_dir)[0]
+            return str(local) if local is not None else catalog.default_family_model(self.base_kind)
         kind = TASKS[task]
         if self.root is not None:
             return str(Path(self.root).expanduser() / kind)
@@ -76,7 +124,7 @@ class ModelConfig:
     def multiview_weights(self, task: str) -> Path | None:
         """The file the task's added blocks load from, by the order in the class docstring; ``None``: identity."""
         source = self.source(task)
-        if source == TINY:
+        if source == TINY or not self.trained:
             return None
         given = self.depth_caa if task == "depth" else self.panorama_caa
         if given is not None:
@@ -102,6 +150,7 @@ class ModelSet:
     def __init__(self, config: ModelConfig | None = None):
         self.config = config or ModelConfig()
         self._samplers: dict[str, MultiViewSampler] = {}
+        self._base: LoadedBase | None = None  # the ControlNet kinds' one model, shared by both tasks
         self._lock = threading.Lock()
 
     def sampler(self, task: str) -> MultiViewSampler:
@@ -126,12 +175,18 @@ class ModelSet:
         ``"none"`` when the blocks stay at identity, i.e. the output is the base model's alone)."""
         if task not in TASKS:
             raise InputError("task", f"must be one of {sorted(TASKS)}, got {task!r}")
-        if self.config.source(task) == TINY:
+        family = self.config.family()
+        if self.config.source(task) == TINY and family.multiview_weights:
             weights = TINY
         else:
             path = self.config.multiview_weights(task)
             weights = NO_WEIGHTS if path is None else str(path)
-        return {"base_model": self.source_label(task), "multiview_weights": weights}
+        described = {"base_model": self.source_label(task), "multiview_weights": weights,
+                     "base_kind": family.kind, "native_view_size": family.view_size}
+        controlnet = self.config.controlnet_source()
+        if task == "depth" and controlnet is not None:
+            described["controlnet"] = controlnet
+        return described
 
     def release(self) -> None:
         """Drop every model and give the memory back.
@@ -142,11 +197,14 @@ class ModelSet:
         """
         with self._lock:
             self._samplers.clear()
+            self._base = None
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
     def _load(self, task: str) -> MultiViewSampler:
+        if not self.config.trained:
+            return self._load_controlnet_kind(task)
         kind = TASKS[task]
         source = self.config.source(task)
         device, dtype = self.config.device, self.config.torch_dtype()
@@ -162,6 +220,31 @@ class ModelSet:
         model = model.to(device, dtype).eval()
         vae, text_encoder, tokenizer, scheduler = parts
         return MultiViewSampler(model, vae.to(device, dtype), text_encoder.to(device, dtype), tokenizer, scheduler)
+
+    def _load_controlnet_kind(self, task: str) -> MultiViewSampler:
+        """One SD 1.5 / SDXL model for both tasks; the depth task adds the ControlNet, loaded when first needed."""
+        config, kind = self.config, self.config.base_kind
+        if self._base is None:
+            source = config.source(task)
+            if source == TINY:
+                tiny = tiny_controlnet_base(TINY_SHAPE_OF_KIND[kind], with_controlnet=False)
+                self._base = LoadedBase(tiny.adapter, tiny.vae, tiny.scheduler, TINY)
+            else:
+                self._base = load_controlnet_base(
+                    kind, source, None, config=config.model_config, offline=config.offline,
+                    dtype=config.torch_dtype(), device=config.device,
+                )
+        base = self._base
+        adapter: ControlNetAdapter = base.adapter
+        if task == "depth":
+            source = config.controlnet_source()
+            if source == TINY:
+                net = tiny_controlnet_base(TINY_SHAPE_OF_KIND[kind]).adapter.controlnet
+            else:
+                offline = catalog.hub_offline() if config.offline is None else config.offline
+                net = load_controlnet(source, kind, config.controlnet_config, offline, config.torch_dtype())
+            adapter = with_controlnet(adapter, net)
+        return MultiViewSampler.from_adapter(adapter, base.vae, base.scheduler)
 
     def _load_added(self, model: MultiViewUNet, task: str, source: str) -> None:
         field = "depth_caa" if task == "depth" else "panorama_caa"

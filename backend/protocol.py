@@ -203,11 +203,15 @@ class TextureJob:
 
 @dataclass
 class PanoramaJob:
-    """A 360 environment from text (one prompt, or one per view of the layout)."""
+    """A 360 environment from text (one prompt, or one per view of the layout).
+
+    ``view_size``: pixels of each square view; ``None`` is the base model's native size (512 for
+    SD 1.5 and SD 2, 1024 for SDXL: ``native_view_size`` of ``/v1/version``'s task).
+    """
 
     settings: GenerationSettings
     equirect_height: int = 1024
-    view_size: int = 512
+    view_size: int | None = None
 
     kind = "panorama"
 
@@ -222,9 +226,11 @@ class PanoramaJob:
         height = positive_int("equirect_height", meta.get("equirect_height", 1024))
         if not 64 <= height <= 8192:
             raise InputError("equirect_height", f"must lie in [64, 8192], got {height}")
-        view = positive_int("view_size", meta.get("view_size", 512))
-        if view % VIEW_SIZE_MULTIPLE or not VIEW_SIZE_MULTIPLE <= view <= 2048:
-            raise InputError("view_size", f"must be a multiple of {VIEW_SIZE_MULTIPLE} in [64, 2048], got {view}")
+        view = meta.get("view_size")
+        if view is not None:
+            view = positive_int("view_size", view)
+            if view % VIEW_SIZE_MULTIPLE or not VIEW_SIZE_MULTIPLE <= view <= 2048:
+                raise InputError("view_size", f"must be a multiple of {VIEW_SIZE_MULTIPLE} in [64, 2048], got {view}")
         return cls(_settings(meta), height, view)
 
 

@@ -1,7 +1,8 @@
 """What models the backend knows how to get, and the one folder they go to.
 
 This module is the single place for the hub ids of the Stable Diffusion 2 models each task builds
-on, the published links of the released MVDiffusion checkpoints, and the models folder. It
+on and of the other base model kinds (SD 1.5 and SDXL with a depth ControlNet), the published
+links of the released MVDiffusion checkpoints, and the models folder. It
 imports nothing heavy (no torch), so ``python -m backend models --help`` and the Blender add-on
 can read it at once.
 
@@ -55,6 +56,62 @@ BASE_MODELS: dict[str, tuple[str, ...]] = {
 """Per SD 2 kind, the hub ids to use, default first; the withdrawn ``stabilityai`` ids last (cache only)."""
 
 WITHDRAWN_OWNER = "stabilityai"
+
+
+@dataclass(frozen=True)
+class BaseFamily:
+    """A kind of base model a job can run on: how it takes depth, its default ids and its view size.
+
+    ``models`` / ``controlnets``: hub ids, default first (``controlnets`` empty where depth is a UNet
+    input channel). ``view_size``: the square view, in pixels, the family was trained at (the
+    UNet's ``sample_size`` times the VAE's factor 8, diffusers' default image size).
+    ``multiview_weights``: whether the released MVDiffusion blocks exist for it.
+    """
+
+    kind: str
+    label: str
+    models: tuple[str, ...]
+    controlnets: tuple[str, ...]
+    view_size: int
+    multiview_weights: bool
+
+
+BASE_KINDS: dict[str, BaseFamily] = {
+    family.kind: family
+    for family in (
+        BaseFamily("sd2_depth", "SD 2 depth (depth as a UNet input channel)", BASE_MODELS["depth"], (), 512, True),
+        BaseFamily(
+            "sd15_controlnet", "SD 1.5 + depth ControlNet", ("stable-diffusion-v1-5/stable-diffusion-v1-5",),
+            ("lllyasviel/control_v11f1p_sd15_depth",), 512, False,
+        ),
+        BaseFamily(
+            "sdxl_controlnet", "SDXL + depth ControlNet", ("stabilityai/stable-diffusion-xl-base-1.0",),
+            ("diffusers/controlnet-depth-sdxl-1.0",), 1024, False,
+        ),
+    )
+}
+"""The base model kinds, by the name jobs, the command line and ``/v1/version`` use."""
+
+DEFAULT_BASE_KIND = "sd2_depth"
+
+
+def base_family(kind: str) -> BaseFamily:
+    if kind not in BASE_KINDS:
+        raise KeyError(f"unknown base kind {kind!r}; expected one of {', '.join(BASE_KINDS)}")
+    return BASE_KINDS[kind]
+
+
+def default_family_model(kind: str) -> str:
+    """The hub id a base kind starts from when the user names no model (and the single-file config)."""
+    return base_family(kind).models[0]
+
+
+def default_controlnet(kind: str) -> str:
+    """The depth ControlNet a base kind uses when the user names none."""
+    controlnets = base_family(kind).controlnets
+    if not controlnets:
+        raise KeyError(f"base kind {kind!r} takes depth as a UNet input channel, not through a ControlNet")
+    return controlnets[0]
 
 
 def hub_offline() -> bool:
@@ -162,6 +219,14 @@ def user_data_dir(platform: str | None = None) -> Path:
 def hub_folder(repo_id: str, root: str | os.PathLike | None = None) -> Path:
     """Where ``models download`` puts a hub model: ``<models>/hub/OWNER--NAME``."""
     return models_dir(root) / HUB_FOLDER / repo_id.replace("/", "--")
+
+
+def local_family_models(kind: str, root: str | os.PathLike | None = None) -> tuple[Path | None, Path | None]:
+    """The default model and depth ControlNet of a ControlNet base kind, where downloaded into the models folder."""
+    model = hub_folder(default_family_model(kind), root)
+    controlnet = hub_folder(default_controlnet(kind), root)
+    return (model if (model / "model_index.json").is_file() else None,
+            controlnet if (controlnet / "config.json").is_file() else None)
 
 
 def local_base_model(kind: str, root: str | os.PathLike | None = None) -> Path | None:

@@ -1,4 +1,4 @@
-"""Download the Stable Diffusion 2 base models from the Hugging Face hub into the models folder.
+"""Download base models (and depth ControlNets) from the Hugging Face hub into the models folder.
 
 ``huggingface_hub.snapshot_download`` with ``local_dir=<models>/hub/OWNER--NAME`` writes a plain
 diffusers folder there (not the shared Hugging Face cache): the folder is what the engine picks
@@ -9,6 +9,10 @@ safety checker and the feature extractor would triple the download for nothing.
 
 ``fp16=True`` fetches the ``.fp16.safetensors`` variant instead of the float32 weights (half
 the size); the loader uses that variant for a folder that holds only it.
+
+The same patterns serve SDXL repositories (their second text encoder and tokenizer) and
+ControlNet repositories (one ``config.json`` and one weight file at the top); which weights must
+have arrived is read from what the snapshot holds (:func:`required_weights`).
 """
 
 from __future__ import annotations
@@ -28,14 +32,41 @@ CONFIG_PATTERNS = (
     "scheduler/scheduler_config.json",
     "tokenizer/*.json",
     "tokenizer/*.txt",
+    "text_encoder_2/config.json",
+    "tokenizer_2/*.json",
+    "tokenizer_2/*.txt",
+    "config.json",
 )
 WEIGHT_FILES = ("unet/diffusion_pytorch_model", "vae/diffusion_pytorch_model", "text_encoder/model")
+SDXL_WEIGHT_FILES = ("text_encoder_2/model",)
+CONTROLNET_WEIGHT_FILES = ("diffusion_pytorch_model",)
 
 
 def allow_patterns(fp16: bool = False) -> list[str]:
-    """What a snapshot fetches: configs, tokenizer, and one safetensors file per weighted component."""
+    """What a snapshot fetches: configs, tokenizers, and one safetensors file per weighted component."""
     suffix = ".fp16.safetensors" if fp16 else ".safetensors"
-    return [*CONFIG_PATTERNS, *(name + suffix for name in WEIGHT_FILES)]
+    names = (*WEIGHT_FILES, *SDXL_WEIGHT_FILES, *CONTROLNET_WEIGHT_FILES)
+    return [*CONFIG_PATTERNS, *(name + suffix for name in names)]
+
+
+def required_weights(folder: Path) -> tuple[str, ...]:
+    """The weight files a downloaded folder must hold: a pipeline's components (SDXL's second text
+    encoder when its ``model_index.json`` lists one), or a lone model's (a ControlNet)."""
+    index = folder / "model_index.json"
+    if index.is_file():
+        return WEIGHT_FILES + (SDXL_WEIGHT_FILES if "text_encoder_2" in index.read_text() else ())
+    return CONTROLNET_WEIGHT_FILES
+
+
+def download_kind(
+    kind: str, *, root: str | os.PathLike | None = None, fp16: bool = False, token: str | None = None,
+) -> list[tuple[str, Path]]:
+    """Everything a base kind of :data:`~backend.models.catalog.BASE_KINDS` runs on: SD 2 depth and
+    base, or the family's model and its depth ControlNet. Returns (hub id, folder) of each."""
+    if kind == catalog.DEFAULT_BASE_KIND:
+        return [download_base(name, root=root, fp16=fp16, token=token) for name in ("depth", "base")]
+    return [download_base(repo, root=root, fp16=fp16, token=token)
+            for repo in (catalog.default_family_model(kind), catalog.default_controlnet(kind))]
 
 
 def download_base(
@@ -81,7 +112,7 @@ def snapshot(repo_id: str, folder: Path, *, fp16: bool = False, token: str | Non
             "connection (in Blender: Edit > Preferences > System > Network > Allow Online Access)",
         ) from None
     suffix = ".fp16.safetensors" if fp16 else ".safetensors"
-    absent = [name + suffix for name in WEIGHT_FILES if not (folder / (name + suffix)).is_file()]
+    absent = [name + suffix for name in required_weights(folder) if not (folder / (name + suffix)).is_file()]
     if absent:
         hint = "; download without --fp16" if fp16 else ""
         raise InputError(FIELD, f"{repo_id} has no {', '.join(absent)}{hint}")

@@ -97,7 +97,7 @@ def load_components(
         raise InputError("kind", f"must be one of {sorted(KIND_IN_CHANNELS)}, got {kind!r}")
     if offline is None:
         offline = hub_offline()
-    where, ref = _locate("source", source)
+    where, ref = locate("source", source)
     with warnings.catch_warnings():
         # diffusers' config lookup for hub ids passes an argument huggingface_hub has deprecated; nothing to act on.
         warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated")
@@ -130,7 +130,7 @@ def check_kind(field: str, in_channels: int, kind: str) -> None:
     raise InputError(field, f"{have}; {needed}")
 
 
-def _locate(field: str, value: str | os.PathLike) -> tuple[str, str]:
+def locate(field: str, value: str | os.PathLike) -> tuple[str, str]:
     """Classify ``value`` as ("folder", path), ("file", path) or ("hub", model id)."""
     text = os.fspath(value)
     path = Path(text).expanduser()
@@ -171,9 +171,11 @@ def _hub_failure(field: str, ref: str, local_only: bool, err: Exception) -> Inpu
 
 def _download_name(ref: str) -> str:
     """What to give ``models download`` for ``ref``: its kind when it is a catalog id, else the id."""
-    from .catalog import BASE_MODELS
+    from .catalog import BASE_KINDS, BASE_MODELS
 
-    return next((kind for kind, ids in BASE_MODELS.items() if ref in ids), ref)
+    families = {kind: family.models + family.controlnets for kind, family in BASE_KINDS.items()
+                if not family.multiview_weights}
+    return next((kind for kind, ids in {**BASE_MODELS, **families}.items() if ref in ids), ref)
 
 
 def _first_line(err: Exception) -> str:
@@ -279,7 +281,7 @@ def _from_single_file(path: Path, kind: str, config, offline: bool, dtype: torch
     if config is None:
         where, ref = "hub", HUB_IDS[kind]
     else:
-        where, ref = _locate("config", config)
+        where, ref = locate("config", config)
         if where == "file":
             raise InputError("config", f"{ref} is a file; config must be a diffusers model folder or a hub id")
     local_only = offline or where == "folder"

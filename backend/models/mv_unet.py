@@ -191,11 +191,13 @@ class MultiViewUNet(nn.Module):
         encoder_hidden_states: torch.Tensor,
         geometry: Mapping[tuple[int, int], LevelGeometry | ViewGroups] | None = None,
         condition: torch.Tensor | None = None,
+        cross_attention_kwargs: dict | None = None,
     ) -> torch.Tensor:
         """Noise prediction for every view; ``geometry`` None runs the plain UNet.
 
         ``condition`` (V, 5, h, w): keyframe latents and mask for the interpolation module, one per
-        view, shared by every guidance half of the batch.
+        view, shared by every guidance half of the batch. ``cross_attention_kwargs`` go to the
+        UNet's attention processors, as in diffusers.
         """
         if condition is not None and self.condition is None:
             raise ValueError("this model has no condition branch (build it with with_condition=True)")
@@ -203,7 +205,8 @@ class MultiViewUNet(nn.Module):
         previous, self._condition_features = self._condition_features, features
         try:
             with self.views(geometry):
-                return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+                return self.unet(sample, timestep, encoder_hidden_states, cross_attention_kwargs=cross_attention_kwargs,
+                                 return_dict=False)[0]
         finally:
             self._condition_features = previous
 

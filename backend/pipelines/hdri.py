@@ -62,8 +62,8 @@ def make_panorama(job: PanoramaJob, sampler: MultiViewSampler, ctx: JobContext) 
     """The views, stitched equirect and radiance of a job (stages views, stitch and hdr)."""
     settings = job.settings.validate()
     height = positive_int("equirect_height", job.equirect_height)
-    view_size = positive_int("view_size", job.view_size)
-    factor = 8 * sampler.latent_factor
+    view_size = sampler.native_size if job.view_size is None else positive_int("view_size", job.view_size)
+    factor = sampler.view_multiple
     if view_size % factor:
         raise InputError("view_size", f"must be a multiple of {factor}, got {view_size}")
     cameras = panorama_layout(view_size, ring_views=RING_VIEWS, pole_views=True)

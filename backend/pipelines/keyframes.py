@@ -1,9 +1,11 @@
 """Keyframes: text + depth -> N views of a scene generated jointly (the depth task).
 
-Every view is conditioned on its own depth map (SD 2 depth's fifth input channel) and on the
-other views through CAA over the overlap graph. With every CAA block at zero this is, view for
-view, diffusers' ``StableDiffusionDepth2ImgPipeline`` at strength 1 given the same depth channel
-and the same starting latents.
+Every view is conditioned on its own depth map, as its base model takes depth (SD 2 depth's
+fifth input channel, or a depth ControlNet's image: ``backend/models/base_adapter.py``), and,
+with the trained multi-view UNet, on the other views through CAA over the overlap graph. With
+every CAA block at zero this is, view for view, diffusers' ``StableDiffusionDepth2ImgPipeline``
+at strength 1 given the same depth channel and the same starting latents; on an SD 1.5 or SDXL
+base it is ``StableDiffusionControlNetPipeline`` / ``StableDiffusionXLControlNetPipeline``.
 """
 
 from __future__ import annotations
@@ -14,34 +16,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..geometry.cameras import Camera
 from ..geometry.correspondence import overlap_matrix
 from ..models.caa_geometry import depth_geometry, released_depth_neighbours
 from ..validation import InputError, depth_map
 from .sampling import MultiViewSampler, ProgressCallback, SamplingSettings, to_uint8, view_prompts
-
-INVALID_DEPTH_CHANNEL = -2.0
-
-
-def depth_channel(depth: np.ndarray, latent_height: int, latent_width: int) -> torch.Tensor:
-    """The released depth conditioning: min-max normalised inverse depth in [-1, 1], -2 where invalid.
-
-    Inverse depth puts near surfaces high, like the monocular estimates SD 2 depth was trained on.
-    It is downsampled to the latent size by nearest sampling, so invalid pixels never blend in.
-    """
-    depth = np.asarray(depth, dtype=np.float32)
-    valid = depth > 0
-    inverse = np.zeros_like(depth)
-    inverse[valid] = 1.0 / depth[valid]
-    channel = np.full_like(depth, INVALID_DEPTH_CHANNEL)
-    if valid.any():
-        low, high = inverse[valid].min(), inverse[valid].max()
-        span = high - low if high > low else 1.0
-        channel[valid] = 2.0 * (inverse[valid] - low) / span - 1.0
-    tensor = torch.from_numpy(channel)[None, None]
-    return F.interpolate(tensor, size=(latent_height, latent_width), mode="nearest")[0]
 
 
 @dataclass
@@ -98,7 +78,10 @@ class KeyframePipeline:
         prompts = view_prompts(prompts, views)
 
         released = self.sampler.model.released
-        if neighbours is None and released and views > 1:
+        trained = self.sampler.adapter.trained_multiview
+        if not trained:
+            neighbours = [[] for _ in range(views)]  # no CAA blocks: nothing reads a CAA geometry
+        elif neighbours is None and released and views > 1:
             neighbours = released_depth_neighbours(cameras, depths)  # the rule the released weights know
         elif neighbours is None:
             if overlap is None and views > 1:
@@ -107,14 +90,12 @@ class KeyframePipeline:
         geometry = None
         if views > 1 and any(neighbours):
             geometry = self.sampler.on_device(depth_geometry(cameras, depths, neighbours, released=released))
-        latent_size = (height // self.sampler.latent_factor, width // self.sampler.latent_factor)
-        channel = torch.stack([depth_channel(d, *latent_size) for d in depths])
+        control = self.sampler.adapter.depth_control(depths, height, width, self.sampler.latent_factor)
         images, latents = self.sampler.generate(
-            prompts, (width, height), settings, geometry, latents=latents,
-            extra_channels=channel.to(self.sampler.device, self.sampler.dtype), condition=condition,
+            prompts, (width, height), settings, geometry, latents=latents, control=control, condition=condition,
             progress=progress, cancel=cancel,
         )
-        isolated = isolated_views(geometry, views)
+        isolated = isolated_views(geometry, views) if trained else []
         return KeyframeResult(images if output_float else to_uint8(images), latents, isolated)
 
     def _neighbours(self, overlap: np.ndarray | None, views: int) -> list[list[int]]:

@@ -74,7 +74,7 @@ class PanoramaOutpaintPipeline:
         if conditioning is None:
             conditioning = self.conditioning(image, len(cameras), height, width)
         images, latents = self.sampler.generate(
-            prompts, (width, height), settings, geometry, latents=latents, extra_channels=conditioning,
+            prompts, (width, height), settings, geometry, latents=latents, control=conditioning,
             progress=progress, cancel=cancel,
         )
         return PanoramaResult(images if output_float else to_uint8(images), latents, cameras)

@@ -62,7 +62,7 @@ class PanoramaPipeline:
         size = self.sampler.check_views(cameras)
         prompts = view_prompts(prompts, len(cameras))
         geometry = None
-        if len(cameras) > 1:
+        if len(cameras) > 1 and self.sampler.adapter.trained_multiview:
             released = self.sampler.model.released
             if neighbours is None:
                 neighbours = released_neighbours(cameras) if released else neighbour_views(cameras)

@@ -4,6 +4,10 @@ All views of a job and both guidance halves go through the UNet in one batch (un
 views first, then the text-conditioned ones, each half with its views consecutive), so CAA
 mixes views within a half and never across them, as in the released code.
 
+The model is reached through a base model adapter (``backend/models/base_adapter.py``): SD 2
+inside the trained multi-view UNet, or an SD 1.5 / SDXL UNet with a depth ControlNet. The loop
+only hands it latents, the timestep, the text conditioning and each view's control input.
+
 The loop steps whichever scheduler the settings name (``backend/sampling_options.py``): a new
 instance per run, built from the model's training schedule, since one sampler serves every job
 of a process and multistep schedulers keep state between steps.
@@ -19,6 +23,8 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, SchedulerMixin
 
+from ..models.base_adapter import BaseModelAdapter, LatentChannelsAdapter, TextConditioning
+from ..models.catalog import base_family
 from ..models.mv_unet import MultiViewUNet
 from ..models.schedulers import build_scheduler, clean_estimate, step
 from ..sampling_options import DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, scheduler_name
@@ -83,15 +89,38 @@ class MultiViewSampler:
 
     ``scheduler`` (any diffusers scheduler) gives only the model's training schedule, its config;
     every run builds the scheduler its settings name from that config and steps it alone.
+
+    Built from the SD 2 parts (``model`` the trained multi-view UNet), or with
+    :meth:`from_adapter` for any base. ``model`` is what the pipelines inspect (its ``task``,
+    ``released`` and ``condition``): the multi-view UNet, or the adapter itself for other bases.
     """
 
-    def __init__(self, model: MultiViewUNet, vae: AutoencoderKL, text_encoder, tokenizer, scheduler):
+    def __init__(self, model: MultiViewUNet, vae: AutoencoderKL, text_encoder, tokenizer, scheduler, *,
+                 adapter: BaseModelAdapter | None = None):
+        self.adapter = adapter if adapter is not None else LatentChannelsAdapter(model, text_encoder, tokenizer)
         self.model, self.vae = model, vae
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
         self.schedule = scheduler.config  # a FrozenDict: read by every run, changed by none
         # Both guidance halves in one UNet call is fastest; one call per half halves the peak
         # memory of a step (the halves never exchange anything, so results are the same).
         self.split_guidance = False
+
+    @classmethod
+    def from_adapter(cls, adapter: BaseModelAdapter, vae: AutoencoderKL, scheduler) -> MultiViewSampler:
+        """A sampler driving any base model through its adapter."""
+        if isinstance(adapter, LatentChannelsAdapter):
+            return cls(adapter.model, vae, adapter.text_encoder, adapter.tokenizer, scheduler, adapter=adapter)
+        return cls(adapter, vae, adapter.text_encoders[0], adapter.tokenizers[0], scheduler, adapter=adapter)
+
+    @property
+    def base_kind(self) -> str:
+        """The adapter's kind: ``sd2_depth``, ``sd15_controlnet`` or ``sdxl_controlnet``."""
+        return self.adapter.kind
+
+    @property
+    def native_size(self) -> int:
+        """The square view size, in pixels, the base model's family was trained at (the catalog's)."""
+        return base_family(self.base_kind).view_size
 
     @property
     def device(self) -> torch.device:
@@ -105,12 +134,18 @@ class MultiViewSampler:
     def latent_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    @property
+    def view_multiple(self) -> int:
+        """What every view's width and height must be a multiple of: the VAE's factor times the 8 that
+        the UNet's three halvings need (64 for every Stable Diffusion family)."""
+        return 8 * self.latent_factor
+
     def check_views(self, cameras: Sequence) -> tuple[int, int]:
-        """(width, height) shared by every view, a multiple of what the UNet's levels divide."""
+        """(width, height) shared by every view, a multiple of :attr:`view_multiple`."""
         if len(cameras) == 0:
             raise InputError("cameras", "need at least one view")
         width, height = cameras[0].width, cameras[0].height
-        factor = 8 * self.latent_factor
+        factor = self.view_multiple
         if any((c.width, c.height) != (width, height) for c in cameras) or width % factor or height % factor:
             raise InputError("cameras", f"all views must share one size, a multiple of {factor} pixels")
         return width, height
@@ -132,27 +167,31 @@ class MultiViewSampler:
         geometry: dict | None,
         *,
         latents: torch.Tensor | None = None,
-        extra_channels: torch.Tensor | None = None,
+        control: torch.Tensor | None = None,
         condition: torch.Tensor | None = None,
         progress: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
+        attention_kwargs: dict | None = None,
     ) -> tuple[np.ndarray, torch.Tensor]:
-        """Noise (from the seed unless given; unit variance) -> guided denoising -> float images (V, H, W, 3)."""
+        """Noise (from the seed unless given; unit variance) -> guided denoising -> float images (V, H, W, 3).
+
+        ``control``: each view's control input for the base model (``BaseModelAdapter.depth_control``,
+        or an SD 2 UNet's extra input channels). ``attention_kwargs`` go to the UNet's attention
+        processors with every call (diffusers' ``cross_attention_kwargs``)."""
         width, height = size
         if latents is None:
             latents = self.initial_noise(len(prompts), height, width, settings.seed)
-        text = self.encode_text(prompts)
-        negative = self.encode_text([settings.negative_prompt] * len(prompts))
-        latents = self.denoise(latents, text, negative, settings, geometry, extra_channels, progress, cancel, condition)
+        text, negative = self.encode_text(prompts, settings, size)
+        latents = self.denoise(latents, text, negative, settings, geometry, control, progress, cancel, condition,
+                               attention_kwargs)
         return self.decode(latents), latents
 
-    @torch.no_grad()
-    def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(
-            prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.device)
-        return self.text_encoder(ids)[0].to(self.dtype)
+    def encode_text(
+        self, prompts: list[str], settings: SamplingSettings, size: tuple[int, int]
+    ) -> tuple[TextConditioning, TextConditioning | None]:
+        """The prompts' conditioning and, when guidance runs, the negative prompt's; ``size`` is (width, height)."""
+        negative = [settings.negative_prompt] * len(prompts) if settings.guidance_scale > 1.0 else None
+        return self.adapter.encode_prompts(prompts, negative, size)
 
     def initial_noise(self, views: int, height: int, width: int, seed: int) -> torch.Tensor:
         """Independent unit Gaussian noise per view from one seed, the same on every device.
@@ -169,26 +208,29 @@ class MultiViewSampler:
     def denoise(
         self,
         latents: torch.Tensor,
-        prompt_embeds: torch.Tensor,
-        negative_embeds: torch.Tensor,
+        text: TextConditioning,
+        negative: TextConditioning | None,
         settings: SamplingSettings,
         geometry: dict | None,
-        extra_channels: torch.Tensor | None = None,
+        control: torch.Tensor | None = None,
         progress: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
         condition: torch.Tensor | None = None,
+        attention_kwargs: dict | None = None,
     ) -> torch.Tensor:
-        """Run the guided loop from unit-variance ``latents``; ``extra_channels`` (V, k, h, w) are
-        appended to every UNet input.
+        """Run the guided loop from unit-variance ``latents``; ``control`` (one per view) goes with
+        every model call, the same for both guidance halves.
 
         ``condition`` (V, 5, h, w) feeds the interpolation module's condition branch, the same for
         both guidance halves. The scheduler is ``settings.scheduler``, new for this run.
         """
         settings.validated()
         guided = settings.guidance_scale > 1.0
-        embeds = torch.cat([negative_embeds, prompt_embeds]) if guided else prompt_embeds
-        if extra_channels is not None:
-            extra_channels = torch.cat([extra_channels] * 2) if guided else extra_channels
+        if guided and negative is None:
+            raise ValueError("guidance needs the negative prompt's conditioning")
+        embeds = TextConditioning.cat([negative, text]) if guided else text
+        if control is not None:
+            control = torch.cat([control] * 2) if guided else control
         scheduler = self.new_scheduler(settings.scheduler)
         scheduler.set_timesteps(settings.steps, device=self.device)
         timesteps = scheduler.timesteps
@@ -198,13 +240,16 @@ class MultiViewSampler:
                 raise Cancelled(f"cancelled before step {index + 1} of {len(timesteps)}")
             scaled = scheduler.scale_model_input(latents, t)
             model_input = torch.cat([scaled] * 2) if guided else scaled
-            if extra_channels is not None:
-                model_input = torch.cat([model_input, extra_channels], dim=1)
             if guided and self.split_guidance:
-                halves = zip(model_input.chunk(2), embeds.chunk(2), strict=True)
-                noise = torch.cat([self.model(x, t, e, geometry, condition) for x, e in halves])
+                controls = [None, None] if control is None else control.chunk(2)
+                halves = zip(model_input.chunk(2), embeds.chunk(2), controls, strict=True)
+                noise = torch.cat([
+                    self.adapter(x, t, e, c, geometry=geometry, condition=condition, attention_kwargs=attention_kwargs)
+                    for x, e, c in halves
+                ])
             else:
-                noise = self.model(model_input, t, embeds, geometry, condition)
+                noise = self.adapter(model_input, t, embeds, control, geometry=geometry, condition=condition,
+                                     attention_kwargs=attention_kwargs)
             if guided:
                 uncond, text = noise.chunk(2)
                 noise = uncond + settings.guidance_scale * (text - uncond)
@@ -219,7 +264,8 @@ class MultiViewSampler:
         """Latents (V, 4, h, w) -> float images (V, H, W, 3) in [0, 1], one view at a time."""
         images = []
         for view in latents:
-            image = self.vae.decode(view[None] / self.vae.config.scaling_factor, return_dict=False)[0]
+            latent = view[None].to(self.vae.dtype) / self.vae.config.scaling_factor  # SDXL's VAE may be float32
+            image = self.vae.decode(latent, return_dict=False)[0]
             images.append((image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy())
         return np.concatenate(images)
 

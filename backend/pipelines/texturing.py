@@ -151,12 +151,32 @@ def _generate(
             if ctx.wants_preview(info.step, info.total):
                 ctx.preview(preview(sampler, info, views=[1])[0])  # the batch's first in-between frame
 
-        if batches:
+        if batches and sampler.model.condition is not None:
             interpolation = InterpolationPipeline(keyframe_pipeline, max_in_between)
             frames.update(interpolation(plan, frames, prompts, job.cameras, job.depths, settings,
                                         progress=window_progress, cancel=ctx.cancel).images)
+        elif batches:
+            frames.update(_in_between_alone(job, keyframe_pipeline, plan, prompts, settings, max_in_between, ctx))
     isolated = [keys[v] for v in result.isolated_views]
     return Generated([frames[k] for k in range(len(job.cameras))], plan, isolated)
+
+
+def _in_between_alone(job: TextureJob, pipeline: KeyframePipeline, plan: KeyframePlan, prompts: list[str],
+                      settings: SamplingSettings, max_in_between: int, ctx: JobContext) -> dict[int, np.ndarray]:
+    """In-between frames from their own prompt and depth, for a base without the trained interpolation module."""
+    batches = [frames[start : start + max_in_between] for _, _, frames in plan.windows
+               for start in range(0, len(frames), max_in_between)]
+    images: dict[int, np.ndarray] = {}
+    for number, batch in enumerate(batches):
+        def report(info: StepInfo, number: int = number) -> None:
+            ctx.progress("interpolation", number * info.total + info.step, len(batches) * info.total)
+            if ctx.wants_preview(info.step, info.total):
+                ctx.preview(preview(pipeline.sampler, info, views=[0])[0])
+
+        result = pipeline([prompts[k] for k in batch], [job.cameras[k] for k in batch],
+                          [job.depths[k] for k in batch], settings, progress=report, cancel=ctx.cancel)
+        images.update(zip(batch, result.images, strict=True))
+    return images
 
 
 def unwrap_padding(texture_size: int) -> int:

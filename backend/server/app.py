@@ -57,6 +57,9 @@ class TaskModel(BaseModel):
 
     base_model: str
     multiview_weights: str
+    base_kind: str  # sd2_depth, sd15_controlnet or sdxl_controlnet (backend.models.catalog.BASE_KINDS)
+    native_view_size: int  # the base model's native square view size in pixels
+    controlnet: str | None = None  # the depth task's ControlNet, for the ControlNet kinds
 
 
 class Version(Health):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..geometry.cameras import Camera
-from ..pipelines.keyframes import depth_channel
+from ..models.depth_control import depth_channel
 from ..validation import InputError
 from .models import TrainModels
 

@@ -121,9 +121,10 @@ def tiny_folder(tmp_path_factory):
 
 
 def test_describe_says_which_weights_each_task_uses_without_loading(tiny_folder, tmp_path):
-    assert ModelSet(ModelConfig.tiny()).describe("depth") == {"base_model": "tiny", "multiview_weights": "tiny"}
+    sd2 = {"base_kind": "sd2_depth", "native_view_size": 512}
+    assert ModelSet(ModelConfig.tiny()).describe("depth") == {"base_model": "tiny", "multiview_weights": "tiny", **sd2}
     bare = ModelSet(ModelConfig(root=str(tiny_folder), models_dir=str(tmp_path), device="cpu", dtype="float32"))
-    assert bare.describe("panorama") == {"base_model": str(tiny_folder / "base"), "multiview_weights": "none"}
+    assert bare.describe("panorama") == {"base_model": str(tiny_folder / "base"), "multiview_weights": "none", **sd2}
     (tmp_path / "pano.ckpt").write_bytes(b"released")
     assert bare.describe("panorama")["multiview_weights"] == str(tmp_path / "pano.ckpt")
     given = ModelSet(ModelConfig(root=str(tiny_folder), depth_caa="/x/mine.safetensors", models_dir=str(tmp_path)))
@@ -211,7 +212,8 @@ def test_a_released_checkpoint_in_the_models_folder_verifies_and_loads_by_itself
     report = {m["name"]: m for m in verify_folder(tmp_path)}["pano.ckpt"]
     assert report["ok"] and report["placed"] > 0 and report["missing"] == 0 and report["skipped"] > 0
     models = ModelSet(ModelConfig(models_dir=str(tmp_path), device="cpu", dtype="float32", offline=True))
-    assert models.describe("panorama") == {"base_model": str(base), "multiview_weights": str(tmp_path / "pano.ckpt")}
+    assert models.describe("panorama") == {"base_model": str(base), "multiview_weights": str(tmp_path / "pano.ckpt"),
+                                           "base_kind": "sd2_depth", "native_view_size": 512}
     caa = models.sampler("panorama").model.caa_mid.attention.to_q.weight
     key = "mv_base_model.cp_blocks_mid.transformer.attn1.to_q.weight"
     assert torch.equal(caa, state[key])

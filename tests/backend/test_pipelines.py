@@ -7,9 +7,10 @@ import torch
 from backend.geometry.cameras import Camera
 from backend.geometry.panorama import panorama_layout
 from backend.geometry.render import render_depth
+from backend.models.depth_control import depth_channel
 from backend.models.mv_unet import MultiViewUNet
 from backend.models.tiny import tiny_pipeline
-from backend.pipelines.keyframes import KeyframePipeline, depth_channel
+from backend.pipelines.keyframes import KeyframePipeline
 from backend.pipelines.panorama import PanoramaPipeline
 from backend.pipelines.sampling import Cancelled, MultiViewSampler, SamplingSettings, preview
 from backend.scenes.demo_room import build_demo_room, trajectory

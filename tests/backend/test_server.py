@@ -40,7 +40,8 @@ def test_health_and_version(backend):
     assert health["status"] == "ok" and health["api_version"] == 1
     version = backend.client.version()
     assert version["device"] == "cpu" and version["models"] == {"depth": "tiny", "panorama": "tiny"}
-    tiny = {"base_model": "tiny", "multiview_weights": "tiny"}
+    tiny = {"base_model": "tiny", "multiview_weights": "tiny", "base_kind": "sd2_depth", "native_view_size": 512,
+            "controlnet": None}
     assert version["tasks"] == {"depth": tiny, "panorama": tiny}
 
 

@@ -17,8 +17,9 @@ from .validation import InputError
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    from .engine import DEFAULT_BASE_MODEL, DEFAULT_DEPTH_MODEL
+    from .models import catalog  # the standard library only: --help and argument errors answer at once
 
+    DEFAULT_DEPTH_MODEL, DEFAULT_BASE_MODEL = catalog.default_base_model("depth"), catalog.default_base_model("base")
     group = parser.add_argument_group("models")
     group.add_argument("--models", help="'tiny' (random test weights) or a folder holding depth/ and base/")
     group.add_argument("--depth-model", default=DEFAULT_DEPTH_MODEL, help="SD 2 depth: hub id, folder or file")
@@ -46,9 +47,9 @@ def model_config(args: argparse.Namespace):
 
 # ---------------------------------------------------------------------- serve
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    from .server.config import DEFAULT_PORT, DEFAULT_STORE, TOKEN_ENV, JobLimits, Retention, ServerConfig
+    from .server.config import DEFAULT_PORT, DEFAULT_STORE, DEFAULT_UPLOAD_TIMEOUT, TOKEN_ENV, JobLimits, Retention
 
-    limits, retention, server = JobLimits(), Retention(), ServerConfig()
+    limits, retention = JobLimits(), Retention()
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (off loopback needs a token)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     parser.add_argument("--token-file", help=f"file whose first line is the access token (default: ${TOKEN_ENV}; "
@@ -58,7 +59,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="another host name this server answers to (a reverse proxy's name); repeatable")
     parser.add_argument("--store", default=str(DEFAULT_STORE), help="job store folder")
     parser.add_argument("--max-body-mb", type=float, default=512.0, help="largest job upload (default: 512)")
-    parser.add_argument("--upload-timeout", type=float, default=server.upload_timeout,
+    parser.add_argument("--upload-timeout", type=float, default=DEFAULT_UPLOAD_TIMEOUT,
                         help="seconds an upload may take, and a tenth of it without a byte (default: %(default)s)")
     group = parser.add_argument_group("job limits (a job over one is refused at submission)")
     group.add_argument("--max-views", type=int, default=limits.max_views, help="default: %(default)s")
@@ -88,7 +89,10 @@ class _RefuseToken(argparse.Action):
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from .server.config import INSTANCE_ENV, JobLimits, Retention, ServerConfig, read_token
+    from .server.config import INSTANCE_ENV, JobLimits, Retention, ServerConfig, check_token, read_token
+
+    token = read_token(args.token_file)
+    check_token(token, args.host)  # before the models (and torch) load: a bad token fails at once
     from .server.serve import serve
 
     limit = int(args.max_body_mb * 2**20)
@@ -98,7 +102,7 @@ def run_serve(args: argparse.Namespace) -> int:
                        max_job_bytes=int(args.max_job_gb * 2**30))
     retention = Retention(keep_days=args.keep_days or None, keep_jobs=args.keep_jobs or None)
     timeout = args.upload_timeout
-    config = ServerConfig(host=args.host, port=args.port, token=read_token(args.token_file), store=Path(args.store),
+    config = ServerConfig(host=args.host, port=args.port, token=token, store=Path(args.store),
                           max_body_bytes=limit, max_unpacked_bytes=4 * limit, upload_timeout=timeout,
                           upload_idle_timeout=min(timeout, max(1.0, timeout / 10)),
                           public_names=tuple(args.public_name),

@@ -285,6 +285,7 @@ async def _receive_to_file(request: Request, path: Path, config: ServerConfig) -
                 if size > limit:
                     raise HTTPException(413, f"body is over the limit of {limit} bytes")
                 out.write(chunk)
+                out.flush()
     except OSError as err:
         raise StorageError(describe_write_error(err)) from None
     if size == 0:

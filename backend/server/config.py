@@ -11,9 +11,12 @@ import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..engine import ModelConfig
 from ..validation import InputError
+
+if TYPE_CHECKING:
+    from ..engine import ModelConfig
 
 DEFAULT_PORT = 8765
 DEFAULT_MAX_BODY_BYTES = 512 * 2**20
@@ -25,6 +28,7 @@ INSTANCE_ENV = "MVDIFF_INSTANCE_ID"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 MIN_TOKEN_LENGTH = 8
+DEFAULT_UPLOAD_TIMEOUT = 600.0  # seconds for a whole upload
 
 
 def is_loopback(host: str) -> bool:
@@ -97,26 +101,16 @@ class ServerConfig:
     store: Path = DEFAULT_STORE
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_unpacked_bytes: int = 4 * DEFAULT_MAX_BODY_BYTES
-    upload_timeout: float = 600.0  # seconds for a whole upload
+    upload_timeout: float = DEFAULT_UPLOAD_TIMEOUT
     upload_idle_timeout: float = 30.0  # seconds without a byte before an upload is dropped
     public_names: tuple[str, ...] = ()
     instance_id: str = ""
     limits: JobLimits = field(default_factory=JobLimits)
     retention: Retention = field(default_factory=Retention)
-    models: ModelConfig = field(default_factory=ModelConfig)
+    models: ModelConfig = field(default_factory=lambda: _default_models())
 
     def validated(self) -> ServerConfig:
-        if self.token is not None and not self.token.strip():
-            raise InputError("token", "is empty or only whitespace")
-        if self.token is not None and self.token != self.token.strip():
-            raise InputError("token", "must not start or end with whitespace")
-        if not is_loopback(self.host) and not self.token:
-            raise InputError(
-                "token",
-                f"listening on {self.host} lets other machines in: set a token (--token-file or {TOKEN_ENV})",
-            )
-        if self.token is not None and len(self.token) < MIN_TOKEN_LENGTH:
-            raise InputError("token", f"must be at least {MIN_TOKEN_LENGTH} characters")
+        check_token(self.token, self.host)
         if not 0 <= self.port < 65536:
             raise InputError("port", f"must lie in [0, 65535], got {self.port}")
         if self.max_body_bytes <= 0:
@@ -137,6 +131,25 @@ class ServerConfig:
         else:
             names.add(self.host.lower())
         return frozenset(names)
+
+
+def _default_models() -> ModelConfig:
+    from ..engine import ModelConfig  # torch: only when a server is really configured
+
+    return ModelConfig()
+
+
+def check_token(token: str | None, host: str) -> None:
+    """A token that guards something: not blank, not padded, long enough; required off loopback."""
+    if token is not None and not token.strip():
+        raise InputError("token", "is empty or only whitespace")
+    if token is not None and token != token.strip():
+        raise InputError("token", "must not start or end with whitespace")
+    if not is_loopback(host) and not token:
+        raise InputError("token", f"listening on {host} lets other machines in: set a token (--token-file or "
+                                  f"{TOKEN_ENV})")
+    if token is not None and len(token) < MIN_TOKEN_LENGTH:
+        raise InputError("token", f"must be at least {MIN_TOKEN_LENGTH} characters")
 
 
 def _host_only(name: str) -> str:

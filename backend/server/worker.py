@@ -175,9 +175,9 @@ class Worker:
             self.store.write_preview(job_id, buffer.getvalue())
 
         for level in range(MAX_MEMORY_LEVEL + 1):
-            ctx = JobContext(self.store.outputs(job_id), cancel, progress, preview, memory_level=level)
-            self.store.update(job_id, memory_level=level)
             try:
+                ctx = JobContext(self.store.outputs(job_id), cancel, progress, preview, memory_level=level)
+                self.store.update(job_id, memory_level=level)
                 self.runner(job, self.models, ctx)
             except Cancelled:
                 if self._stopping:

@@ -28,6 +28,11 @@ API_VERSION = 1
 JOB_KINDS = ("texture", "panorama")
 DEFAULT_MAX_BYTES = 2 * 2**30
 META_KEY = "job.json"
+TOKEN_ENV = "MVDIFF_TOKEN"
+"""The environment variable that gives ``serve`` its access token (never the command line: ``ps`` shows that)."""
+INSTANCE_ENV = "MVDIFF_INSTANCE_ID"
+"""The environment variable that gives ``serve`` an id to report in ``/v1/version``, so whoever started
+it can tell its own process from another program listening on the same port."""
 MAX_META_BYTES = 16 * 2**20
 MAX_NAME_LENGTH = 255
 NO_MULTIVIEW_WEIGHTS = "none"

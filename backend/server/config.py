@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..protocol import INSTANCE_ENV, TOKEN_ENV  # noqa: F401 - re-exported for the command line
 from ..validation import InputError
 
 if TYPE_CHECKING:
@@ -21,10 +22,6 @@ if TYPE_CHECKING:
 DEFAULT_PORT = 8765
 DEFAULT_MAX_BODY_BYTES = 512 * 2**20
 DEFAULT_STORE = Path(os.environ.get("MVDIFF_STORE", "~/.cache/mvdiff-backend")).expanduser()
-TOKEN_ENV = "MVDIFF_TOKEN"
-"""The access token, read from the environment (never the command line: ``ps`` shows that)."""
-INSTANCE_ENV = "MVDIFF_INSTANCE_ID"
-"""An id a launcher gives the server (reported by ``/v1/version``), to recognise the process it started."""
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 MIN_TOKEN_LENGTH = 8

@@ -122,23 +122,6 @@ def _fake_job(store, state: str, finished_ago: float | None, created_ago: float 
     return job_id
 
 
-def test_a_damaged_status_is_skipped_and_reported_not_a_500(tmp_path):
-    store = tmp_path / "store"
-    good = _fake_job(store, "running", None)
-    damaged = _fake_job(store, "running", None)
-    (store / "jobs" / damaged / "status.json").write_text('{"id": "trunc')
-    server = BackendProcess(store)  # starts despite the damaged folder
-    try:
-        assert [s["id"] for s in server.client.jobs()] == [good]
-        assert server.client.status(good)["state"] == "interrupted"
-        assert damaged in server.client.version()["damaged_jobs"]
-        with pytest.raises(BackendError) as err:
-            server.client.status(damaged)
-        assert err.value.status == 404 and "damaged" in err.value.message
-    finally:
-        server.stop()
-
-
 # ---------------------------------------------------------------------- stopping
 def test_sigterm_marks_the_running_job_interrupted_on_disk(tmp_path):
     server = BackendProcess(tmp_path / "store")
@@ -153,18 +136,26 @@ def test_sigterm_marks_the_running_job_interrupted_on_disk(tmp_path):
         assert status["state"] == "interrupted" and "resubmit" in status["error"]
 
 
-# ---------------------------------------------------------------------- retention
-def test_retention_deletes_old_and_surplus_finished_jobs_only(tmp_path):
+# ---------------------------------------------------------------------- a damaged folder, retention
+def test_start_up_skips_a_damaged_job_and_deletes_old_and_surplus_finished_jobs_only(tmp_path):
     store = tmp_path / "store"
     old = _fake_job(store, "done", finished_ago=10 * 86400)
     recent = [_fake_job(store, "done", finished_ago=hours * 3600) for hours in (1, 2, 3)]
-    running = _fake_job(store, "queued", None, created_ago=20 * 86400)
-    server = BackendProcess(store, extra=("--keep-days", "7", "--keep-jobs", "3"))
+    running = _fake_job(store, "running", None, created_ago=20 * 86400)
+    damaged = _fake_job(store, "running", None)
+    (store / "jobs" / damaged / "status.json").write_text('{"id": "trunc')
+    server = BackendProcess(store, extra=("--keep-days", "7", "--keep-jobs", "3"))  # starts despite the damage
     try:
-        kept = {s["id"] for s in server.client.jobs()}
+        listed = server.client.jobs()  # not a 500
+        assert damaged in server.client.version()["damaged_jobs"]
+        with pytest.raises(BackendError) as err:
+            server.client.status(damaged)
+        assert err.value.status == 404 and "damaged" in err.value.message
+        assert server.client.status(running)["state"] == "interrupted"
     finally:
         server.stop()
-    # The queued job became interrupted at start (now the newest finished one) and is kept;
-    # of the rest, the old one and the one beyond three are gone.
-    assert kept == {running, recent[0], recent[1]}
+    # The running job became interrupted at start (now the newest finished one) and is kept; of
+    # the rest, the one older than a week and the one beyond three are gone; the damaged folder stays.
+    assert {s["id"] for s in listed} == {running, recent[0], recent[1]}
     assert not (store / "jobs" / old).exists() and not (store / "jobs" / recent[2]).exists()
+    assert (store / "jobs" / damaged).is_dir()

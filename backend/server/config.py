@@ -57,7 +57,6 @@ class JobLimits:
     max_triangles: int = 4_000_000
     max_vertices: int = 4_000_000
     max_objects: int = 4096
-    max_name_length: int = 255
     max_job_bytes: int = 24 * 2**30
 
     def validated(self) -> JobLimits:

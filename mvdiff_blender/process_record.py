@@ -131,11 +131,19 @@ def _windows_pid_alive(pid: int) -> bool:
         kernel32.CloseHandle(handle)
 
 
-def _command_line(pid: int) -> list[str] | None:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return None
+def _command_line(pid: int, attempts: int = 20) -> list[str] | None:
+    """The process's arguments from /proc (Linux); None where there is no /proc.
+
+    A process that is just starting (between fork and exec) shows an empty command line for a
+    moment, so an empty one is read again briefly before it counts."""
+    for _ in range(attempts):
+        try:
+            raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return None
+        if raw:
+            break
+        time.sleep(0.01)
     return [part.decode("utf-8", "replace") for part in raw.split(b"\0") if part]
 
 

@@ -7,6 +7,7 @@ no result (see :meth:`~backend.server.store.JobStore.recover`).
 
 from __future__ import annotations
 
+import errno
 import gc
 import io
 import logging
@@ -31,6 +32,7 @@ from .store import JobStore, StorageError, UnknownJob, describe_write_error
 log = logging.getLogger("backend.worker")
 PROGRESS_INTERVAL = 0.25  # seconds between status writes within a stage
 MAX_MEMORY_LEVEL = 3  # retries after running out of GPU memory, each with a lower-memory setting
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # write failures that mean the store's disk
 STOPPED_MESSAGE = "the backend was stopped while this job was queued or running; resubmit it to run it again"
 
 
@@ -186,7 +188,10 @@ class Worker:
                     self._finish(job_id, "cancelled", "cancelled")
                 return
             except (StorageError, OSError) as err:
-                # A full or failing disk: drop what the job half wrote (freeing space for the status).
+                if not isinstance(err, StorageError) and err.errno not in DISK_ERRNOS:
+                    self._finish(job_id, "failed", _describe(err, level))  # a missing file, a network error...
+                    return
+                # A full or read-only disk: drop what the job half wrote (freeing space for the status).
                 shutil.rmtree(self.store.outputs(job_id), ignore_errors=True)
                 message = str(err) if isinstance(err, StorageError) else describe_write_error(err)
                 self._finish(job_id, "failed", message)

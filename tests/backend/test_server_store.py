@@ -56,6 +56,25 @@ def test_a_write_failure_fails_the_job_with_a_clear_error(tmp_path, monkeypatch)
         worker.stop()
 
 
+def test_other_os_errors_are_not_blamed_on_the_disk_and_keep_the_outputs(tmp_path):
+    store = JobStore(tmp_path / "store")
+
+    def runner(job, models, ctx):
+        (ctx.out_dir / "frame.png").write_bytes(b"png")
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "weights.safetensors")
+
+    worker = Worker(store, ModelSet(ModelConfig.tiny()), runner=runner)
+    worker.start()
+    try:
+        job = store.create("panorama", panorama_job().to_bytes())
+        worker.submit(job["id"])
+        final = wait_for(lambda: (s := store.status(job["id"]))["state"] == "failed" and s, timeout=30)
+        assert "weights.safetensors" in final["error"] and "disk" not in final["error"]
+        assert final["outputs"] == ["frame.png"]
+    finally:
+        worker.stop()
+
+
 def _mount_small_disk(folder, size: str = "3m") -> bool:
     folder.mkdir()
     if os.geteuid() != 0 or shutil.which("mount") is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import uuid
 from pathlib import Path
 
 from .sampling_options import DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, SCHEDULERS, scheduler_summary
@@ -16,8 +17,9 @@ from .validation import InputError
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    from .engine import DEFAULT_BASE_MODEL, DEFAULT_DEPTH_MODEL
+    from .models import catalog  # the standard library only: --help and argument errors answer at once
 
+    DEFAULT_DEPTH_MODEL, DEFAULT_BASE_MODEL = catalog.default_base_model("depth"), catalog.default_base_model("base")
     group = parser.add_argument_group("models")
     group.add_argument("--models", help="'tiny' (random test weights) or a folder holding depth/ and base/")
     group.add_argument("--depth-model", default=DEFAULT_DEPTH_MODEL, help="SD 2 depth: hub id, folder or file")
@@ -57,23 +59,67 @@ def model_config(args: argparse.Namespace):
 
 # ---------------------------------------------------------------------- serve
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    from .server.config import DEFAULT_PORT, DEFAULT_STORE, TOKEN_ENV
+    from .server.config import DEFAULT_PORT, DEFAULT_STORE, DEFAULT_UPLOAD_TIMEOUT, TOKEN_ENV, JobLimits, Retention
 
+    limits, retention = JobLimits(), Retention()
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (off loopback needs a token)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
-    parser.add_argument("--token", default=os.environ.get(TOKEN_ENV), help=f"access token (default: ${TOKEN_ENV})")
+    parser.add_argument("--token-file", help=f"file whose first line is the access token (default: ${TOKEN_ENV}; "
+                                             "the token is never taken from the command line, where ps shows it)")
+    parser.add_argument("--token", action=_RefuseToken, help=argparse.SUPPRESS)
+    parser.add_argument("--public-name", action="append", default=[],
+                        help="another host name this server answers to (a reverse proxy's name); repeatable")
     parser.add_argument("--store", default=str(DEFAULT_STORE), help="job store folder")
-    parser.add_argument("--max-body-mb", type=float, default=512.0, help="largest job upload")
+    parser.add_argument("--max-body-mb", type=float, default=512.0, help="largest job upload (default: 512)")
+    parser.add_argument("--upload-timeout", type=float, default=DEFAULT_UPLOAD_TIMEOUT,
+                        help="seconds an upload may take, and a tenth of it without a byte (default: %(default)s)")
+    group = parser.add_argument_group("job limits (a job over one is refused at submission)")
+    group.add_argument("--max-views", type=int, default=limits.max_views, help="default: %(default)s")
+    group.add_argument("--max-view-pixels", type=int, default=limits.max_view_pixels,
+                       help="pixels of one view (default: %(default)s)")
+    group.add_argument("--max-texture-size", type=int, default=limits.max_texture_size, help="default: %(default)s")
+    group.add_argument("--max-triangles", type=int, default=limits.max_triangles, help="default: %(default)s")
+    group.add_argument("--max-objects", type=int, default=limits.max_objects, help="default: %(default)s")
+    group.add_argument("--max-job-gb", type=float, default=limits.max_job_bytes / 2**30,
+                       help="estimated host memory of one job (default: %(default)s)")
+    group = parser.add_argument_group("retention of finished jobs")
+    group.add_argument("--keep-days", type=float, default=retention.keep_days,
+                       help="delete finished jobs older than this (default: %(default)s; 0 keeps them)")
+    group.add_argument("--keep-jobs", type=int, default=retention.keep_jobs,
+                       help="keep at most this many finished jobs (default: %(default)s; 0 keeps all)")
     add_model_arguments(parser)
 
 
+class _RefuseToken(argparse.Action):
+    """``--token VALUE`` would show the token to every user of the machine (``ps``): refused."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .server.config import TOKEN_ENV
+
+        parser.error(f"--token is not accepted on the command line (other users see it in ps); "
+                     f"put the token in a file and pass --token-file FILE, or set ${TOKEN_ENV}")
+
+
 def run_serve(args: argparse.Namespace) -> int:
-    from .server.config import ServerConfig
+    from .server.config import INSTANCE_ENV, JobLimits, Retention, ServerConfig, check_token, read_token
+
+    token = read_token(args.token_file)
+    check_token(token, args.host)  # before the models (and torch) load: a bad token fails at once
     from .server.serve import serve
 
     limit = int(args.max_body_mb * 2**20)
-    config = ServerConfig(host=args.host, port=args.port, token=args.token or None, store=Path(args.store),
-                          max_body_bytes=limit, max_unpacked_bytes=4 * limit, models=model_config(args))
+    limits = JobLimits(max_views=args.max_views, max_view_pixels=args.max_view_pixels,
+                       max_texture_size=args.max_texture_size, max_triangles=args.max_triangles,
+                       max_vertices=max(args.max_triangles, JobLimits().max_vertices), max_objects=args.max_objects,
+                       max_job_bytes=int(args.max_job_gb * 2**30))
+    retention = Retention(keep_days=args.keep_days or None, keep_jobs=args.keep_jobs or None)
+    timeout = args.upload_timeout
+    config = ServerConfig(host=args.host, port=args.port, token=token, store=Path(args.store),
+                          max_body_bytes=limit, max_unpacked_bytes=4 * limit, upload_timeout=timeout,
+                          upload_idle_timeout=min(timeout, max(1.0, timeout / 10)),
+                          public_names=tuple(args.public_name),
+                          instance_id=os.environ.get(INSTANCE_ENV) or uuid.uuid4().hex,
+                          limits=limits, retention=retention, models=model_config(args))
     serve(config.validated())
     return 0
 

@@ -53,6 +53,10 @@ class BackendClient:
     def resubmit(self, job_id: str) -> dict[str, Any]:
         return self._json("POST", f"/v1/jobs/{job_id}/resubmit")
 
+    def delete(self, job_id: str) -> None:
+        """Delete a finished job and its files (a queued or running one answers 409: cancel it first)."""
+        self._request("DELETE", f"/v1/jobs/{job_id}")
+
     def preview(self, job_id: str) -> bytes | None:
         """The latest preview PNG, or None while there is none."""
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import zipfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -19,6 +20,7 @@ import numpy as np
 
 from .geometry.cameras import Camera
 from .geometry.mesh import Mesh
+from .npz import ArrayHeader, Source, load_arrays, read_headers
 from .sampling_options import DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, scheduler_name
 from .validation import InputError, as_array, depth_map, in_range, positive_int
 
@@ -28,6 +30,13 @@ DEFAULT_MAX_BYTES = 2 * 2**30
 META_KEY = "job.json"
 VIEW_SIZE_MULTIPLE = 64
 """Generated views are a multiple of this many pixels on each side (the UNet's levels divide it)."""
+TOKEN_ENV = "MVDIFF_TOKEN"
+"""The environment variable that gives ``serve`` its access token (never the command line: ``ps`` shows that)."""
+INSTANCE_ENV = "MVDIFF_INSTANCE_ID"
+"""The environment variable that gives ``serve`` an id to report in ``/v1/version``, so whoever started
+it can tell its own process from another program listening on the same port."""
+MAX_META_BYTES = 16 * 2**20
+MAX_NAME_LENGTH = 255
 NO_MULTIVIEW_WEIGHTS = "none"
 """``multiview_weights`` in ``/v1/version`` and ``report.json`` when the multi-view blocks stay at their
 identity: every view is generated alone, and the add-on warns that views will not agree."""
@@ -46,33 +55,53 @@ def pack_arrays(arrays: dict[str, np.ndarray], meta: dict[str, Any] | None = Non
     return buffer.getvalue()
 
 
-def unpack_arrays(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Arrays and meta from ``.npz`` bytes; refuses pickles, non-npz data and oversized contents."""
-    try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            total = sum(info.file_size for info in archive.infolist())
-    except zipfile.BadZipFile:
-        raise InputError("body", "is not an .npz file") from None
-    if total > max_bytes:
-        raise InputError("body", f"unpacks to {total} bytes, more than the limit of {max_bytes}")
-    arrays: dict[str, np.ndarray] = {}
-    try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-            for name in archive.files:
-                arrays[name] = archive[name]
-    except ValueError as err:
-        raise InputError("body", f"holds pickled objects, which are refused ({err})") from None
-    except (OSError, zipfile.BadZipFile, EOFError) as err:
-        raise InputError("body", f"cannot be read as .npz ({err})") from None
-    meta: dict[str, Any] = {}
-    if META_KEY in arrays:
-        try:
-            meta = json.loads(arrays.pop(META_KEY).tobytes().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise InputError(META_KEY, f"is not valid UTF-8 JSON ({err})") from None
-        if not isinstance(meta, dict):
-            raise InputError(META_KEY, "must hold a JSON object")
+def unpack_arrays(source: Source, max_bytes: int = DEFAULT_MAX_BYTES,
+                  admit: Callable[[dict[str, ArrayHeader], dict[str, Any]], None] | None = None,
+                  ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Arrays and meta from ``.npz`` bytes or a file; refuses pickles, non-npz data and oversized contents.
+
+    ``admit`` sees every array's declared shape and the meta before any other array is loaded, so
+    a caller can refuse a job that would not fit from a few kilobytes of headers.
+    """
+    headers = read_headers(source, max_bytes)
+    meta = _read_meta(source, headers)
+    if admit is not None:
+        admit(headers, meta)
+    arrays = load_arrays(source, max_bytes)
+    arrays.pop(META_KEY, None)
     return arrays, meta
+
+
+def _read_meta(source: Source, headers: dict[str, ArrayHeader]) -> dict[str, Any]:
+    header = headers.get(META_KEY)
+    if header is None:
+        return {}
+    if len(header.shape) != 1 or header.dtype != np.uint8 or header.nbytes > MAX_META_BYTES:
+        raise InputError(META_KEY, f"must be UTF-8 JSON bytes (uint8, at most {MAX_META_BYTES} bytes)")
+    with zipfile.ZipFile(io.BytesIO(source) if isinstance(source, bytes) else source) as archive:
+        with archive.open(META_KEY + ".npy") as member:
+            raw = np.lib.format.read_array(member, allow_pickle=False)
+    try:
+        meta = json.loads(raw.tobytes().decode("utf-8"))
+    except RecursionError:
+        raise InputError(META_KEY, "is nested too deeply") from None
+    except (UnicodeDecodeError, ValueError) as err:  # ValueError: bad JSON, or an integer of over 4300 digits
+        raise InputError(META_KEY, f"is not valid UTF-8 JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise InputError(META_KEY, "must hold a JSON object")
+    return meta
+
+
+def check_name(field: str, name: object) -> str:
+    """An object name as it may travel: text, 1 to ``MAX_NAME_LENGTH`` characters, no control characters
+    (a NUL would cut it short as an array name in ``uvs.npz``)."""
+    if not isinstance(name, str) or not name:
+        raise InputError(field, "must be a non-empty name")
+    if len(name) > MAX_NAME_LENGTH:
+        raise InputError(field, f"is longer than {MAX_NAME_LENGTH} characters")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise InputError(field, f"holds control characters: {name!r}")
+    return name
 
 
 @dataclass
@@ -189,8 +218,10 @@ class TextureJob:
         if not 64 <= size <= 8192:
             raise InputError("texture_size", f"must lie in [64, 8192], got {size}")
         names = self.object_names
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        if not isinstance(names, list):
             raise InputError("object_names", "must be a list of names")
+        for index, name in enumerate(names):
+            check_name(f"object_names[{index}]", name)
         if names and len(names) < self.mesh.num_objects:
             count = self.mesh.num_objects
             raise InputError("object_names", f"expected one name per object ({count}), got {len(names)}")
@@ -234,9 +265,14 @@ class PanoramaJob:
         return cls(_settings(meta), height, view)
 
 
-def read_job(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> TextureJob | PanoramaJob:
-    """A validated job from ``.npz`` bytes; every problem raises InputError naming its field."""
-    arrays, meta = unpack_arrays(data, max_bytes)
+def read_job(source: Source, max_bytes: int = DEFAULT_MAX_BYTES,
+             admit: Callable[[dict[str, ArrayHeader], dict[str, Any]], None] | None = None,
+             ) -> TextureJob | PanoramaJob:
+    """A validated job from ``.npz`` bytes or a file; every problem raises InputError naming its field.
+
+    ``admit`` is called with the array headers and the meta before the arrays load (see
+    :func:`unpack_arrays`)."""
+    arrays, meta = unpack_arrays(source, max_bytes, admit)
     kind = meta.get("kind")
     if kind not in JOB_KINDS:
         raise InputError("kind", f"must be one of {', '.join(JOB_KINDS)}, got {kind!r}")

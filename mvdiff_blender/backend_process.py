@@ -9,23 +9,35 @@ The settings a backend was started with are kept: when the preferences change (a
 device or port), the next job or Start stops it and starts one with the new settings. A record
 file (:mod:`.process_record`) lets the next Blender session find a backend that a crashed session
 left running, and stop or adopt it.
+
+Each start gets a random access token and instance id, passed in the environment (never on the
+command line, in a URL or in the log). The token keeps web pages and other local users out; the
+instance id, reported by ``/v1/version``, tells this add-on's backend from another program that
+happens to listen on the configured port, which is refused with a clear message instead of being
+sent the user's scene.
 """
 
 from __future__ import annotations
 
 import atexit
 import os
+import secrets
 import subprocess
 import sys
 import time
+import urllib.parse
+import uuid
 from pathlib import Path
 
 from ..backend.client import BackendClient, BackendError
+from ..backend.protocol import INSTANCE_ENV, TOKEN_ENV
 from . import process_record
 from .connection import LocalLaunch, SetupError
 
 _started: subprocess.Popen | None = None
 _started_launch: LocalLaunch | None = None
+_started_token: str = ""  # the started backend's access token and instance id (see the module's doc)
+_started_instance: str = ""
 _adopted: process_record.Record | None = None  # an earlier session's backend the user chose to use
 _orphan: process_record.Record | None = None  # an earlier session's backend the user has not decided on
 _record_dir: Path | None = None
@@ -89,7 +101,7 @@ def start(launch: LocalLaunch) -> subprocess.Popen | None:
     One started with other settings (the Model, Device or Port changed since) is stopped first, so
     no job ever reaches a backend that still holds the old model.
     """
-    global _started, _started_launch, _record_dir
+    global _started, _started_launch, _record_dir, _started_token, _started_instance
     if is_running():
         if matches(launch):
             return _started
@@ -104,20 +116,70 @@ def start(launch: LocalLaunch) -> subprocess.Popen | None:
     env["PYTHONUNBUFFERED"] = "1"
     if launch.offline:
         env["HF_HUB_OFFLINE"] = "1"
+    token, instance = secrets.token_urlsafe(32), uuid.uuid4().hex
+    env[TOKEN_ENV], env[INSTANCE_ENV] = token, instance
     with open(launch.log, "ab") as log:
         log.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command(launch))}\n".encode())
         flags = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if sys.platform == "win32" else {
             "start_new_session": True}
         _started = subprocess.Popen(command(launch), cwd=launch.extension_root, env=env, stdin=subprocess.DEVNULL,
                                     stdout=log, stderr=subprocess.STDOUT, **flags)
-    _started_launch = launch
+    _started_launch, _started_token, _started_instance = launch, token, instance
     if launch.record_dir is not None:
         _record_dir = launch.record_dir
         process_record.write(_record_file(launch.port), process_record.Record(
             _started.pid, launch.port, time.time(), tuple(command(launch)),
             process_record.process_start_token(_started.pid), os.getpid(),
-            process_record.process_start_token(os.getpid())))
+            process_record.process_start_token(os.getpid()), token, instance))
     return _started
+
+
+def token() -> str | None:
+    """The access token of the backend this add-on runs (started or adopted); None when it runs none."""
+    if _started is not None:
+        return _started_token or None
+    if _adopted is not None:
+        return _adopted.token or None
+    return None
+
+
+def _expected_instance() -> str | None:
+    """The instance id the backend on the port must report; "" for an adopted backend recorded without one."""
+    if _started is not None and _started.poll() is None:
+        return _started_instance
+    if _adopted is not None and process_record.pid_alive(_adopted.pid):
+        return _adopted.instance_id
+    return None
+
+
+def foreign_backend(port: int, detail: str = "") -> SetupError:
+    """The error for a port that another program holds."""
+    extra = f" ({detail})" if detail else ""
+    return SetupError(
+        f"Another program is listening on port {port}; it is not the backend this add-on started{extra}",
+        "Stop that program, or choose another Port in the add-on's preferences. To use a backend you started "
+        "yourself, set the Backend to Remote with its URL and token")
+
+
+def identify(client: BackendClient) -> dict:
+    """``/v1/version`` of the backend at ``client``'s address, after checking it is the one this add-on runs.
+
+    Sets ``client.token`` to that backend's token. Raises :class:`BackendError` (status 0) when
+    nothing answers, and :class:`SetupError` when something that is not ours does."""
+    port = urllib.parse.urlsplit(client.url).port or 80
+    expected = _expected_instance()
+    client.token = token()
+    try:
+        info = client.version()
+    except BackendError as err:
+        if err.status == 0:
+            raise
+        raise foreign_backend(port, f"it answered HTTP {err.status}") from None
+    if expected is None:
+        raise foreign_backend(port)
+    if expected and info.get("instance_id") != expected:
+        raise foreign_backend(port, "another backend, or an earlier one")
+    return info
 
 
 def is_running() -> bool:
@@ -194,19 +256,23 @@ def adopt_orphan() -> bool:
 
 def wait_until_healthy(client: BackendClient, timeout: float = 120.0, poll: float = 0.25,
                        cancelled=lambda: False) -> dict:
-    """Poll ``/v1/health`` until it answers; fails early, with the log's end, if the process died."""
+    """Poll until the backend this add-on started answers as itself (see :func:`identify`); returns its
+    ``/v1/version``. Fails early, with the log's end, if the process died (a taken port among the causes)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            return client.health()
-        except BackendError as err:
+            return identify(client)
+        except (BackendError, SetupError) as err:
             if _started is not None and _started.poll() is not None:
+                if isinstance(err, SetupError):
+                    raise err from None
                 raise SetupError(f"The backend exited with code {_started.returncode} while starting:\n"
                                  f"{log_tail()}", "See the backend log; check Backend Python and the model") from None
             if cancelled():
                 raise SetupError("Cancelled while the backend was starting") from None
             if time.monotonic() > deadline:
-                raise SetupError(f"The backend did not answer within {timeout:.0f} s ({err.message})") from None
+                reason = err.message if isinstance(err, BackendError) else str(err)
+                raise SetupError(f"The backend did not answer within {timeout:.0f} s ({reason})") from None
         time.sleep(poll)
 
 

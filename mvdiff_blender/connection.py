@@ -83,12 +83,16 @@ class LocalLaunch:
 
 @dataclass(frozen=True)
 class Connection:
-    """The backend a job talks to; ``launch`` is set when the add-on may start it itself."""
+    """The backend a job talks to; ``launch`` is set when the add-on may start it itself.
+
+    ``local``: the backend is the one this add-on runs on this machine, so it must prove it
+    (``backend_process.identify``) and its token is the one the add-on gave it at start."""
 
     url: str
     token: str | None = None
     launch: LocalLaunch | None = None
     timeout: float = 30.0
+    local: bool = False
 
     def check_online_access(self, online_access: bool) -> None:
         """Blender's Allow Online Access switch covers every address that is not this machine."""

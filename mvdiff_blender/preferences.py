@@ -193,7 +193,7 @@ def local_launch(context: bpy.types.Context | None = None) -> LocalLaunch:
 def _local_connection(prefs: MVDIFF_AddonPreferences | None) -> Connection:
     launch = _launch(prefs)
     auto = prefs.start_automatically if prefs else True
-    return Connection(f"http://127.0.0.1:{launch.port}", None, launch if auto else None)
+    return Connection(f"http://127.0.0.1:{launch.port}", backend_process.token(), launch if auto else None, local=True)
 
 
 def _launch(prefs: MVDIFF_AddonPreferences | None) -> LocalLaunch:
@@ -238,7 +238,8 @@ def check(context: bpy.types.Context | None = None, timeout: float = 3.0) -> tup
             if backend_process.is_stale(launch):
                 return _remember(False, "The backend runs with earlier settings (Backend Python, Model, Device "
                                         "or Port changed)", "Press Restart Backend, or start a job")
-        info = BackendClient(conn.url, conn.token, timeout).version()
+        client = BackendClient(conn.url, conn.token, timeout)
+        info = backend_process.identify(client) if conn.local else client.version()
     except SetupError as err:
         return _remember(False, str(err), err.fix)
     except BackendError as err:

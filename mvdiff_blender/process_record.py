@@ -32,6 +32,8 @@ class Record:
     proc_start: str = ""  # Linux: the start time in /proc/<pid>/stat, which a reused pid does not share
     owner_pid: int = 0  # the Blender that started it: while that one runs, the backend is not an orphan
     owner_start: str = ""
+    token: str = ""  # the access token the backend was started with (the file is readable by its owner only)
+    instance_id: str = ""  # what the backend reports in /v1/version: tells it from another program on the port
 
 
 def record_file(folder: Path, port: int) -> Path:
@@ -63,7 +65,9 @@ def write(path: Path, record: Record) -> None:
     """Write atomically (a temporary file, then rename), so a crash never leaves half a record."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({**asdict(record), "command": list(record.command)}, indent=1))
+    descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds the token
+    with os.fdopen(descriptor, "w") as out:
+        out.write(json.dumps({**asdict(record), "command": list(record.command)}, indent=1))
     os.replace(tmp, path)
 
 
@@ -73,7 +77,8 @@ def read(path: Path) -> Record | None:
         data = json.loads(path.read_text())
         return Record(int(data["pid"]), int(data["port"]), float(data["started_at"]),
                       tuple(str(a) for a in data["command"]), str(data.get("proc_start", "")),
-                      int(data.get("owner_pid", 0)), str(data.get("owner_start", "")))
+                      int(data.get("owner_pid", 0)), str(data.get("owner_start", "")),
+                      str(data.get("token", "")), str(data.get("instance_id", "")))
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError):
@@ -126,21 +131,34 @@ def _windows_pid_alive(pid: int) -> bool:
         kernel32.CloseHandle(handle)
 
 
-def _command_line(pid: int) -> list[str] | None:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return None
+def _command_line(pid: int, attempts: int = 20) -> list[str] | None:
+    """The process's arguments from /proc (Linux); None where there is no /proc.
+
+    A process that is just starting (between fork and exec) shows an empty command line for a
+    moment, so an empty one is read again briefly before it counts."""
+    for _ in range(attempts):
+        try:
+            raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return None
+        if raw:
+            break
+        time.sleep(0.01)
     return [part.decode("utf-8", "replace") for part in raw.split(b"\0") if part]
 
 
-def _answers_as_backend(port: int, timeout: float = 1.0) -> bool:
+def _answers_as_backend(record: Record, timeout: float = 1.0) -> bool:
+    request = urllib.request.Request(f"http://127.0.0.1:{record.port}/v1/version")
+    if record.token:
+        request.add_header("Authorization", f"Bearer {record.token}")
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/version", timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             info = json.loads(response.read())
     except (OSError, ValueError):
         return False
-    return isinstance(info, dict) and "api_version" in info and "backend_version" in info
+    if not isinstance(info, dict) or "api_version" not in info or "backend_version" not in info:
+        return False
+    return not record.instance_id or info.get("instance_id") == record.instance_id
 
 
 def is_our_backend(record: Record) -> bool:
@@ -154,7 +172,7 @@ def is_our_backend(record: Record) -> bool:
         # argv[0] may differ (a Python started through a launcher or a shebang); the rest must not.
         args = list(record.command[1:])
         return len(args) > 0 and cmdline[len(cmdline) - len(args):] == args
-    return _answers_as_backend(record.port)
+    return _answers_as_backend(record)
 
 
 def terminate(record: Record, timeout: float = 10.0) -> bool:

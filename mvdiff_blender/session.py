@@ -139,13 +139,16 @@ class JobSession:
                 self._publish(message="Restarting the backend with the new settings")
                 backend_process.stop()
         try:
-            client.health()
+            if self.connection.local:
+                backend_process.identify(client)  # ours, or a clear error: never another program on the port
+            else:
+                client.health()
             return
         except BackendError as err:
-            if self.connection.launch is None or err.status != 0:
+            if launch is None or err.status != 0:
                 raise
         self._publish(message="Starting the backend")
-        backend_process.start(self.connection.launch)
+        backend_process.start(launch)
         backend_process.wait_until_healthy(client, cancelled=self._cancel.is_set)
 
     def _follow(self, client: BackendClient, job_id: str) -> None:

@@ -7,10 +7,12 @@ no result (see :meth:`~backend.server.store.JobStore.recover`).
 
 from __future__ import annotations
 
+import errno
 import gc
 import io
 import logging
 import queue
+import shutil
 import threading
 import time
 import traceback
@@ -26,11 +28,13 @@ from ..pipelines.context import JobContext
 from ..pipelines.sampling import Cancelled
 from ..protocol import read_job
 from ..validation import InputError
-from .store import JobStore, UnknownJob
+from .store import JobStore, StorageError, UnknownJob, describe_write_error
 
 log = logging.getLogger("backend.worker")
 PROGRESS_INTERVAL = 0.25  # seconds between status writes within a stage
 MAX_MEMORY_LEVEL = 3  # retries after running out of GPU memory, each with a lower-memory setting
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # write failures that mean the store's disk
+STOPPED_MESSAGE = "the backend was stopped while this job was queued or running; resubmit it to run it again"
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -70,23 +74,32 @@ class StageClock:
 class Worker:
     """A daemon thread that takes job ids from a queue and runs them against the store."""
 
-    def __init__(self, store: JobStore, models: ModelSet, runner: Callable = run_job):
-        self.store, self.models, self.runner = store, models, runner
+    def __init__(self, store: JobStore, models: ModelSet, runner: Callable = run_job,
+                 after_job: Callable[[], None] | None = None):
+        self.store, self.models, self.runner, self.after_job = store, models, runner, after_job
         self.queue: queue.Queue[str | None] = queue.Queue()
         self.current: str | None = None
+        self._stopping = False
         self._cancel: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
+        self.lock = self._lock  # held while a job's state is read and changed as one step
         self._thread = threading.Thread(target=self._loop, name="gpu-worker", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Cancel the running job and end the thread."""
+        """Stop the running job, end the thread, and leave every unfinished job marked interrupted.
+
+        The running job is asked to stop as a cancel would; a stage that does not stop within
+        ``timeout`` is marked interrupted anyway, so no job stays ``running`` on disk after exit."""
+        self._stopping = True
         if self.current is not None:
             self.cancel(self.current)
         self.queue.put(None)
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self.store.recover(STOPPED_MESSAGE)
 
     def submit(self, job_id: str) -> None:
         with self._lock:
@@ -112,12 +125,14 @@ class Worker:
     def _loop(self) -> None:
         while True:
             job_id = self.queue.get()
-            if job_id is None:
+            if job_id is None or self._stopping:
                 return
             try:
                 self._run(job_id)
             except UnknownJob:
                 log.warning("job %s vanished from the store", job_id)
+            except StorageError as err:
+                self._finish(job_id, "failed", str(err))
             except Exception:  # the worker must survive anything one job does
                 log.exception("job %s crashed the worker loop", job_id)
             finally:
@@ -127,6 +142,11 @@ class Worker:
                 gc.collect()
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
+                if self.after_job is not None and not self._stopping:
+                    try:
+                        self.after_job()
+                    except Exception:  # housekeeping must never stop the worker
+                        log.exception("after-job housekeeping failed")
 
     def _run(self, job_id: str) -> None:
         with self._lock:
@@ -136,7 +156,7 @@ class Worker:
             self.current = job_id
             self.store.update(job_id, state="running", started=time.time(), error=None)
         try:
-            job = read_job(self.store.input_path(job_id).read_bytes())
+            job = read_job(self.store.input_path(job_id))
         except InputError as err:
             self.store.update(job_id, state="failed", finished=time.time(), error=str(err))
             return
@@ -158,12 +178,24 @@ class Worker:
             self.store.write_preview(job_id, buffer.getvalue())
 
         for level in range(MAX_MEMORY_LEVEL + 1):
-            ctx = JobContext(self.store.outputs(job_id), cancel, progress, preview, memory_level=level)
-            self.store.update(job_id, memory_level=level)
             try:
+                ctx = JobContext(self.store.outputs(job_id), cancel, progress, preview, memory_level=level)
+                self.store.update(job_id, memory_level=level)
                 self.runner(job, self.models, ctx)
             except Cancelled:
-                self._finish(job_id, "cancelled", "cancelled")
+                if self._stopping:
+                    self._finish(job_id, "interrupted", STOPPED_MESSAGE)
+                else:
+                    self._finish(job_id, "cancelled", "cancelled")
+                return
+            except (StorageError, OSError) as err:
+                if not isinstance(err, StorageError) and err.errno not in DISK_ERRNOS:
+                    self._finish(job_id, "failed", _describe(err, level))  # a missing file, a network error...
+                    return
+                # A full or read-only disk: drop what the job half wrote (freeing space for the status).
+                shutil.rmtree(self.store.outputs(job_id), ignore_errors=True)
+                message = str(err) if isinstance(err, StorageError) else describe_write_error(err)
+                self._finish(job_id, "failed", message)
                 return
             except Exception as err:
                 if is_out_of_memory(err) and level < MAX_MEMORY_LEVEL:
@@ -179,8 +211,12 @@ class Worker:
             return
 
     def _finish(self, job_id: str, state: str, error: str | None) -> None:
-        self.store.update(job_id, state=state, error=error, finished=time.time(), eta_seconds=None,
-                          outputs=self.store.output_names(job_id))
+        """Record the job's end; if the disk refuses, the store keeps it in memory and this logs why."""
+        try:
+            self.store.update(job_id, state=state, error=error, finished=time.time(), eta_seconds=None,
+                              outputs=self.store.output_names(job_id))
+        except StorageError as err:
+            log.error("job %s ended %s but its status could not be written: %s", job_id, state, err)
 
 
 def _describe(error: Exception, level: int) -> str:

@@ -30,13 +30,15 @@ def free_port() -> int:
 class BackendProcess:
     """``python -m backend serve`` in a subprocess; ``stop(kill=True)`` simulates a crash."""
 
-    def __init__(self, store: Path, host: str = "127.0.0.1", token: str | None = None, max_body_mb: float = 64.0):
+    def __init__(self, store: Path, host: str = "127.0.0.1", token: str | None = None, max_body_mb: float = 64.0,
+                 extra: tuple[str, ...] = ()):
         self.store, self.port, self.token = store, free_port(), token
         command = [sys.executable, "-m", "backend", "serve", "--models", "tiny", "--host", host,
-                   "--port", str(self.port), "--store", str(store), "--max-body-mb", str(max_body_mb)]
-        if token:
-            command += ["--token", token]
+                   "--port", str(self.port), "--store", str(store), "--max-body-mb", str(max_body_mb), *extra]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+        env.pop("MVDIFF_TOKEN", None)
+        if token:
+            env["MVDIFF_TOKEN"] = token
         self.log = store.parent / f"server-{self.port}.log"
         self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self.log.open("wb"),
                                         stderr=subprocess.STDOUT)

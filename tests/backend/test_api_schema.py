@@ -1,11 +1,12 @@
-"""A bounded schemathesis run against the served OpenAPI schema: no request gets a 5xx answer."""
+"""A bounded schemathesis run against the served OpenAPI schema: no request gets a 5xx answer, and every
+status code a route answers is one its schema documents."""
 
 from __future__ import annotations
 
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
-from schemathesis.checks import not_a_server_error
+from schemathesis.checks import not_a_server_error, status_code_conformance
 from server_helpers import BackendProcess
 
 
@@ -27,4 +28,4 @@ schema = schemathesis.pytest.from_fixture("api_schema")
 @schema.parametrize()
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
 def test_no_server_errors(case):
-    case.call_and_validate(checks=[not_a_server_error])
+    case.call_and_validate(checks=[not_a_server_error, status_code_conformance])

@@ -2,8 +2,9 @@
 an earlier Blender session left running (found, stopped or used; never a process that is not ours).
 
 The backend here is a small script given as the Backend Python: it answers /v1/health and
-/v1/version on the port it is told, and reports its arguments, so the tests see what it was
-started with. A real backend would take seconds to start; the lifecycle does not depend on it.
+/v1/version on the port it is told, and reports its arguments and the token and instance id it
+found in its environment, so the tests see what it was started with. A real backend would take
+seconds to start; the lifecycle does not depend on it.
 """
 
 import json
@@ -21,7 +22,7 @@ from backend.protocol import API_VERSION
 pytestmark = pytest.mark.blender
 
 FAKE_BACKEND = f"""#!{sys.executable}
-import http.server, json, sys
+import http.server, json, os, sys
 argv = sys.argv[1:]
 port = int(argv[argv.index("--port") + 1])
 
@@ -31,7 +32,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_error(404)
             return
         body = json.dumps({{"status": "ok", "api_version": {API_VERSION!r}, "backend_version": "fake",
-                           "device": "cpu", "argv": argv}}).encode()
+                           "device": "cpu", "argv": argv, "instance_id": os.environ.get("MVDIFF_INSTANCE_ID"),
+                           "token": os.environ.get("MVDIFF_TOKEN"),
+                           "authorization": self.headers.get("Authorization")}}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -316,3 +319,54 @@ def test_no_python_keeps_its_fix_wherever_it_is_shown(addon, local, tmp_path, mo
         bpy.ops.mvdiff.texture()
     assert "Edit > Preferences > Add-ons" in bpy.context.window_manager.mvdiff.message
     assert os.environ.get("BLENDER_USER_RESOURCES")
+
+
+def test_each_start_gets_a_fresh_token_through_the_environment_only(addon, local):
+    import bpy
+
+    started = start(addon, local)
+    info = version(local.port)
+    token = addon.backend_process.token()
+    assert token and len(token) >= 32 and info["token"] == token
+    assert info["instance_id"] and info["instance_id"] == json.loads(record_file(addon, local.port).read_text())[
+        "instance_id"]
+    with open(f"/proc/{started.pid}/cmdline", "rb") as cmdline:
+        assert token.encode() not in cmdline.read()
+    log = addon.preferences.local_launch(bpy.context).log
+    assert token not in log.read_text()
+    assert record_file(addon, local.port).stat().st_mode & 0o077 == 0, "the record holds the token: owner only"
+    # The add-on's own calls carry it.
+    conn = addon.preferences.connection(bpy.context)
+    assert conn.token == token
+    assert addon.backend_process.identify(addon.session.BackendClient(conn.url))["authorization"] == f"Bearer {token}"
+    # A restart is a new backend with a new token.
+    assert bpy.ops.mvdiff.backend_stop() == {"FINISHED"}
+    start(addon, local)
+    assert addon.backend_process.token() not in (None, token)
+
+
+def test_another_program_on_the_port_is_refused_with_a_clear_message(addon, local, tmp_path):
+    import bpy
+
+    # Some other backend the user (or another program) runs on the configured port.
+    foreign = subprocess.Popen([local.python, "-m", "backend", "serve", "--port", str(local.port)],
+                               env={k: v for k, v in os.environ.items() if not k.startswith("MVDIFF_")})
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                version(local.port)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the foreign program did not start"
+                time.sleep(0.05)
+        ok, text, fix = addon.preferences.check(bpy.context)
+        assert not ok and f"Another program is listening on port {local.port}" in text and "Port" in fix
+        conn = addon.preferences.connection(bpy.context)
+        final = addon.session.JobSession(conn, b"job", tmp_path).start().wait(poll=0.01)
+        assert final.state == "error" and f"Another program is listening on port {local.port}" in final.error
+        assert not addon.backend_process.is_running(), "nothing of ours was started on a taken port"
+        assert foreign.poll() is None, "the other program is left alone"
+    finally:
+        foreign.kill()
+        foreign.wait()

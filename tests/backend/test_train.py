@@ -387,6 +387,12 @@ def test_consistency_bench_scores_a_saved_run(trained_run, capsys):
     for key in ("ratio_caa", "ratio_no_caa", "views", "train_seconds", "psnr_truth_db"):
         assert key in result
     assert result["views"] == 3 and result["trajectories"] == 1 and not result["trained_here"]
-    assert 0 < result["ratio_no_caa"] and 0 < result["ratio_caa"]
-    assert result["train_seconds"] > 0
+    # One trajectory whose pairs all score: each ratio is the quotient of the two mean PSNRs.
+    truth = result["psnr_truth_db"]
+    assert result["ratio_caa"] == pytest.approx(result["psnr_caa_db"] / truth, abs=1e-3)
+    assert result["ratio_no_caa"] == pytest.approx(result["psnr_no_caa_db"] / truth, abs=1e-3)
+    assert result["ratio_gap"] == pytest.approx(result["ratio_caa"] - result["ratio_no_caa"], abs=2e-4)
+    # The training time is the saved run's, not a new one.
+    state = json.loads((trained_run / "run" / "state.json").read_text())
+    assert result["train_seconds"] == pytest.approx(sum(state["seconds"].values()), abs=0.01)
     assert (trained_run / "run" / "consistency_sheet.png").is_file()

@@ -16,7 +16,7 @@ from .validation import InputError
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    from .engine import DEFAULT_BASE_MODEL, DEFAULT_DEPTH_MODEL
+    from .models.serving import DEFAULT_BASE_MODEL, DEFAULT_DEPTH_MODEL
 
     group = parser.add_argument_group("models")
     group.add_argument("--models", help="'tiny' (random test weights) or a folder holding depth/ and base/")
@@ -31,14 +31,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def model_config(args: argparse.Namespace):
-    from .engine import ModelConfig
+    from .models.serving import AUTO, ModelConfig
 
     if args.models == "tiny":
         return ModelConfig.tiny()
-    defaults = ModelConfig()
     return ModelConfig(
         depth=args.depth_model, base=args.base_model, root=args.models, depth_caa=args.depth_caa,
-        panorama_caa=args.panorama_caa, device=args.device or defaults.device, dtype=args.dtype or defaults.dtype,
+        panorama_caa=args.panorama_caa, device=args.device or AUTO, dtype=args.dtype or AUTO,
         offline=True if args.offline else None, models_dir=args.models_dir,
     )
 

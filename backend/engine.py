@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import gc
 import threading
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -21,76 +19,28 @@ from .models import catalog, manifest
 from .models.loading import load_components
 from .models.mv_unet import MultiViewUNet
 from .models.released import load_released_checkpoint, use_released_behaviour
-from .models.tiny import CAA_WEIGHTS, tiny_multiview, tiny_pipeline
+from .models.serving import AUTO, DTYPES, TASKS, TINY, ModelConfig
+from .models.tiny import tiny_multiview, tiny_pipeline
 from .models.weights import load_added_weights
 from .pipelines.sampling import MultiViewSampler
 from .protocol import NO_MULTIVIEW_WEIGHTS
 from .validation import InputError
 
-TINY = "tiny"
-DEFAULT_DEPTH_MODEL = catalog.default_base_model("depth")
-DEFAULT_BASE_MODEL = catalog.default_base_model("base")
 NO_WEIGHTS = NO_MULTIVIEW_WEIGHTS  # describe(): the multi-view blocks stay at their identity initialisation
-TASKS = {"depth": "depth", "panorama": "base"}  # task -> the SD 2 kind it is built on
 
 
-@dataclass(frozen=True)
-class ModelConfig:
-    """Where the models come from and where they run.
+def resolve_device(device: str) -> str:
+    """``"auto"``: cuda when this machine has it, else cpu; anything else as given."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == AUTO else device
 
-    ``depth`` / ``base``: hub id, diffusers folder or checkpoint file of the base models, or
-    ``"tiny"``. A folder holding ``depth/`` and ``base/`` (as ``make-tiny-model`` writes) can be
-    given as ``root``. ``depth_caa`` / ``panorama_caa``: the added blocks' weights (our
-    ``.safetensors`` or a released ``.ckpt``); without them a folder's own ``caa.safetensors``
-    is used, then the task's released checkpoint in the models folder (``models_dir``, see
-    :mod:`~backend.models.catalog`; its recorded sha256 is checked first), and failing that the
-    blocks stay at their identity initialisation. A default hub id is replaced by a copy of any
-    catalog model of its kind downloaded into the models folder.
-    """
 
-    depth: str = DEFAULT_DEPTH_MODEL
-    base: str = DEFAULT_BASE_MODEL
-    root: str | None = None
-    depth_caa: str | None = None
-    panorama_caa: str | None = None
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype: str = "float16" if torch.cuda.is_available() else "float32"
-    offline: bool | None = None
-    models_dir: str | None = None
-
-    @classmethod
-    def tiny(cls) -> ModelConfig:
-        return cls(depth=TINY, base=TINY, device="cpu", dtype="float32")
-
-    def source(self, task: str) -> str:
-        kind = TASKS[task]
-        if self.root is not None:
-            return str(Path(self.root).expanduser() / kind)
-        given = self.depth if task == "depth" else self.base
-        if given == catalog.default_base_model(kind):
-            local = catalog.local_base_model(kind, self.models_dir)
-            if local is not None:
-                return str(local)
-        return given
-
-    def multiview_weights(self, task: str) -> Path | None:
-        """The file the task's added blocks load from, by the order in the class docstring; ``None``: identity."""
-        source = self.source(task)
-        if source == TINY:
-            return None
-        given = self.depth_caa if task == "depth" else self.panorama_caa
-        if given is not None:
-            return Path(given).expanduser()
-        own = Path(source).expanduser() / CAA_WEIGHTS
-        if own.is_file():
-            return own
-        released = catalog.models_dir(self.models_dir) / catalog.TASK_CHECKPOINTS[task]
-        return released if released.is_file() else None
-
-    def torch_dtype(self) -> torch.dtype:
-        if self.dtype not in ("float32", "float16", "bfloat16"):
-            raise InputError("dtype", f"must be float32, float16 or bfloat16, got {self.dtype!r}")
-        return getattr(torch, self.dtype)
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """``"auto"``: float16 on a GPU, float32 elsewhere; else the named dtype."""
+    if dtype == AUTO:
+        return torch.float32 if resolve_device(device) == "cpu" else torch.float16
+    if dtype not in DTYPES:
+        raise InputError("dtype", f"must be auto, {', '.join(DTYPES)}, got {dtype!r}")
+    return getattr(torch, dtype)
 
 
 class ModelSet:
@@ -112,6 +62,16 @@ class ModelSet:
             if task not in self._samplers:
                 self._samplers[task] = self._load(task)
             return self._samplers[task]
+
+    @property
+    def device(self) -> str:
+        """The device the models run on, ``auto`` resolved."""
+        return resolve_device(self.config.device)
+
+    @property
+    def dtype(self) -> str:
+        """The models' dtype name, ``auto`` resolved."""
+        return str(resolve_dtype(self.config.dtype, self.config.device)).replace("torch.", "")
 
     def loaded(self) -> dict[str, str]:
         """Task -> source of each model in memory (what the health route reports)."""
@@ -149,7 +109,7 @@ class ModelSet:
     def _load(self, task: str) -> MultiViewSampler:
         kind = TASKS[task]
         source = self.config.source(task)
-        device, dtype = self.config.device, self.config.torch_dtype()
+        device, dtype = self.device, resolve_dtype(self.config.dtype, self.config.device)
         if source == TINY:
             pipe = tiny_pipeline(kind)
             model = tiny_multiview(kind, pipe.unet)

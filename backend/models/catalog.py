@@ -36,6 +36,8 @@ MODELS_DIR_ENV = "MVDIFF_MODELS_DIR"
 APP_FOLDER = "mvdiff-blender"
 HUB_FOLDER = "hub"
 TOKEN_ENV = "HF_TOKEN"
+CAA_WEIGHTS = "caa.safetensors"
+"""The multi-view blocks' weights inside a model folder (as ``make-tiny-model`` and ``train`` write them)."""
 
 BASE_MODELS: dict[str, tuple[str, ...]] = {
     "depth": (

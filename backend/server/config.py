@@ -8,7 +8,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..engine import ModelConfig
+from ..models.serving import ModelConfig
 from ..validation import InputError
 
 DEFAULT_PORT = 8765

@@ -55,7 +55,7 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class TrainModelConfig:
     """The model trained.
 
     ``base``: ``"tiny"`` builds the project's tiny SD 2 depth UNet and text encoder in code
@@ -126,7 +126,7 @@ class TrainConfig:
 
     task: str = "depth"
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: TrainModelConfig = field(default_factory=TrainModelConfig)
     autoencoder: AutoencoderStage = field(default_factory=AutoencoderStage)
     single_view: StageConfig = field(default_factory=StageConfig)
     multi_view: MultiViewStage = field(default_factory=MultiViewStage)

@@ -72,8 +72,9 @@ def run_consistency_benchmark(
     scheduler_name("scheduler", scheduler)  # before a training run, not after it
     import torch
 
-    from ..engine import ModelConfig, ModelSet
+    from ..engine import ModelSet
     from ..eval.consistency import depth_overlap_psnr, overlap_psnr_ratio
+    from ..models.serving import ModelConfig
     from ..pipelines.keyframes import KeyframePipeline
     from ..pipelines.sampling import SamplingSettings
     from .checkpoint import TrainState

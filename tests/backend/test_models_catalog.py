@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from backend.engine import DEFAULT_BASE_MODEL, DEFAULT_DEPTH_MODEL, ModelConfig, ModelSet
+from backend.engine import ModelSet
 from backend.models import catalog, manifest
 from backend.models.hub import allow_patterns
 from backend.models.loading import HUB_IDS
+from backend.models.serving import DEFAULT_BASE_MODEL, DEFAULT_DEPTH_MODEL, ModelConfig
 from backend.validation import InputError
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -22,7 +22,6 @@ from typing import Any
 import imageio.v3 as iio
 import numpy as np
 
-from ..engine import ModelSet
 from ..geometry.cameras import Camera
 from ..geometry.equirect import stitch_equirect
 from ..geometry.panorama import panorama_layout
@@ -48,12 +47,16 @@ class Panorama:
     radiance: np.ndarray  # float32 (H, 2H, 3), linear
 
 
-def run_panorama_job(job: PanoramaJob, models: ModelSet, ctx: JobContext) -> dict[str, Any]:
-    """Run a panorama job into ``ctx.out_dir`` and return its report (also ``report.json``)."""
-    panorama = make_panorama(job, models.sampler("panorama"), ctx)
+def run_panorama_job(job: PanoramaJob, sampler: MultiViewSampler, ctx: JobContext,
+                     described: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run a panorama job into ``ctx.out_dir`` and return its report (also ``report.json``).
+
+    ``sampler``: the panorama task's; ``described``: what it is made of (``ModelSet.describe``).
+    """
+    panorama = make_panorama(job, sampler, ctx)
     with ctx.stage("write"):
         write_outputs(ctx.out_dir, panorama)
-    report = {**panorama_report(job, panorama, ctx.seconds), **models.describe("panorama")}
+    report = {**panorama_report(job, panorama, ctx.seconds), **(described or {})}
     (ctx.out_dir / "report.json").write_text(json.dumps(report, indent=2))
     return report
 
@@ -68,23 +71,18 @@ def make_panorama(job: PanoramaJob, sampler: MultiViewSampler, ctx: JobContext) 
         raise InputError("view_size", f"must be a multiple of {factor}, got {view_size}")
     cameras = panorama_layout(view_size, ring_views=RING_VIEWS, pole_views=True)
     prompts = layout_prompts(settings.prompts, len(cameras))
-    sampling = SamplingSettings.of(settings)
+    # Guidance halves in separate UNet calls after an out-of-memory retry: the same views, less memory.
+    sampling = SamplingSettings.of(settings, split_guidance=ctx.memory_level >= 1)
 
     def on_step(info: StepInfo) -> None:
         ctx.progress("views", info.step, info.total)
         if ctx.wants_preview(info.step, info.total):
             ctx.preview(preview(sampler, info, views=[0])[0])
 
-    # Guidance halves in separate UNet calls after an out-of-memory retry: the same views, less
-    # memory. The sampler is shared between jobs, so its setting is put back afterwards.
-    split, sampler.split_guidance = sampler.split_guidance, ctx.memory_level >= 1
-    try:
-        with ctx.stage("views", settings.steps):
-            result = PanoramaPipeline(sampler)(
-                prompts, cameras, sampling, progress=on_step, cancel=ctx.cancel, output_float=True
-            )
-    finally:
-        sampler.split_guidance = split
+    with ctx.stage("views", settings.steps):
+        result = PanoramaPipeline(sampler)(
+            prompts, cameras, sampling, progress=on_step, cancel=ctx.cancel, output_float=True
+        )
     with ctx.stage("stitch"):
         ldr, weight = stitch_equirect(list(result.images), cameras, height=height)
         ldr = np.clip(ldr, 0.0, 1.0)  # a weighted mean of [0, 1] views, up to rounding

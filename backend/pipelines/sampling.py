@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -52,12 +52,16 @@ class SamplingSettings:
     negative_prompt: str = ""
     seed: int = 0
     scheduler: str = DEFAULT_SCHEDULER  # a name of backend.sampling_options.SCHEDULERS
+    # Both guidance halves in one UNet call is fastest; one call per half halves the peak memory
+    # of a step (the halves never exchange anything, so the results are the same up to rounding).
+    split_guidance: bool = False
 
     @classmethod
-    def of(cls, settings) -> SamplingSettings:
-        """The sampling part of a job's ``GenerationSettings`` (``backend/protocol.py``)."""
-        return cls(settings.steps, settings.guidance_scale, settings.negative_prompt, settings.seed,
-                   settings.scheduler)
+    def of(cls, settings, **options) -> SamplingSettings:
+        """The sampling part of a job's ``GenerationSettings`` (``backend/protocol.py``): every field
+        the two share, by name, plus this run's ``options`` (such as ``split_guidance``)."""
+        shared = {f.name: getattr(settings, f.name) for f in fields(cls) if hasattr(settings, f.name)}
+        return cls(**{**shared, **options})
 
     def validated(self) -> SamplingSettings:
         positive_int("steps", self.steps)
@@ -89,9 +93,6 @@ class MultiViewSampler:
         self.model, self.vae = model, vae
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
         self.schedule = scheduler.config  # a FrozenDict: read by every run, changed by none
-        # Both guidance halves in one UNet call is fastest; one call per half halves the peak
-        # memory of a step (the halves never exchange anything, so results are the same).
-        self.split_guidance = False
 
     @property
     def device(self) -> torch.device:
@@ -200,7 +201,7 @@ class MultiViewSampler:
             model_input = torch.cat([scaled] * 2) if guided else scaled
             if extra_channels is not None:
                 model_input = torch.cat([model_input, extra_channels], dim=1)
-            if guided and self.split_guidance:
+            if guided and settings.split_guidance:
                 halves = zip(model_input.chunk(2), embeds.chunk(2), strict=True)
                 noise = torch.cat([self.model(x, t, e, geometry, condition) for x, e in halves])
             else:

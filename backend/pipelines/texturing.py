@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 
-from ..engine import ModelSet
 from ..eval.consistency import depth_overlap_psnr, overlap_psnr_ratio
 from ..geometry.bake import BakeResult, View, bake
 from ..geometry.correspondence import overlap_matrix
@@ -50,28 +49,24 @@ class Generated:
     isolated_views: list[int]  # frame indices of keyframes that overlapped no other keyframe
 
 
-def run_texture_job(job: TextureJob, models: ModelSet, ctx: JobContext) -> dict[str, Any]:
+def run_texture_job(job: TextureJob, sampler: MultiViewSampler, ctx: JobContext,
+                    described: dict[str, str] | None = None) -> dict[str, Any]:
     """Generate the trajectory's frames, bake them into one texture and write everything to ``ctx.out_dir``.
 
-    Returns the report that is also written as ``report.json``. Raises ``InputError`` for a bad
-    job (before any model runs) and ``Cancelled`` when ``ctx.cancel`` is set.
+    ``sampler``: the depth task's; ``described``: what it is made of (``ModelSet.describe``), for
+    the report. Returns the report that is also written as ``report.json``. Raises ``InputError``
+    for a bad job (before any model runs) and ``Cancelled`` when ``ctx.cancel`` is set.
     """
     job.validate()  # a job built in code gets the checks a job read from the wire had
-    sampler = models.sampler("depth")
     sampler.check_views(job.cameras)  # sizes the UNet's levels can halve down to its innermost
-    # Each memory level trades speed for memory: guidance halves in separate UNet calls, and
-    # interpolation batches half as long (fewer views attend to each other at once). The sampler
-    # is shared between jobs, so its memory setting is put back afterwards.
-    split, sampler.split_guidance = sampler.split_guidance, ctx.memory_level >= 1
-    try:
-        return _run(job, sampler, ctx, models.describe("depth"))
-    finally:
-        sampler.split_guidance = split
+    return _run(job, sampler, ctx, described or {})
 
 
 def _run(job: TextureJob, sampler: MultiViewSampler, ctx: JobContext, described: dict[str, str]) -> dict[str, Any]:
+    # Each memory level trades speed for memory: guidance halves in separate UNet calls, and
+    # interpolation batches half as long (fewer views attend to each other at once).
     max_in_between = max(1, MAX_IN_BETWEEN >> ctx.memory_level)
-    settings = SamplingSettings.of(job.settings)
+    settings = SamplingSettings.of(job.settings, split_guidance=ctx.memory_level >= 1)
     prompts = _prompts(job)
 
     with ctx.stage("keyframe_selection"):

@@ -62,7 +62,7 @@ def default_run(models, scene, tmp_path_factory):
     """A job without UVs, 8 bits, memory level 0, a preview every step."""
     recorder = Recorder()
     out = tmp_path_factory.mktemp("texture_job")
-    report = run_texture_job(make_job(scene), models, recorder.context(out, preview_every=1))
+    report = run_texture_job(make_job(scene), models.sampler("depth"), recorder.context(out, preview_every=1))
     return out, report, recorder
 
 
@@ -166,7 +166,8 @@ def test_given_uvs_are_baked_into_and_not_sent_back(models, scene, tmp_path):
     room, _, _ = scene
     # The mesh's own UVs squeezed into the left half of the square: the right half must stay empty.
     uvs = ensure_uvs(room.mesh, SIZE).mesh.uvs * np.array([0.5, 1.0], np.float32)
-    report = run_texture_job(make_job(scene, mesh=room.mesh.with_uvs(uvs)), models, JobContext(tmp_path))
+    job = make_job(scene, mesh=room.mesh.with_uvs(uvs))
+    report = run_texture_job(job, models.sampler("depth"), JobContext(tmp_path))
     assert report["unwrapped"] is False
     assert not (tmp_path / "uvs.npz").exists()
     seen = iio.imread(tmp_path / "seen_mask.png") > 0
@@ -176,7 +177,7 @@ def test_given_uvs_are_baked_into_and_not_sent_back(models, scene, tmp_path):
 
 
 def test_16_bit_texture_is_a_real_16_bit_png(models, scene, tmp_path):
-    report = run_texture_job(make_job(scene, names=[], texture_bits=16), models, JobContext(tmp_path))
+    report = run_texture_job(make_job(scene, names=[], texture_bits=16), models.sampler("depth"), JobContext(tmp_path))
     assert report["texture_bits"] == 16
     texture = read_png16(tmp_path / "texture.png")
     assert texture.dtype == np.uint16 and texture.shape == (SIZE, SIZE, 3)
@@ -206,20 +207,24 @@ def test_cancel_during_keyframes_stops_the_job_without_a_texture(models, scene, 
 
     ctx.on_progress = on_progress
     with pytest.raises(Cancelled):
-        run_texture_job(make_job(scene), models, ctx)
+        run_texture_job(make_job(scene), models.sampler("depth"), ctx)
     assert "interpolation" not in stages
     assert not (tmp_path / "texture.png").exists() and not (tmp_path / "report.json").exists()
 
 
 def test_memory_level_2_splits_guidance_and_shortens_windows(models, scene, tmp_path):
     sampler = models.sampler("depth")
-    split = []
+    batches = []
     recorder = Recorder()
     ctx = recorder.context(tmp_path, memory_level=2)
-    ctx.on_progress = lambda *event: (recorder.progress.append(event), split.append(sampler.split_guidance))
-    report = run_texture_job(make_job(scene), models, ctx)
-    assert all(split)
-    assert sampler.split_guidance is False  # the shared sampler is put back for the next job
+    hook = sampler.model.register_forward_pre_hook(lambda _, args: batches.append(args[0].shape[0]))
+    try:
+        report = run_texture_job(make_job(scene), sampler, ctx)
+    finally:
+        hook.remove()
+    # One guidance half per UNet call: the 3 keyframes, then each batch of in-between frames with its
+    # two end keyframes (2 + 2, 1 + 2 and 2 + 2 views); both halves at once would double each.
+    assert sorted(set(batches)) == [3, 4]
     # At most 10 >> 2 = 2 in-between frames per batch: [1, 2], [3] and [5, 6].
     totals = {total for stage, _, total in recorder.progress if stage == "interpolation"}
     assert totals == {3 * STEPS}
@@ -230,7 +235,7 @@ def test_memory_level_2_splits_guidance_and_shortens_windows(models, scene, tmp_
 def test_single_frame_is_its_own_keyframe_and_has_no_overlap_score(models, scene, tmp_path):
     room, cameras, depths = scene
     job = TextureJob(GenerationSettings(["a room"], steps=1), cameras[:1], depths[:1], room.mesh, SIZE)
-    report = run_texture_job(job, models, JobContext(tmp_path))
+    report = run_texture_job(job, models.sampler("depth"), JobContext(tmp_path))
     assert report["keyframes"] == [0] and report["windows"] == 0 and report["frames"] == 1
     assert report["overlap_psnr_db"] is None and report["overlap_psnr_ratio"] is None
     assert (tmp_path / "texture.png").exists()
@@ -241,13 +246,13 @@ def test_small_textures_get_narrower_gutters_between_charts(models, scene, tmp_p
     assert unwrap_padding(64) == 2 and unwrap_padding(1024) == 4 and unwrap_padding(8192) == 8
     room, cameras, depths = scene
     job = TextureJob(GenerationSettings(["a room"], steps=1), cameras[:2], depths[:2], room.mesh, 64)
-    run_texture_job(job, models, JobContext(tmp_path))
+    run_texture_job(job, models.sampler("depth"), JobContext(tmp_path))
     assert iio.imread(tmp_path / "texture.png").shape == (64, 64, 3)
 
 
 def test_prompt_count_must_be_one_or_one_per_view(models, scene, tmp_path):
     with pytest.raises(InputError) as err:
-        run_texture_job(make_job(scene, prompts=("a", "b")), models, JobContext(tmp_path))
+        run_texture_job(make_job(scene, prompts=("a", "b")), models.sampler("depth"), JobContext(tmp_path))
     assert err.value.field == "prompts"
     assert not any(tmp_path.iterdir())
 
@@ -258,6 +263,6 @@ def test_views_the_unet_cannot_halve_are_refused_naming_the_cameras(models, scen
     job = TextureJob(GenerationSettings(["a room"], steps=1), cameras, [render_depth(room.mesh, c) for c in cameras],
                      room.mesh, SIZE)
     with pytest.raises(InputError) as err:
-        run_texture_job(job, models, JobContext(tmp_path))
+        run_texture_job(job, models.sampler("depth"), JobContext(tmp_path))
     assert err.value.field == "cameras"
     assert not any(tmp_path.iterdir())

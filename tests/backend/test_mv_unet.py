@@ -117,3 +117,20 @@ def test_unet_benchmark_reports_overhead_memory_and_exactness(task):
     # The per-job geometry grows with the number of views at a fixed neighbour count.
     small, large = (row["geometry_mb"] for row in result["scaling"])
     assert 1.5 < large / small < 2.5
+
+
+def test_a_unet_block_of_an_unknown_diffusers_stops_the_load_with_its_name():
+    from diffusers.models.unets.unet_2d_blocks import DownBlock2D
+
+    unet = sd2_like_unet(4)
+
+    class RenamedDownBlock(DownBlock2D):  # what a diffusers release restructuring its blocks looks like
+        pass
+
+    renamed = unet.down_blocks[3]
+    renamed.__class__ = type("DownBlockV2", (torch.nn.Module,), {"forward": DownBlock2D.forward})
+    with pytest.raises(TypeError, match=r"unet.down_blocks\[3\] is a DownBlockV2.*diffusers"):
+        MultiViewUNet(unet, "panorama")
+    assert not unet.down_blocks[3]._forward_hooks and not unet.down_blocks[0].downsamplers[0]._forward_pre_hooks
+    renamed.__class__ = RenamedDownBlock  # a subclass keeps the structure the hooks rely on
+    MultiViewUNet(unet, "panorama")

@@ -21,7 +21,7 @@ import bpy
 import numpy as np
 from mathutils import Matrix
 
-from ..backend.geometry.cameras import Camera, look_at
+from ..backend.geometry.cameras import BLENDER_TO_OPENCV_AXES, Camera, look_at
 
 COLLECTION_NAME = "MVDiffusion Cameras"
 # Custom properties on the collection: marks it as ours even when Blender renamed it (".001"),
@@ -30,9 +30,6 @@ _COLLECTION_TAG = "mvdiff_cameras"
 _PLACEMENT_KEY = "mvdiff_placement"
 PLACED_SENSOR_WIDTH = 36.0
 RESOLUTION_MULTIPLE = 64
-
-# Blender cameras look down -Z with +Y up; OpenCV cameras (look_at) look down +Z with +Y down.
-_OPENCV_TO_BLENDER = np.diag([1.0, -1.0, -1.0, 1.0])
 
 
 class CameraError(ValueError):
@@ -282,7 +279,7 @@ def place_orbit(scene: bpy.types.Scene, targets: Sequence[bpy.types.Object], vie
             direction = np.array([math.cos(elevation) * math.cos(azimuth),
                                   math.cos(elevation) * math.sin(azimuth), math.sin(elevation)])
             eye = centre + distance * direction
-            matrix = look_at(eye, centre) @ _OPENCV_TO_BLENDER
+            matrix = look_at(eye, centre) @ BLENDER_TO_OPENCV_AXES
             placed.append(_new_camera(coll, f"MVDiffusion Orbit {ring:02d}-{view:03d}", matrix, lens,
                                       clip_start, clip_end))
     return placed
@@ -393,7 +390,7 @@ def place_walk(scene: bpy.types.Scene, curve_object: bpy.types.Object, views: in
             forward = heading
         else:
             heading = np.array([forward[0], forward[1], 0.0]) / horizontal
-        matrix = look_at(eye, eye + forward) @ _OPENCV_TO_BLENDER
+        matrix = look_at(eye, eye + forward) @ BLENDER_TO_OPENCV_AXES
         placed.append(_new_camera(coll, f"MVDiffusion Walk {index:03d}", matrix, lens, 0.01, 1000.0))
     return placed
 

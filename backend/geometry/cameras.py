@@ -20,8 +20,11 @@ import numpy as np
 
 from ..validation import InputError, as_array, positive_int
 
-# Blender cameras look down -Z with +Y up; OpenCV cameras look down +Z with +Y down.
 BLENDER_TO_OPENCV_AXES = np.diag([1.0, -1.0, -1.0, 1.0])
+"""Blender cameras look down -Z with +Y up; OpenCV cameras look down +Z with +Y down.
+
+Flipping the camera's Y and Z axes converts either way (the matrix is its own inverse):
+``cam_to_world = matrix_world @ BLENDER_TO_OPENCV_AXES`` and back with the same product."""
 
 
 @dataclass(frozen=True, eq=False)

@@ -19,8 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..validation import InputError, as_array, positive_int
-from .cameras import Camera
-from .correspondence import inside
+from .cameras import Camera, inside, pinhole
 from .sampling import image_to_float, sample_bilinear
 
 DEFAULT_FEATHER = 2.0
@@ -78,9 +77,7 @@ def project_directions(camera: Camera, dirs: np.ndarray) -> tuple[np.ndarray, np
     z = cam[..., 2]
     in_front = z > 1e-9
     safe_z = np.where(in_front, z, 1.0)
-    K = camera.K
-    x = (K[0, 0] * cam[..., 0] + K[0, 1] * cam[..., 1]) / safe_z + K[0, 2]
-    y = K[1, 1] * cam[..., 1] / safe_z + K[1, 2]
+    x, y = pinhole(camera.K, cam[..., 0], cam[..., 1], safe_z)
     xy = np.stack([np.where(in_front, x, -1.0e6), np.where(in_front, y, -1.0e6)], axis=-1)
     return xy, in_front & inside(xy, camera.width, camera.height)
 

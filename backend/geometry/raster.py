@@ -21,11 +21,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..validation import InputError, in_range, positive_int
-from .cameras import Camera, pixel_grid
+from .cameras import NEAR, Camera, pixel_grid
 from .mesh import Mesh
 
-NEAR = 1e-4
-"""Smallest accepted planar depth; geometry closer than this to the camera plane is not drawn."""
 MAX_ATLAS_SIZE = 8192  # 8k texels square already need about 2 GB for the surface maps
 CHUNK_CANDIDATES = 1 << 21
 VIEW_EDGE_EPS = 1e-6

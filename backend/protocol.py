@@ -10,7 +10,9 @@ library are used: Blender's own Python imports this module.
 from __future__ import annotations
 
 import io
+import ipaddress
 import json
+import socket
 import zipfile
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -29,6 +31,25 @@ META_KEY = "job.json"
 NO_MULTIVIEW_WEIGHTS = "none"
 """``multiview_weights`` in ``/v1/version`` and ``report.json`` when the multi-view blocks stay at their
 identity: every view is generated alone, and the add-on warns that views will not agree."""
+JOB_STATES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
+FINAL_STATES = ("done", "failed", "cancelled", "interrupted")
+"""States of a job in ``/v1/jobs/ID``; a job in a final state changes no more."""
+LOOPBACK_NAMES = ("localhost", "localhost.localdomain")
+
+
+def is_loopback(host: str) -> bool:
+    """True for hosts only this machine can reach (127.0.0.0/8, ::1, localhost; names are resolved)."""
+    host = host.strip("[]")
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None))
+    except (OSError, ValueError):
+        return False
 
 
 def pack_arrays(arrays: dict[str, np.ndarray], meta: dict[str, Any] | None = None) -> bytes:

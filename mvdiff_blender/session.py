@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..backend.client import FINAL_STATES, BackendClient, BackendError
-from ..backend.protocol import API_VERSION
+from ..backend.client import BackendClient, BackendError
+from ..backend.protocol import API_VERSION, FINAL_STATES
 from . import backend_process
 from .connection import Connection, SetupError, with_fix
 

@@ -2,32 +2,18 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..models.serving import ModelConfig
+from ..protocol import is_loopback
 from ..validation import InputError
 
 DEFAULT_PORT = 8765
 DEFAULT_MAX_BODY_BYTES = 512 * 2**20
 DEFAULT_STORE = Path(os.environ.get("MVDIFF_STORE", "~/.cache/mvdiff-backend")).expanduser()
 TOKEN_ENV = "MVDIFF_TOKEN"
-
-
-def is_loopback(host: str) -> bool:
-    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        try:
-            return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None))
-        except (OSError, ValueError):
-            return False
 
 
 @dataclass(frozen=True)

@@ -24,11 +24,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from ..protocol import JOB_STATES
 from ..validation import InputError
 
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
-STATES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
-FINAL_STATES = ("done", "failed", "cancelled", "interrupted")
 INPUT_NAME = "input.npz"
 STATUS_NAME = "status.json"
 PREVIEW_NAME = "preview.png"
@@ -116,7 +115,7 @@ class JobStore:
 
     def update(self, job_id: str, **fields: Any) -> dict[str, Any]:
         """Change some fields of a job's status and write it atomically."""
-        if "state" in fields and fields["state"] not in STATES:
+        if "state" in fields and fields["state"] not in JOB_STATES:
             raise ValueError(f"unknown state {fields['state']!r}")
         with self._lock:
             status = self.status(job_id)

@@ -130,3 +130,12 @@ def test_duplicate_object_names_are_refused_when_the_job_arrives(texture_job):
     with pytest.raises(InputError) as err:
         read_job(sent.to_bytes())
     assert err.value.field == "object_names"
+
+
+def test_loopback_hosts_are_this_machine_only():
+    from backend.protocol import is_loopback
+
+    for host in ("127.0.0.1", "127.8.9.10", "::1", "[::1]", "localhost", "LOCALHOST"):
+        assert is_loopback(host), host
+    for host in ("0.0.0.0", "192.0.2.7", "::", "2001:db8::1", ""):
+        assert not is_loopback(host), host

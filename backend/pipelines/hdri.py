@@ -14,7 +14,6 @@ Stages, each timed into ``ctx.seconds`` and reported through ``ctx.progress``:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import imageio.v3 as iio
 import numpy as np
 
+from ..atomic import json_number, write_atomically, write_json
 from ..geometry.cameras import Camera
 from ..geometry.equirect import stitch_equirect
 from ..geometry.panorama import panorama_layout
@@ -57,7 +57,7 @@ def run_panorama_job(job: PanoramaJob, sampler: MultiViewSampler, ctx: JobContex
     with ctx.stage("write"):
         write_outputs(ctx.out_dir, panorama)
     report = {**panorama_report(job, panorama, ctx.seconds), **(described or {})}
-    (ctx.out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    write_json(ctx.out_dir / "report.json", report)
     return report
 
 
@@ -106,14 +106,18 @@ def layout_prompts(prompts: list[str], views: int) -> str | list[str]:
 
 def write_outputs(out_dir: Path, panorama: Panorama) -> None:
     """The radiance as EXR and HDR, the two 8-bit panoramas, and every view as a PNG."""
-    write_exr(out_dir / "panorama.exr", panorama.radiance)
-    write_hdr(out_dir / "panorama.hdr", panorama.radiance)
-    iio.imwrite(out_dir / "panorama_preview.png", tone_map_preview(panorama.radiance))
-    iio.imwrite(out_dir / "panorama_ldr.png", to_uint8(panorama.ldr))
+    write_atomically(out_dir / "panorama.exr", lambda path: write_exr(path, panorama.radiance))
+    write_atomically(out_dir / "panorama.hdr", lambda path: write_hdr(path, panorama.radiance))
+    write_png(out_dir / "panorama_preview.png", tone_map_preview(panorama.radiance))
+    write_png(out_dir / "panorama_ldr.png", to_uint8(panorama.ldr))
     views_dir = out_dir / "views"
     views_dir.mkdir(exist_ok=True)
     for index, view in enumerate(to_uint8(panorama.views)):
-        iio.imwrite(views_dir / f"view_{index:02d}.png", view)
+        write_png(views_dir / f"view_{index:02d}.png", view)
+
+
+def write_png(path: Path, pixels: np.ndarray) -> None:
+    write_atomically(path, lambda partial: iio.imwrite(partial, pixels, extension=".png"))
 
 
 def panorama_report(job: PanoramaJob, panorama: Panorama, seconds: dict[str, float]) -> dict[str, Any]:
@@ -134,8 +138,8 @@ def panorama_report(job: PanoramaJob, panorama: Panorama, seconds: dict[str, flo
         "view_size": panorama.cameras[0].width,
         "coverage": panorama.coverage,
         "seconds": {name: round(value, 4) for name, value in seconds.items()},
-        "max_radiance": float(panorama.radiance.max()),
-        "mean_radiance": mean,
+        "max_radiance": json_number(panorama.radiance.max()),
+        "mean_radiance": json_number(mean),
         "tone_mapping": {
             "curve": "identity below knee, inverse extended Reinhard above",
             "peak": DEFAULT_PEAK,

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ..atomic import json_number
 from ..eval.consistency import depth_overlap_psnr, overlap_psnr_ratio
 from ..geometry.bake import BakeResult, View, bake
 from ..geometry.correspondence import overlap_matrix
@@ -197,7 +198,7 @@ def _consistency(frames: list[np.ndarray], job: TextureJob, atlas: Atlas, result
         ratio = overlap_psnr_ratio(generated, reference)["ratio_of_means"]
     except InputError:  # the reference scored no pair the generated frames did
         ratio = None
-    return {"overlap_psnr_db": _finite(generated.mean_psnr, 3), "overlap_psnr_ratio": _finite(ratio, 4)}
+    return {"overlap_psnr_db": json_number(generated.mean_psnr, 3), "overlap_psnr_ratio": json_number(ratio, 4)}
 
 
 def _write_outputs(job: TextureJob, ctx: JobContext, frames: list[np.ndarray], atlas: Atlas,
@@ -234,7 +235,3 @@ def _report(job: TextureJob, ctx: JobContext, generated: Generated, unwrapped: b
         "seconds": {stage: round(seconds, 3) for stage, seconds in ctx.seconds.items()},
         **consistency,
     }
-
-
-def _finite(value: float | None, digits: int) -> float | None:
-    return round(float(value), digits) if value is not None and math.isfinite(value) else None

@@ -17,13 +17,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+from ..atomic import write_bytes
 from ..protocol import JOB_STATES
 from ..validation import InputError
 
@@ -36,20 +36,6 @@ OUTPUTS = "outputs"
 
 class UnknownJob(KeyError):
     """No job with that id in the store (or an id that cannot name one)."""
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside ``path`` and rename it over: readers never see half a file."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 class JobStore:
@@ -100,7 +86,7 @@ class JobStore:
         job_id = uuid.uuid4().hex
         folder = self.jobs / job_id
         folder.mkdir()
-        write_atomically(folder / INPUT_NAME, body)
+        write_bytes(folder / INPUT_NAME, body, durable=True)
         status = {
             "id": job_id, "kind": kind, "state": "queued", "stage": None, "step": 0, "total": 0,
             "eta_seconds": None, "error": None, "created": time.time(), "started": None, "finished": None,
@@ -142,7 +128,7 @@ class JobStore:
         return interrupted
 
     def write_preview(self, job_id: str, png: bytes) -> None:
-        write_atomically(self.folder(job_id) / PREVIEW_NAME, png)
+        write_bytes(self.folder(job_id) / PREVIEW_NAME, png)
 
     def _write(self, folder: Path, status: dict[str, Any]) -> None:
-        write_atomically(folder / STATUS_NAME, json.dumps(status, indent=1).encode("utf-8"))
+        write_bytes(folder / STATUS_NAME, json.dumps(status, indent=1).encode("utf-8"), durable=True)

@@ -171,15 +171,16 @@ def bench_job(args: argparse.Namespace) -> dict:
 @benchmark("consistency")
 def bench_consistency(args: argparse.Namespace) -> dict:
     """Train the tiny recipe (or load --run), generate held-out trajectories with and without CAA, score overlap."""
+    from .sampling_options import DEFAULT_STEPS
     from .train.config import TrainConfig
-    from .train.consistency_bench import DEFAULT_CONFIG, DEFAULT_GUIDANCE, DEFAULT_STEPS, run_consistency_benchmark
+    from .train.consistency_bench import DEFAULT_CONFIG, TINY_GUIDANCE, run_consistency_benchmark
 
     config = TrainConfig.load(args.config) if args.config else None
     if config is None and not args.run:
         config = TrainConfig.load(DEFAULT_CONFIG)
     result = run_consistency_benchmark(
         config, args.run or args.out, train=not args.run, trajectories=args.heldout,
-        steps=args.steps or DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE if args.guidance is None else args.guidance,
+        steps=args.steps or DEFAULT_STEPS, guidance=TINY_GUIDANCE if args.guidance is None else args.guidance,
         progress=not args.json,
     )
     result["machine"] = machine()

@@ -31,10 +31,32 @@ META_KEY = "job.json"
 NO_MULTIVIEW_WEIGHTS = "none"
 """``multiview_weights`` in ``/v1/version`` and ``report.json`` when the multi-view blocks stay at their
 identity: every view is generated alone, and the add-on warns that views will not agree."""
+VIEW_MULTIPLE = 64
+"""Every generated view's width and height is a multiple of this: the autoencoder's factor 8 times the
+UNet's three halvings (Stable Diffusion 2)."""
+PANORAMA_RING_VIEWS = 8
+PANORAMA_VIEWS = PANORAMA_RING_VIEWS + 2
+PANORAMA_VIEW_ORDER = f"{PANORAMA_RING_VIEWS} around from +X turning right, then top and bottom"
+"""A panorama job's views, in the order of per-view prompts."""
 JOB_STATES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
 FINAL_STATES = ("done", "failed", "cancelled", "interrupted")
 """States of a job in ``/v1/jobs/ID``; a job in a final state changes no more."""
 LOOPBACK_NAMES = ("localhost", "localhost.localdomain")
+
+
+def view_side(field: str, value: Any, low: int = VIEW_MULTIPLE, high: int = 8192) -> int:
+    """A view's width or height: a positive multiple of :data:`VIEW_MULTIPLE` in [low, high]."""
+    value = positive_int(field, value)
+    if value % VIEW_MULTIPLE or not low <= value <= high:
+        raise InputError(field, f"must be a multiple of {VIEW_MULTIPLE} in [{low}, {high}], got {value}")
+    return value
+
+
+def check_prompt_count(count: int, views: int, order: str = "") -> None:
+    """One prompt for every view, or one per view (in ``order`` when the views have one)."""
+    if count not in (1, views):
+        detail = f": {order}" if order else ""
+        raise InputError("prompts", f"expected one prompt or {views} (one per view{detail}), got {count}")
 
 
 def is_loopback(host: str) -> bool:
@@ -196,10 +218,8 @@ class TextureJob:
     def validate(self) -> TextureJob:
         """Checks across fields (counts, sizes, names); the same for jobs read and jobs built in code."""
         self.settings.validate()
-        prompts = [self.settings.prompts] if isinstance(self.settings.prompts, str) else self.settings.prompts
         views = len(self.cameras)
-        if len(prompts) not in (1, views):
-            raise InputError("prompts", f"expected one prompt or {views} (one per view), got {len(prompts)}")
+        check_prompt_count(len(self.settings.prompts), views)
         if len(self.depths) != views:
             raise InputError("depths", f"expected one depth map per camera ({views}), got {len(self.depths)}")
         size = positive_int("texture_size", self.texture_size)
@@ -220,7 +240,7 @@ class TextureJob:
 
 @dataclass
 class PanoramaJob:
-    """A 360 environment from text (one prompt, or one per view of the layout)."""
+    """A 360 environment from text: one prompt, or one per view of the layout (:data:`PANORAMA_VIEW_ORDER`)."""
 
     settings: GenerationSettings
     equirect_height: int = 1024
@@ -236,13 +256,17 @@ class PanoramaJob:
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> PanoramaJob:
         _check_header(meta, cls.kind)
-        height = positive_int("equirect_height", meta.get("equirect_height", 1024))
-        if not 64 <= height <= 8192:
-            raise InputError("equirect_height", f"must lie in [64, 8192], got {height}")
-        view = positive_int("view_size", meta.get("view_size", 512))
-        if view % 64 or not 64 <= view <= 2048:
-            raise InputError("view_size", f"must be a multiple of 64 in [64, 2048], got {view}")
-        return cls(_settings(meta), height, view)
+        return cls(_settings(meta), meta.get("equirect_height", 1024), meta.get("view_size", 512)).validate()
+
+    def validate(self) -> PanoramaJob:
+        """Every check of a panorama job; the same for jobs read, jobs built in code and the add-on's."""
+        self.settings.validate()
+        check_prompt_count(len(self.settings.prompts), PANORAMA_VIEWS, PANORAMA_VIEW_ORDER)
+        self.equirect_height = positive_int("equirect_height", self.equirect_height)
+        if not 64 <= self.equirect_height <= 8192:
+            raise InputError("equirect_height", f"must lie in [64, 8192], got {self.equirect_height}")
+        self.view_size = view_side("view_size", self.view_size, high=2048)
+        return self
 
 
 def read_job(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> TextureJob | PanoramaJob:

@@ -22,6 +22,7 @@ import numpy as np
 from mathutils import Matrix
 
 from ..backend.geometry.cameras import BLENDER_TO_OPENCV_AXES, Camera, look_at
+from ..backend.protocol import VIEW_MULTIPLE
 
 COLLECTION_NAME = "MVDiffusion Cameras"
 # Custom properties on the collection: marks it as ours even when Blender renamed it (".001"),
@@ -29,7 +30,6 @@ COLLECTION_NAME = "MVDiffusion Cameras"
 _COLLECTION_TAG = "mvdiff_cameras"
 _PLACEMENT_KEY = "mvdiff_placement"
 PLACED_SENSOR_WIDTH = 36.0
-RESOLUTION_MULTIPLE = 64
 
 
 class CameraError(ValueError):
@@ -85,12 +85,12 @@ class Pose:
 
 
 def job_resolution(settings) -> tuple[int, int]:
-    """The size every pose is rendered and generated at; the diffusion model needs multiples of 64."""
+    """The size every pose is rendered and generated at; the diffusion model needs multiples of VIEW_MULTIPLE."""
     size = []
     for name in ("width", "height"):
         value = int(getattr(settings, name))
-        if value <= 0 or value % RESOLUTION_MULTIPLE:
-            raise CameraError(f"The view {name} must be a positive multiple of {RESOLUTION_MULTIPLE} pixels, "
+        if value <= 0 or value % VIEW_MULTIPLE:
+            raise CameraError(f"The view {name} must be a positive multiple of {VIEW_MULTIPLE} pixels, "
                               f"got {value} (setting '{name}')")
         size.append(value)
     return size[0], size[1]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import bpy
 
-from ..backend.protocol import GenerationSettings, PanoramaJob, TextureJob
+from ..backend.protocol import GenerationSettings, PanoramaJob, TextureJob, check_prompt_count
 from ..backend.validation import InputError
 from . import cameras, export, render_depth
 
@@ -68,9 +68,10 @@ def generation_settings(settings, prompt: str, views: int, per_view=None) -> Gen
     if per_view is not None:
         lines = [line.body.strip() for line in per_view.lines if line.body.strip()]
         if lines:
-            if len(lines) not in (1, views):
-                raise JobError(f"The text block {per_view.name!r} has {len(lines)} prompts; "
-                               f"give one, or one per view ({views})")
+            try:
+                check_prompt_count(len(lines), views)
+            except InputError as err:
+                raise JobError(f"The text block {per_view.name!r}: {err.problem}") from None
             prompts = lines
     if not any(p.strip() for p in prompts):
         raise JobError("Write a prompt first")
@@ -137,9 +138,11 @@ def _texture_job(context, settings, objects, poses, placed, on_progress) -> Prep
 def prepare_world_job(context) -> PreparedJob:
     settings = context.scene.mvdiff
     generation = generation_settings(settings, settings.world_prompt, 1)
-    if settings.world_view_size % 64:
-        raise JobError(f"View Size must be a multiple of 64, got {settings.world_view_size}")
     job = PanoramaJob(generation, settings.world_height, settings.world_view_size)
+    try:
+        job.validate()
+    except InputError as err:
+        raise JobError(f"{err.field}: {err.problem}") from None
     out = output_dir(settings)
     folder, basename = _new_folder(out, "world", settings.world_result_name)
     data = job.to_bytes()

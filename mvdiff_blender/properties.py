@@ -17,6 +17,7 @@ from bpy.props import (
     StringProperty,
 )
 
+from ..backend.protocol import VIEW_MULTIPLE
 from ..backend.sampling_options import (
     DEFAULT_GUIDANCE,
     DEFAULT_SCHEDULER,
@@ -87,10 +88,10 @@ class MVDIFF_PG_scene(bpy.types.PropertyGroup):
     walk_curve: PointerProperty(name="Curve", type=bpy.types.Object, poll=_is_curve,
                                 description="The cameras walk along this curve, looking ahead")
     walk_views: IntProperty(name="Views", default=12, min=2, max=512, description="Cameras along the curve")
-    width: IntProperty(name="Width", description="View width in pixels (a multiple of 64)", default=512,
-                       min=64, max=2048, step=64)
-    height: IntProperty(name="Height", description="View height in pixels (a multiple of 64)", default=384,
-                        min=64, max=2048, step=64)
+    width: IntProperty(name="Width", description=f"View width in pixels (a multiple of {VIEW_MULTIPLE})",
+                       default=512, min=VIEW_MULTIPLE, max=2048, step=VIEW_MULTIPLE)
+    height: IntProperty(name="Height", description=f"View height in pixels (a multiple of {VIEW_MULTIPLE})",
+                        default=384, min=VIEW_MULTIPLE, max=2048, step=VIEW_MULTIPLE)
     lens: FloatProperty(name="Focal Length", default=24.0, min=1.0, max=500.0, subtype="DISTANCE_CAMERA",
                         description="Focal length of the cameras the add-on places")
 
@@ -109,8 +110,9 @@ class MVDIFF_PG_scene(bpy.types.PropertyGroup):
     world_prompt: StringProperty(name="Prompt", description="What the 360 environment should show")
     world_height: IntProperty(name="Height", description="Height of the equirectangular image (width is twice)",
                               default=1024, min=64, max=8192)
-    world_view_size: IntProperty(name="View Size", description="Size of each generated view (a multiple of 64)",
-                                 default=512, min=64, max=2048, step=64)
+    world_view_size: IntProperty(name="View Size",
+                                 description=f"Size of each generated view (a multiple of {VIEW_MULTIPLE})",
+                                 default=512, min=VIEW_MULTIPLE, max=2048, step=VIEW_MULTIPLE)
     world_strength: FloatProperty(name="Strength", default=1.0, min=0.0, soft_max=10.0,
                                   description="Background strength of the new World")
     world_result_name: StringProperty(name="Name", default="",

@@ -26,13 +26,13 @@ from ..geometry.cameras import Camera
 from ..geometry.equirect import stitch_equirect
 from ..geometry.panorama import panorama_layout
 from ..imaging.hdr import DEFAULT_KNEE, DEFAULT_PEAK, inverse_tone_map, tone_map_preview, write_exr, write_hdr
-from ..protocol import PanoramaJob
-from ..validation import InputError, positive_int
+from ..protocol import PANORAMA_RING_VIEWS, PANORAMA_VIEW_ORDER, PanoramaJob, check_prompt_count
+from ..validation import InputError
 from .context import JobContext
 from .panorama import PanoramaPipeline
 from .sampling import MultiViewSampler, SamplingSettings, StepInfo, preview, to_uint8
 
-RING_VIEWS = 8
+RING_VIEWS = PANORAMA_RING_VIEWS
 FILES = ("panorama.exr", "panorama.hdr", "panorama_preview.png", "panorama_ldr.png")
 
 
@@ -63,9 +63,8 @@ def run_panorama_job(job: PanoramaJob, sampler: MultiViewSampler, ctx: JobContex
 
 def make_panorama(job: PanoramaJob, sampler: MultiViewSampler, ctx: JobContext) -> Panorama:
     """The views, stitched equirect and radiance of a job (stages views, stitch and hdr)."""
-    settings = job.settings.validate()
-    height = positive_int("equirect_height", job.equirect_height)
-    view_size = positive_int("view_size", job.view_size)
+    job.validate()  # a job built in code gets the checks a job read from the wire had
+    settings, height, view_size = job.settings, job.equirect_height, job.view_size
     factor = 8 * sampler.latent_factor
     if view_size % factor:
         raise InputError("view_size", f"must be a multiple of {factor}, got {view_size}")
@@ -93,15 +92,8 @@ def make_panorama(job: PanoramaJob, sampler: MultiViewSampler, ctx: JobContext) 
 
 def layout_prompts(prompts: list[str], views: int) -> str | list[str]:
     """One prompt for every view, or one per view in layout order (ring from +X turning right, top, bottom)."""
-    if len(prompts) == 1:
-        return prompts[0]
-    if len(prompts) != views:
-        raise InputError(
-            "prompts",
-            f"expected one prompt or {views} (one per view: {RING_VIEWS} around, then top and bottom), "
-            f"got {len(prompts)}",
-        )
-    return list(prompts)
+    check_prompt_count(len(prompts), views, PANORAMA_VIEW_ORDER)
+    return prompts[0] if len(prompts) == 1 else list(prompts)
 
 
 def write_outputs(out_dir: Path, panorama: Panorama) -> None:

@@ -21,6 +21,7 @@ from diffusers import AutoencoderKL, SchedulerMixin
 
 from ..models.mv_unet import MultiViewUNet
 from ..models.schedulers import build_scheduler, clean_estimate, step
+from ..protocol import check_prompt_count
 from ..sampling_options import DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, scheduler_name
 from ..validation import InputError, in_range, positive_int
 
@@ -77,9 +78,10 @@ def view_prompts(prompts: str | Sequence[str], views: int) -> list[str]:
     if isinstance(prompts, str):
         return [prompts] * views
     prompts = list(prompts)
-    if len(prompts) != views or not all(isinstance(p, str) for p in prompts):
-        raise InputError("prompts", f"expected one text prompt or {views} (one per view), got {len(prompts)}")
-    return prompts
+    if not all(isinstance(p, str) for p in prompts):
+        raise InputError("prompts", "must be text")
+    check_prompt_count(len(prompts), views)
+    return prompts * views if len(prompts) == 1 else prompts
 
 
 class MultiViewSampler:

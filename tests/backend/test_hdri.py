@@ -5,9 +5,10 @@ import json
 import imageio.v3 as iio
 import numpy as np
 import pytest
+from hdr_reader import read_hdr
 
 from backend.engine import ModelConfig, ModelSet
-from backend.imaging.hdr import read_exr, read_hdr
+from backend.imaging.hdr import read_exr
 from backend.pipelines.context import JobContext
 from backend.pipelines.hdri import layout_prompts, make_panorama, run_panorama_job
 from backend.pipelines.sampling import Cancelled

@@ -12,6 +12,7 @@ import zipfile
 import imageio.v3 as iio
 import numpy as np
 import pytest
+from hdr_reader import read_hdr
 from server_helpers import (
     TOKEN,
     BackendProcess,
@@ -23,7 +24,7 @@ from server_helpers import (
 )
 
 from backend.client import BackendClient, BackendError
-from backend.imaging.hdr import read_exr, read_hdr
+from backend.imaging.hdr import read_exr
 from backend.protocol import pack_arrays
 
 

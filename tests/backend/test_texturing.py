@@ -132,6 +132,24 @@ def test_whole_job_writes_texture_masks_frames_and_report(default_run, scene):
     assert report["overlap_psnr_db"] == pytest.approx(expected, abs=1e-3)
     # Noise frames are less consistent than any single texture seen from the same poses.
     assert 0.0 < report["overlap_psnr_ratio"] < 1.0
+    assert report["overlap_pairs"] == report["overlap_psnr_ratio_pairs"] == len(cameras) - 1  # few: all
+
+
+def test_the_consistency_reference_renders_only_a_few_pairs_of_a_long_trajectory(models, scene, tmp_path,
+                                                                                   monkeypatch):
+    from backend.pipelines import texturing
+
+    rendered = []
+    real_render = texturing.render_textured
+    monkeypatch.setattr(texturing, "REFERENCE_PAIRS", 2)
+    monkeypatch.setattr(texturing, "render_textured", lambda *args: rendered.append(args[2]) or real_render(*args))
+    job = make_job(scene)
+    job.settings.steps = 1
+    report = run_texture_job(job, models.sampler("depth"), JobContext(tmp_path))
+    assert (report["overlap_pairs"], report["overlap_psnr_ratio_pairs"]) == (7, 2)
+    # The first and the last pair: frames 0, 1 and 6, 7.
+    assert [job.cameras.index(camera) for camera in rendered] == [0, 1, 6, 7]
+    assert 0.0 < report["overlap_psnr_ratio"]
 
 
 def test_progress_counts_steps_per_stage_and_previews_decode_a_view(default_run):

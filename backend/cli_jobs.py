@@ -16,7 +16,7 @@ from .validation import InputError
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    from .models.serving import DEFAULT_BASE_MODEL, DEFAULT_DEPTH_MODEL
+    from .models.serving import DEFAULT_BASE_MODEL, DEFAULT_DEPTH_MODEL, DEFAULT_INPAINT_MODEL
 
     group = parser.add_argument_group("models")
     group.add_argument("--models", help="'tiny' (random test weights) or a folder holding depth/ and base/")
@@ -24,6 +24,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--base-model", default=DEFAULT_BASE_MODEL, help="SD 2 base: hub id, folder or file")
     group.add_argument("--depth-caa", help="multi-view block weights for the depth model (.safetensors or .ckpt)")
     group.add_argument("--panorama-caa", help="multi-view block weights for the panorama model")
+    group.add_argument("--inpaint-model", default=DEFAULT_INPAINT_MODEL,
+                       help="SD 2 inpainting (panoramas from an image): hub id, folder or file")
+    group.add_argument("--outpaint-caa", help="multi-view block weights for the inpainting model")
     group.add_argument("--device", help="cuda, cuda:1, cpu... (default: cuda when available)")
     group.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="default: float16 on a GPU")
     group.add_argument("--offline", action="store_true", help="never contact the model hub")
@@ -37,7 +40,8 @@ def model_config(args: argparse.Namespace):
         return ModelConfig.tiny()
     return ModelConfig(
         depth=args.depth_model, base=args.base_model, root=args.models, depth_caa=args.depth_caa,
-        panorama_caa=args.panorama_caa, device=args.device or AUTO, dtype=args.dtype or AUTO,
+        panorama_caa=args.panorama_caa, inpaint=args.inpaint_model, outpaint_caa=args.outpaint_caa,
+        device=args.device or AUTO, dtype=args.dtype or AUTO,
         offline=True if args.offline else None, models_dir=args.models_dir,
     )
 
@@ -150,6 +154,7 @@ def add_panorama_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--height", type=int, default=1024, help="equirect height (width is twice that)")
     parser.add_argument("--view-size", type=int, default=512, help="size of each generated view")
+    parser.add_argument("--image", help="a photo or render the 360 environment is made around (its front view)")
     parser.add_argument("--out", required=True, help="output folder")
     add_model_arguments(parser)
 
@@ -159,5 +164,16 @@ def run_panorama(args: argparse.Namespace) -> int:
 
     settings = GenerationSettings(args.prompt, args.negative_prompt, args.steps, args.guidance, args.seed,
                                   args.scheduler)
-    job = read_job(PanoramaJob(settings, args.height, args.view_size).to_bytes())  # validated like a sent job
+    image = None
+    if args.image is not None:
+        import imageio.v3 as iio
+        import numpy as np
+
+        if not Path(args.image).is_file():
+            raise InputError("image", f"no such file: {args.image}")
+        image = iio.imread(args.image)
+        image = image[..., :3] if image.ndim == 3 else np.repeat(image[..., None], 3, axis=-1)
+        if image.dtype != np.uint8:
+            raise InputError("image", f"{args.image} must be an 8-bit image, got {image.dtype}")
+    job = read_job(PanoramaJob(settings, args.height, args.view_size, image).to_bytes())  # validated like a sent job
     return _run_local(job, args)

@@ -116,7 +116,9 @@ class ModelSet:
             parts = (pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler)
         else:
             components = load_components(source, kind, offline=self.config.offline, dtype=dtype, device=device)
-            model = MultiViewUNet(components.unet, task, with_condition=task == "depth")
+            # Outpainting is the panorama design on an inpainting UNet.
+            design = "panorama" if task == "outpaint" else task
+            model = MultiViewUNet(components.unet, design, with_condition=task == "depth")
             self._load_added(model, task, source)
             parts = (components.vae, components.text_encoder, components.tokenizer, components.scheduler)
         model = model.to(device, dtype).eval()
@@ -124,7 +126,7 @@ class ModelSet:
         return MultiViewSampler(model, vae.to(device, dtype), text_encoder.to(device, dtype), tokenizer, scheduler)
 
     def _load_added(self, model: MultiViewUNet, task: str, source: str) -> None:
-        field = "depth_caa" if task == "depth" else "panorama_caa"
+        field = f"{task}_caa"
         path = self.config.multiview_weights(task)
         if path is None:
             return

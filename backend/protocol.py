@@ -22,7 +22,7 @@ import numpy as np
 from .geometry.cameras import Camera
 from .geometry.mesh import Mesh
 from .sampling_options import DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, scheduler_name
-from .validation import InputError, as_array, depth_map, in_range, positive_int
+from .validation import InputError, as_array, depth_map, in_range, positive_int, rgb_image
 
 API_VERSION = 1
 JOB_KINDS = ("texture", "panorama")
@@ -38,6 +38,7 @@ PANORAMA_RING_VIEWS = 8
 PANORAMA_VIEWS = PANORAMA_RING_VIEWS + 2
 PANORAMA_VIEW_ORDER = f"{PANORAMA_RING_VIEWS} around from +X turning right, then top and bottom"
 """A panorama job's views, in the order of per-view prompts."""
+MAX_IMAGE_SIDE = 8192
 JOB_STATES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
 FINAL_STATES = ("done", "failed", "cancelled", "interrupted")
 """States of a job in ``/v1/jobs/ID``; a job in a final state changes no more."""
@@ -240,23 +241,30 @@ class TextureJob:
 
 @dataclass
 class PanoramaJob:
-    """A 360 environment from text: one prompt, or one per view of the layout (:data:`PANORAMA_VIEW_ORDER`)."""
+    """A 360 environment from text: one prompt, or one per view of the layout (:data:`PANORAMA_VIEW_ORDER`).
+
+    ``image`` (optional, uint8 (H, W, 3) sRGB, a photo or a render): the environment is generated
+    around it, and it stays the front view (facing +X, the equirect's centre). Any size: its
+    centre square is scaled to the view size.
+    """
 
     settings: GenerationSettings
     equirect_height: int = 1024
     view_size: int = 512
+    image: np.ndarray | None = None
 
     kind = "panorama"
 
     def to_bytes(self) -> bytes:
         meta = {"api_version": API_VERSION, "kind": self.kind, "settings": asdict(self.settings),
                 "equirect_height": self.equirect_height, "view_size": self.view_size}
-        return pack_arrays({}, meta)
+        return pack_arrays({} if self.image is None else {"image": np.asarray(self.image)}, meta)
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> PanoramaJob:
         _check_header(meta, cls.kind)
-        return cls(_settings(meta), meta.get("equirect_height", 1024), meta.get("view_size", 512)).validate()
+        return cls(_settings(meta), meta.get("equirect_height", 1024), meta.get("view_size", 512),
+                   arrays.get("image")).validate()
 
     def validate(self) -> PanoramaJob:
         """Every check of a panorama job; the same for jobs read, jobs built in code and the add-on's."""
@@ -266,6 +274,11 @@ class PanoramaJob:
         if not 64 <= self.equirect_height <= 8192:
             raise InputError("equirect_height", f"must lie in [64, 8192], got {self.equirect_height}")
         self.view_size = view_side("view_size", self.view_size, high=2048)
+        if self.image is not None:
+            self.image = rgb_image("image", self.image)
+            if min(self.image.shape[:2]) < 8 or max(self.image.shape[:2]) > MAX_IMAGE_SIDE:
+                raise InputError("image", f"sides must lie in [8, {MAX_IMAGE_SIDE}], got {self.image.shape[1]} x "
+                                          f"{self.image.shape[0]}")
         return self
 
 

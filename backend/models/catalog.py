@@ -126,7 +126,7 @@ CHECKPOINTS: dict[str, Checkpoint] = {
 }
 """The released files by name (mvdiffusion.md §11), links with ``dl=1``."""
 
-TASK_CHECKPOINTS = {"depth": "depth_gen.ckpt", "panorama": "pano.ckpt"}
+TASK_CHECKPOINTS = {"depth": "depth_gen.ckpt", "panorama": "pano.ckpt", "outpaint": "pano_outpaint.ckpt"}
 """The released checkpoint the engine uses for a task when the user gives no multi-view weights."""
 
 

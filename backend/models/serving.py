@@ -18,16 +18,18 @@ DTYPES = ("float32", "float16", "bfloat16")
 TINY = "tiny"
 DEFAULT_DEPTH_MODEL = catalog.default_base_model("depth")
 DEFAULT_BASE_MODEL = catalog.default_base_model("base")
-TASKS = {"depth": "depth", "panorama": "base"}  # task -> the SD 2 kind it is built on
+DEFAULT_INPAINT_MODEL = catalog.default_base_model("inpaint")
+TASKS = {"depth": "depth", "panorama": "base", "outpaint": "inpaint"}  # task -> the SD 2 kind it is built on
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Where the models come from and where they run.
 
-    ``depth`` / ``base``: hub id, diffusers folder or checkpoint file of the base models, or
-    ``"tiny"``. A folder holding ``depth/`` and ``base/`` (as ``make-tiny-model`` writes) can be
-    given as ``root``. ``depth_caa`` / ``panorama_caa``: the added blocks' weights (our
+    ``depth`` / ``base`` / ``inpaint``: hub id, diffusers folder or checkpoint file of the base
+    models (``inpaint`` serves panoramas from an image), or ``"tiny"``. A folder holding ``depth/``,
+    ``base/`` and ``inpaint/`` (as ``make-tiny-model`` writes) can be given as ``root``.
+    ``depth_caa`` / ``panorama_caa`` / ``outpaint_caa``: the added blocks' weights (our
     ``.safetensors`` or a released ``.ckpt``); without them a folder's own ``caa.safetensors``
     is used, then the task's released checkpoint in the models folder (``models_dir``, see
     :mod:`~backend.models.catalog`; its recorded sha256 is checked first), and failing that the
@@ -40,6 +42,8 @@ class ModelConfig:
     root: str | None = None
     depth_caa: str | None = None
     panorama_caa: str | None = None
+    inpaint: str = DEFAULT_INPAINT_MODEL
+    outpaint_caa: str | None = None
     device: str = AUTO  # "auto": cuda when available, else cpu
     dtype: str = AUTO  # "auto": float16 on a GPU, float32 on the CPU
     offline: bool | None = None
@@ -47,13 +51,13 @@ class ModelConfig:
 
     @classmethod
     def tiny(cls) -> ModelConfig:
-        return cls(depth=TINY, base=TINY, device="cpu", dtype="float32")
+        return cls(depth=TINY, base=TINY, inpaint=TINY, device="cpu", dtype="float32")
 
     def source(self, task: str) -> str:
         kind = TASKS[task]
         if self.root is not None:
             return str(Path(self.root).expanduser() / kind)
-        given = self.depth if task == "depth" else self.base
+        given = {"depth": self.depth, "panorama": self.base, "outpaint": self.inpaint}[task]
         if given == catalog.default_base_model(kind):
             local = catalog.local_base_model(kind, self.models_dir)
             if local is not None:
@@ -65,7 +69,7 @@ class ModelConfig:
         source = self.source(task)
         if source == TINY:
             return None
-        given = self.depth_caa if task == "depth" else self.panorama_caa
+        given = {"depth": self.depth_caa, "panorama": self.panorama_caa, "outpaint": self.outpaint_caa}[task]
         if given is not None:
             return Path(given).expanduser()
         own = Path(source).expanduser() / CAA_WEIGHTS

@@ -2,7 +2,8 @@
 
 Stages, each timed into ``ctx.seconds`` and reported through ``ctx.progress``:
 
-* ``views``: the ring and both pole views generated jointly (one progress report per denoising
+* ``views``: the ring and both pole views generated jointly (around the job's image, which stays
+  the front view, when it has one: the inpainting model outpaints it) (one progress report per denoising
   step, a decoded preview of view 0 when the context asks for one, cancel within one step);
 * ``stitch``: the views blended into a 2:1 equirect in Cycles' convention, poles included;
 * ``hdr``: inverse tone mapping of the display-referred equirect to linear radiance;
@@ -20,6 +21,7 @@ from typing import Any
 
 import imageio.v3 as iio
 import numpy as np
+from PIL import Image
 
 from ..atomic import json_number, write_atomically, write_json
 from ..geometry.cameras import Camera
@@ -29,6 +31,7 @@ from ..imaging.hdr import DEFAULT_KNEE, DEFAULT_PEAK, inverse_tone_map, tone_map
 from ..protocol import PANORAMA_RING_VIEWS, PANORAMA_VIEW_ORDER, PanoramaJob, check_prompt_count
 from ..validation import InputError
 from .context import JobContext
+from .outpaint import PanoramaOutpaintPipeline
 from .panorama import PanoramaPipeline
 from .sampling import MultiViewSampler, SamplingSettings, StepInfo, preview, to_uint8
 
@@ -79,15 +82,33 @@ def make_panorama(job: PanoramaJob, sampler: MultiViewSampler, ctx: JobContext) 
             ctx.preview(preview(sampler, info, views=[0])[0])
 
     with ctx.stage("views", settings.steps):
-        result = PanoramaPipeline(sampler)(
-            prompts, cameras, sampling, progress=on_step, cancel=ctx.cancel, output_float=True
-        )
+        if job.image is None:
+            views = PanoramaPipeline(sampler)(
+                prompts, cameras, sampling, progress=on_step, cancel=ctx.cancel, output_float=True
+            ).images
+        else:
+            front = front_view(job.image, view_size)
+            views = PanoramaOutpaintPipeline(sampler)(
+                front, prompts, cameras, sampling, progress=on_step, cancel=ctx.cancel, output_float=True
+            ).images.copy()
+            views[0] = front / 255.0  # the given image is the front view as it was, not as re-encoded
     with ctx.stage("stitch"):
-        ldr, weight = stitch_equirect(list(result.images), cameras, height=height)
+        ldr, weight = stitch_equirect(list(views), cameras, height=height)
         ldr = np.clip(ldr, 0.0, 1.0)  # a weighted mean of [0, 1] views, up to rounding
     with ctx.stage("hdr"):
         radiance = inverse_tone_map(ldr)
-    return Panorama(result.images, cameras, ldr, float(np.mean(weight > 0)), radiance)
+    return Panorama(views, cameras, ldr, float(np.mean(weight > 0)), radiance)
+
+
+def front_view(image: np.ndarray, size: int) -> np.ndarray:
+    """The front view made from a job's image: its centre square scaled to ``size`` (uint8, Lanczos)."""
+    height, width = image.shape[:2]
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    square = np.ascontiguousarray(image[top : top + side, left : left + side])
+    if side == size:
+        return square
+    return np.asarray(Image.fromarray(square).resize((size, size), Image.Resampling.LANCZOS))
 
 
 def layout_prompts(prompts: list[str], views: int) -> str | list[str]:
@@ -125,6 +146,7 @@ def panorama_report(job: PanoramaJob, panorama: Panorama, seconds: dict[str, flo
     settings = job.settings
     return {
         "kind": job.kind,
+        "from_image": job.image is not None,
         "equirect": {"width": width, "height": height},
         "views": len(panorama.cameras),
         "view_size": panorama.cameras[0].width,

@@ -132,3 +132,34 @@ def test_prompts_are_one_or_one_per_view_and_sizes_are_checked(models, tmp_path)
             run_panorama_job(job, models.sampler("panorama"), JobContext(tmp_path))
         assert err.value.field == field
     assert not any(tmp_path.iterdir())
+
+
+def test_a_world_from_an_image_keeps_the_image_as_its_front_view(tmp_path):
+    from backend.pipelines.hdri import front_view
+    from backend.server.worker import run_job
+
+    rng = np.random.default_rng(0)
+    photo = rng.integers(0, 256, (48, 80, 3), dtype=np.uint8)  # wider than high: its centre square is used
+    job = PanoramaJob(GenerationSettings(["a beach"], steps=1), equirect_height=HEIGHT, view_size=VIEW, image=photo)
+    outpainting = ModelSet(ModelConfig.tiny())
+    report = run_job(job, outpainting, JobContext(tmp_path))
+    assert report["from_image"] is True and list(outpainting.loaded()) == ["outpaint"]
+    front = front_view(photo, VIEW)
+    assert front.shape == (VIEW, VIEW, 3)
+    np.testing.assert_array_equal(iio.imread(tmp_path / "views" / "view_00.png"), front)
+    assert not np.array_equal(iio.imread(tmp_path / "views" / "view_01.png"), front)
+    # The front view faces +X, the centre of the equirect: the stitched panorama shows the image there.
+    ldr = iio.imread(tmp_path / "panorama_ldr.png").astype(float)
+    centre = ldr[HEIGHT // 2 - 4 : HEIGHT // 2 + 4, HEIGHT - 4 : HEIGHT + 4]
+    expected = front[VIEW // 2 - 4 : VIEW // 2 + 4, VIEW // 2 - 4 : VIEW // 2 + 4].astype(float)
+    assert np.abs(centre.mean(axis=(0, 1)) - expected.mean(axis=(0, 1))).max() < 40
+    assert json.loads((tmp_path / "report.json").read_text())["from_image"] is True
+
+
+def test_front_view_is_the_centre_square_scaled():
+    from backend.pipelines.hdri import front_view
+
+    image = np.zeros((20, 40, 3), np.uint8)
+    image[:, 10:30] = 200  # the centre square
+    np.testing.assert_array_equal(front_view(image, 20), np.full((20, 20, 3), 200, np.uint8))
+    assert front_view(image, 64).shape == (64, 64, 3) and front_view(image, 64).min() >= 190

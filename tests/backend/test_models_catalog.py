@@ -43,7 +43,8 @@ def test_released_links_download_rather_than_show_a_page():
         assert entry.url.startswith("https://www.dropbox.com/") and entry.url.endswith("&dl=1")
         assert f"/{entry.name}?" in entry.url
     assert catalog.checkpoint("pano").task == "panorama" and catalog.checkpoint("depth_gen").task == "depth"
-    assert catalog.TASK_CHECKPOINTS == {"depth": "depth_gen.ckpt", "panorama": "pano.ckpt"}
+    assert catalog.TASK_CHECKPOINTS == {"depth": "depth_gen.ckpt", "panorama": "pano.ckpt",
+                                        "outpaint": "pano_outpaint.ckpt"}
 
 
 def test_snapshot_patterns_fetch_only_what_the_pipeline_loads():

@@ -73,6 +73,18 @@ def test_panorama_job_gives_exr_and_hdr_above_one(backend, tmp_path):
     assert preview is not None and iio.imread(preview).ndim == 3
 
 
+def test_a_world_from_an_image_over_http(backend, tmp_path):
+    job = panorama_job(steps=1)
+    job.image = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    status = backend.client.submit(job.to_bytes())
+    final = backend.client.wait(status["id"], poll=0.05, timeout=240)
+    assert final["state"] == "done", final["error"]
+    backend.client.result(status["id"], tmp_path)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["from_image"] is True and report["base_model"] == "tiny"
+    np.testing.assert_array_equal(iio.imread(tmp_path / "views" / "view_00.png"), job.image)
+
+
 def test_cancel_in_the_middle(backend):
     status = backend.client.submit(texture_job(steps=400).to_bytes())
     wait_for(lambda: backend.client.status(status["id"])["step"] >= 2, timeout=120)

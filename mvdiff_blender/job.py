@@ -18,7 +18,7 @@ import bpy
 
 from ..backend.protocol import GenerationSettings, PanoramaJob, TextureJob, check_prompt_count
 from ..backend.validation import InputError
-from . import cameras, export, render_depth
+from . import cameras, export, render_depth, world_image
 
 
 class JobError(ValueError):
@@ -138,7 +138,11 @@ def _texture_job(context, settings, objects, poses, placed, on_progress) -> Prep
 def prepare_world_job(context) -> PreparedJob:
     settings = context.scene.mvdiff
     generation = generation_settings(settings, settings.world_prompt, 1)
-    job = PanoramaJob(generation, settings.world_height, settings.world_view_size)
+    try:
+        image = world_image.world_image(context, settings)
+    except world_image.WorldImageError as err:
+        raise JobError(str(err)) from None
+    job = PanoramaJob(generation, settings.world_height, settings.world_view_size, image)
     try:
         job.validate()
     except InputError as err:

@@ -26,6 +26,11 @@ from ..backend.sampling_options import (
     scheduler_description,
 )
 
+WORLD_SOURCES = [
+    ("TEXT", "Text", "The prompt alone"),
+    ("IMAGE", "Image", "Around a photo, which stays the World's front view (facing +X)"),
+    ("RENDER", "Current Render", "Around a render of the scene's camera, which stays the front view (facing +X)"),
+]
 CAMERA_SOURCES = [
     ("SELECTED", "Selected Cameras", "The camera objects in the selection, in name order"),
     ("ANIMATED", "Animated Camera", "One camera's pose on every step-th frame of a frame range"),
@@ -108,6 +113,10 @@ class MVDIFF_PG_scene(bpy.types.PropertyGroup):
 
     # --- environment
     world_prompt: StringProperty(name="Prompt", description="What the 360 environment should show")
+    world_source: EnumProperty(name="From", items=WORLD_SOURCES, default="TEXT",
+                               description="Make the World from the prompt alone or around an image")
+    world_image: PointerProperty(name="Image", type=bpy.types.Image,
+                                 description="The photo the World is made around; it stays the front view")
     world_height: IntProperty(name="Height", description="Height of the equirectangular image (width is twice)",
                               default=1024, min=64, max=8192)
     world_view_size: IntProperty(name="View Size",

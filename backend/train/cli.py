@@ -54,6 +54,8 @@ def released_samples(config, kind: str, folder: str):
     from ..validation import InputError
     from .released_data import ScanNetScenes
 
+    if kind == "mp3d":  # Matterport3D skyboxes (released_data.MatterportSkybox) are panorama samples
+        raise InputError("data", "mp3d holds panorama views; the trainer trains the depth model only")
     if kind not in DATA_KINDS:
         raise InputError("data", f"must be one of {', '.join(DATA_KINDS)}, got {kind!r}")
     root = Path(folder)

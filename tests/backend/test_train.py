@@ -423,3 +423,5 @@ def test_train_runs_a_step_on_a_scannet_layout_folder(tmp_path, capsys, monkeypa
     assert "data: no such folder" in capsys.readouterr().err
     assert main([*argv, "--data", "kitti", str(root)]) == 2
     assert "data: must be one of scannet" in capsys.readouterr().err
+    assert main([*argv, "--data", "mp3d", str(root)]) == 2
+    assert "the trainer trains the depth model only" in capsys.readouterr().err

@@ -108,7 +108,7 @@ def front_view(image: np.ndarray, size: int) -> np.ndarray:
     square = np.ascontiguousarray(image[top : top + side, left : left + side])
     if side == size:
         return square
-    return np.asarray(Image.fromarray(square).resize((size, size), Image.Resampling.LANCZOS))
+    return np.array(Image.fromarray(square).resize((size, size), Image.Resampling.LANCZOS))
 
 
 def layout_prompts(prompts: list[str], views: int) -> str | list[str]:

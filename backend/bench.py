@@ -13,8 +13,6 @@ import platform
 import sys
 from collections.abc import Callable
 
-import torch
-
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], dict]] = {}
 DEFAULT_VIEW_SIZE = (256, 192)
 
@@ -27,8 +25,16 @@ def benchmark(name: str):
     return register
 
 
+def torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
 def machine() -> dict:
     """Where a figure came from, so a number in the docs can be traced to its hardware."""
+    import torch
+
     info = {
         "cpu": _cpu_name(),
         "cores": os.cpu_count(),
@@ -121,7 +127,7 @@ def bench_unet(args: argparse.Namespace) -> dict:
     from .models.sd2_configs import SD2_CHANNELS
 
     channels = SD2_CHANNELS if args.channels == "sd2" else tuple(int(c) for c in args.channels.split(","))
-    dtype = getattr(torch, args.dtype)
+    dtype = torch_dtype(args.dtype)
     scaling = tuple(int(v) for v in args.scaling.split(",")) if args.scaling else ()
     size = (args.width, args.height) if args.size_given else None
     result = run_unet_benchmark(
@@ -136,7 +142,7 @@ def bench_caa(args: argparse.Namespace) -> dict:
     """One CAA block of each released design at each SD 2 level, ours against the literal per-token form."""
     from .models.caa_bench import run_caa_benchmark
 
-    dtype = getattr(torch, args.dtype)
+    dtype = torch_dtype(args.dtype)
     result = run_caa_benchmark(repeats=args.repeats, threads=args.threads, device=args.device, dtype=dtype)
     result["machine"] = machine()
     return result
@@ -175,15 +181,16 @@ def bench_unwrap(args: argparse.Namespace) -> dict:
 @benchmark("consistency")
 def bench_consistency(args: argparse.Namespace) -> dict:
     """Train the tiny recipe (or load --run), generate held-out trajectories with and without CAA, score overlap."""
+    from .sampling_options import DEFAULT_STEPS
     from .train.config import TrainConfig
-    from .train.consistency_bench import DEFAULT_CONFIG, DEFAULT_GUIDANCE, DEFAULT_STEPS, run_consistency_benchmark
+    from .train.consistency_bench import DEFAULT_CONFIG, TINY_GUIDANCE, run_consistency_benchmark
 
     config = TrainConfig.load(args.config) if args.config else None
     if config is None and not args.run:
         config = TrainConfig.load(DEFAULT_CONFIG)
     result = run_consistency_benchmark(
         config, args.run or args.out, train=not args.run, trajectories=args.heldout,
-        steps=args.steps or DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE if args.guidance is None else args.guidance,
+        steps=args.steps or DEFAULT_STEPS, guidance=TINY_GUIDANCE if args.guidance is None else args.guidance,
         progress=not args.json,
     )
     result["machine"] = machine()
@@ -208,8 +215,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", choices=("panorama", "depth"), default="panorama", help="CAA design (unet)")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds, interleaved (unet, caa)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (caa)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="torch device (unet, caa, precision)")
+    parser.add_argument("--device", default="auto",
+                        help="torch device; auto: cuda when available (unet, caa, precision)")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                         help="working dtype (unet, caa)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (job: 10, consistency: 50)")
@@ -227,6 +234,10 @@ def run(args: argparse.Namespace) -> int:
     args.size_given = args.width is not None or args.height is not None
     args.width = DEFAULT_VIEW_SIZE[0] if args.width is None else args.width
     args.height = DEFAULT_VIEW_SIZE[1] if args.height is None else args.height
+    if args.device == "auto":
+        from .engine import resolve_device
+
+        args.device = resolve_device(args.device)
     result = BENCHMARKS[args.name](args)
     for key, value in result.items():
         if key not in ("machine", "cases"):

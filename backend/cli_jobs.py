@@ -17,21 +17,22 @@ from .validation import InputError
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    from .models import catalog  # the standard library only: --help and argument errors answer at once
+    from .models.catalog import BASE_KINDS, DEFAULT_BASE_KIND
+    from .models.serving import DEFAULT_BASE_MODEL, DEFAULT_DEPTH_MODEL, DEFAULT_INPAINT_MODEL
 
-    DEFAULT_DEPTH_MODEL, DEFAULT_BASE_MODEL = catalog.default_base_model("depth"), catalog.default_base_model("base")
     group = parser.add_argument_group("models")
     group.add_argument("--models", help="'tiny' (random test weights) or a folder holding depth/ and base/")
     group.add_argument("--depth-model", default=DEFAULT_DEPTH_MODEL, help="SD 2 depth: hub id, folder or file")
     group.add_argument("--base-model", default=DEFAULT_BASE_MODEL, help="SD 2 base: hub id, folder or file")
     group.add_argument("--depth-caa", help="multi-view block weights for the depth model (.safetensors or .ckpt)")
     group.add_argument("--panorama-caa", help="multi-view block weights for the panorama model")
+    group.add_argument("--inpaint-model", default=DEFAULT_INPAINT_MODEL,
+                       help="SD 2 inpainting (panoramas from an image): hub id, folder or file")
+    group.add_argument("--outpaint-caa", help="multi-view block weights for the inpainting model")
     group.add_argument("--device", help="cuda, cuda:1, cpu... (default: cuda when available)")
     group.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="default: float16 on a GPU")
     group.add_argument("--offline", action="store_true", help="never contact the model hub")
     group.add_argument("--models-dir", help="models folder (default: $MVDIFF_MODELS_DIR or the user data folder)")
-    from .models.catalog import BASE_KINDS, DEFAULT_BASE_KIND
-
     kinds = ", ".join(f"{kind} ({family.label})" for kind, family in BASE_KINDS.items())
     group.add_argument("--base-kind", choices=tuple(BASE_KINDS), default=DEFAULT_BASE_KIND,
                        help=f"the base model family: {kinds}. Default: {DEFAULT_BASE_KIND}")
@@ -43,14 +44,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def model_config(args: argparse.Namespace):
-    from .engine import ModelConfig
+    from .models.serving import AUTO, ModelConfig
 
     if args.models == "tiny":
         return ModelConfig.tiny(args.base_kind)
-    defaults = ModelConfig()
     return ModelConfig(
         depth=args.depth_model, base=args.base_model, root=args.models, depth_caa=args.depth_caa,
-        panorama_caa=args.panorama_caa, device=args.device or defaults.device, dtype=args.dtype or defaults.dtype,
+        panorama_caa=args.panorama_caa, inpaint=args.inpaint_model, outpaint_caa=args.outpaint_caa,
+        device=args.device or AUTO, dtype=args.dtype or AUTO,
         offline=True if args.offline else None, models_dir=args.models_dir, base_kind=args.base_kind,
         model=args.model, controlnet=args.controlnet, model_config=args.model_config,
         controlnet_config=args.controlnet_config,
@@ -210,6 +211,7 @@ def add_panorama_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--height", type=int, default=1024, help="equirect height (width is twice that)")
     parser.add_argument("--view-size", type=int,
                         help="size of each generated view (default: the base model's native size, 512 or 1024)")
+    parser.add_argument("--image", help="a photo or render the 360 environment is made around (its front view)")
     parser.add_argument("--out", required=True, help="output folder")
     add_model_arguments(parser)
 
@@ -219,5 +221,16 @@ def run_panorama(args: argparse.Namespace) -> int:
 
     settings = GenerationSettings(args.prompt, args.negative_prompt, args.steps, args.guidance, args.seed,
                                   args.scheduler)
-    job = read_job(PanoramaJob(settings, args.height, args.view_size).to_bytes())  # validated like a sent job
+    image = None
+    if args.image is not None:
+        import imageio.v3 as iio
+        import numpy as np
+
+        if not Path(args.image).is_file():
+            raise InputError("image", f"no such file: {args.image}")
+        image = iio.imread(args.image)
+        image = image[..., :3] if image.ndim == 3 else np.repeat(image[..., None], 3, axis=-1)
+        if image.dtype != np.uint8:
+            raise InputError("image", f"{args.image} must be an 8-bit image, got {image.dtype}")
+    job = read_job(PanoramaJob(settings, args.height, args.view_size, image).to_bytes())  # validated like a sent job
     return _run_local(job, args)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-FINAL_STATES = ("done", "failed", "cancelled", "interrupted")
+from .protocol import FINAL_STATES
 
 
 class BackendError(RuntimeError):

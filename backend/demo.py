@@ -13,9 +13,7 @@ from pathlib import Path
 import imageio.v3 as iio
 import numpy as np
 
-from .eval.bake_roundtrip import bake_roundtrip
 from .geometry.mesh import Mesh
-from .geometry.render import render_textured
 
 
 def contact_sheet(rows: list[list[np.ndarray]], gap: int = 4) -> np.ndarray:
@@ -43,6 +41,9 @@ def write_obj(path: Path, mesh: Mesh) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .eval.bake_roundtrip import bake_roundtrip  # torch: imported by the command, not by its --help
+    from .geometry.render import render_textured
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"Baking the demo room ({args.views} views, {args.size}x{args.size} texture)...", flush=True)

@@ -17,128 +17,38 @@ from __future__ import annotations
 
 import gc
 import threading
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from .models import catalog, manifest
-from .models.base_adapter import SD2_DEPTH, ControlNetAdapter
+from .models.base_adapter import ControlNetAdapter
 from .models.base_loading import LoadedBase, load_controlnet, load_controlnet_base, with_controlnet
 from .models.loading import load_components
 from .models.mv_unet import MultiViewUNet
 from .models.released import load_released_checkpoint, use_released_behaviour
-from .models.tiny import CAA_WEIGHTS, tiny_multiview, tiny_pipeline
+from .models.serving import AUTO, DTYPES, TASKS, TINY, ModelConfig
+from .models.tiny import tiny_multiview, tiny_pipeline
 from .models.tiny_bases import TINY_SHAPE_OF_KIND, tiny_controlnet_base
 from .models.weights import load_added_weights
 from .pipelines.sampling import MultiViewSampler
 from .protocol import NO_MULTIVIEW_WEIGHTS
 from .validation import InputError
 
-TINY = "tiny"
-DEFAULT_DEPTH_MODEL = catalog.default_base_model("depth")
-DEFAULT_BASE_MODEL = catalog.default_base_model("base")
 NO_WEIGHTS = NO_MULTIVIEW_WEIGHTS  # describe(): the multi-view blocks stay at their identity initialisation
-TASKS = {"depth": "depth", "panorama": "base"}  # task -> the SD 2 kind it is built on
 
 
-@dataclass(frozen=True)
-class ModelConfig:
-    """Where the models come from and where they run.
+def resolve_device(device: str) -> str:
+    """``"auto"``: cuda when this machine has it, else cpu; anything else as given."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == AUTO else device
 
-    ``depth`` / ``base``: hub id, diffusers folder or checkpoint file of the base models, or
-    ``"tiny"``. A folder holding ``depth/`` and ``base/`` (as ``make-tiny-model`` writes) can be
-    given as ``root``. ``depth_caa`` / ``panorama_caa``: the added blocks' weights (our
-    ``.safetensors`` or a released ``.ckpt``); without them a folder's own ``caa.safetensors``
-    is used, then the task's released checkpoint in the models folder (``models_dir``, see
-    :mod:`~backend.models.catalog`; its recorded sha256 is checked first), and failing that the
-    blocks stay at their identity initialisation. A default hub id is replaced by a copy of any
-    catalog model of its kind downloaded into the models folder.
 
-    ``base_kind`` (``sd2_depth``, ``sd15_controlnet``, ``sdxl_controlnet``): the family. For the
-    ControlNet kinds ``model`` is the SD 1.5 / SDXL model (hub id, folder, single file or
-    ``"tiny"``; ``None``: the catalog's, its copy in the models folder when downloaded) and
-    ``controlnet`` its depth ControlNet (``None`` likewise); ``model_config`` /
-    ``controlnet_config`` give the configs of single files. ``depth``, ``base``, ``root`` and the
-    ``*_caa`` weights are then unused.
-    """
-
-    depth: str = DEFAULT_DEPTH_MODEL
-    base: str = DEFAULT_BASE_MODEL
-    root: str | None = None
-    depth_caa: str | None = None
-    panorama_caa: str | None = None
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype: str = "float16" if torch.cuda.is_available() else "float32"
-    offline: bool | None = None
-    models_dir: str | None = None
-    base_kind: str = catalog.DEFAULT_BASE_KIND
-    model: str | None = None
-    controlnet: str | None = None
-    model_config: str | None = None
-    controlnet_config: str | None = None
-
-    @classmethod
-    def tiny(cls, base_kind: str = catalog.DEFAULT_BASE_KIND) -> ModelConfig:
-        return cls(depth=TINY, base=TINY, model=TINY, device="cpu", dtype="float32", base_kind=base_kind)
-
-    @property
-    def trained(self) -> bool:
-        """Whether the family has trained multi-view blocks (SD 2 only)."""
-        return self.family().multiview_weights
-
-    def family(self) -> catalog.BaseFamily:
-        if self.base_kind not in catalog.BASE_KINDS:
-            raise InputError("base_kind", f"must be one of {', '.join(catalog.BASE_KINDS)}, got {self.base_kind!r}")
-        return catalog.BASE_KINDS[self.base_kind]
-
-    def controlnet_source(self) -> str | None:
-        """The depth ControlNet of a ControlNet kind (``"tiny"`` with the tiny model); None for SD 2."""
-        if self.base_kind == SD2_DEPTH:
-            return None
-        if self.model == TINY:
-            return TINY
-        if self.controlnet is not None:
-            return self.controlnet
-        local = catalog.local_family_models(self.base_kind, self.models_dir)[1]
-        return str(local) if local is not None else catalog.default_controlnet(self.base_kind)
-
-    def source(self, task: str) -> str:
-        if task not in TASKS:
-            raise InputError("task", f"must be one of {sorted(TASKS)}, got {task!r}")
-        if not self.trained:
-            if self.model is not None:
-                return self.model
-            local = catalog.local_family_models(self.base_kind, self.models_dir)[0]
-            return str(local) if local is not None else catalog.default_family_model(self.base_kind)
-        kind = TASKS[task]
-        if self.root is not None:
-            return str(Path(self.root).expanduser() / kind)
-        given = self.depth if task == "depth" else self.base
-        if given == catalog.default_base_model(kind):
-            local = catalog.local_base_model(kind, self.models_dir)
-            if local is not None:
-                return str(local)
-        return given
-
-    def multiview_weights(self, task: str) -> Path | None:
-        """The file the task's added blocks load from, by the order in the class docstring; ``None``: identity."""
-        source = self.source(task)
-        if source == TINY or not self.trained:
-            return None
-        given = self.depth_caa if task == "depth" else self.panorama_caa
-        if given is not None:
-            return Path(given).expanduser()
-        own = Path(source).expanduser() / CAA_WEIGHTS
-        if own.is_file():
-            return own
-        released = catalog.models_dir(self.models_dir) / catalog.TASK_CHECKPOINTS[task]
-        return released if released.is_file() else None
-
-    def torch_dtype(self) -> torch.dtype:
-        if self.dtype not in ("float32", "float16", "bfloat16"):
-            raise InputError("dtype", f"must be float32, float16 or bfloat16, got {self.dtype!r}")
-        return getattr(torch, self.dtype)
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """``"auto"``: float16 on a GPU, float32 elsewhere; else the named dtype."""
+    if dtype == AUTO:
+        return torch.float32 if resolve_device(device) == "cpu" else torch.float16
+    if dtype not in DTYPES:
+        raise InputError("dtype", f"must be auto, {', '.join(DTYPES)}, got {dtype!r}")
+    return getattr(torch, dtype)
 
 
 class ModelSet:
@@ -161,6 +71,16 @@ class ModelSet:
             if task not in self._samplers:
                 self._samplers[task] = self._load(task)
             return self._samplers[task]
+
+    @property
+    def device(self) -> str:
+        """The device the models run on, ``auto`` resolved."""
+        return resolve_device(self.config.device)
+
+    @property
+    def dtype(self) -> str:
+        """The models' dtype name, ``auto`` resolved."""
+        return str(resolve_dtype(self.config.dtype, self.config.device)).replace("torch.", "")
 
     def loaded(self) -> dict[str, str]:
         """Task -> source of each model in memory (what the health route reports)."""
@@ -207,14 +127,16 @@ class ModelSet:
             return self._load_controlnet_kind(task)
         kind = TASKS[task]
         source = self.config.source(task)
-        device, dtype = self.config.device, self.config.torch_dtype()
+        device, dtype = self.device, resolve_dtype(self.config.dtype, self.config.device)
         if source == TINY:
             pipe = tiny_pipeline(kind)
             model = tiny_multiview(kind, pipe.unet)
             parts = (pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler)
         else:
             components = load_components(source, kind, offline=self.config.offline, dtype=dtype, device=device)
-            model = MultiViewUNet(components.unet, task, with_condition=task == "depth")
+            # Outpainting is the panorama design on an inpainting UNet.
+            design = "panorama" if task == "outpaint" else task
+            model = MultiViewUNet(components.unet, design, with_condition=task == "depth")
             self._load_added(model, task, source)
             parts = (components.vae, components.text_encoder, components.tokenizer, components.scheduler)
         model = model.to(device, dtype).eval()
@@ -232,7 +154,7 @@ class ModelSet:
             else:
                 self._base = load_controlnet_base(
                     kind, source, None, config=config.model_config, offline=config.offline,
-                    dtype=config.torch_dtype(), device=config.device,
+                    dtype=resolve_dtype(config.dtype, config.device), device=self.device,
                 )
         base = self._base
         adapter: ControlNetAdapter = base.adapter
@@ -242,12 +164,13 @@ class ModelSet:
                 net = tiny_controlnet_base(TINY_SHAPE_OF_KIND[kind]).adapter.controlnet
             else:
                 offline = catalog.hub_offline() if config.offline is None else config.offline
-                net = load_controlnet(source, kind, config.controlnet_config, offline, config.torch_dtype())
+                net = load_controlnet(source, kind, config.controlnet_config, offline,
+                                      resolve_dtype(config.dtype, config.device))
             adapter = with_controlnet(adapter, net)
         return MultiViewSampler.from_adapter(adapter, base.vae, base.scheduler)
 
     def _load_added(self, model: MultiViewUNet, task: str, source: str) -> None:
-        field = "depth_caa" if task == "depth" else "panorama_caa"
+        field = f"{task}_caa"
         path = self.config.multiview_weights(task)
         if path is None:
             return

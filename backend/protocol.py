@@ -10,7 +10,9 @@ library are used: Blender's own Python imports this module.
 from __future__ import annotations
 
 import io
+import ipaddress
 import json
+import socket
 import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -22,14 +24,12 @@ from .geometry.cameras import Camera
 from .geometry.mesh import Mesh
 from .npz import ArrayHeader, Source, load_arrays, read_headers
 from .sampling_options import DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, scheduler_name
-from .validation import InputError, as_array, depth_map, in_range, positive_int
+from .validation import InputError, as_array, depth_map, in_range, positive_int, rgb_image
 
 API_VERSION = 1
 JOB_KINDS = ("texture", "panorama")
 DEFAULT_MAX_BYTES = 2 * 2**30
 META_KEY = "job.json"
-VIEW_SIZE_MULTIPLE = 64
-"""Generated views are a multiple of this many pixels on each side (the UNet's levels divide it)."""
 TOKEN_ENV = "MVDIFF_TOKEN"
 """The environment variable that gives ``serve`` its access token (never the command line: ``ps`` shows that)."""
 INSTANCE_ENV = "MVDIFF_INSTANCE_ID"
@@ -40,6 +40,48 @@ MAX_NAME_LENGTH = 255
 NO_MULTIVIEW_WEIGHTS = "none"
 """``multiview_weights`` in ``/v1/version`` and ``report.json`` when the multi-view blocks stay at their
 identity: every view is generated alone, and the add-on warns that views will not agree."""
+VIEW_MULTIPLE = 64
+"""Every generated view's width and height is a multiple of this: the autoencoder's factor 8 times the
+UNet's three halvings (Stable Diffusion 2)."""
+PANORAMA_RING_VIEWS = 8
+PANORAMA_VIEWS = PANORAMA_RING_VIEWS + 2
+PANORAMA_VIEW_ORDER = f"{PANORAMA_RING_VIEWS} around from +X turning right, then top and bottom"
+"""A panorama job's views, in the order of per-view prompts."""
+MAX_IMAGE_SIDE = 8192
+JOB_STATES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
+FINAL_STATES = ("done", "failed", "cancelled", "interrupted")
+"""States of a job in ``/v1/jobs/ID``; a job in a final state changes no more."""
+LOOPBACK_NAMES = ("localhost", "localhost.localdomain")
+
+
+def view_side(field: str, value: Any, low: int = VIEW_MULTIPLE, high: int = 8192) -> int:
+    """A view's width or height: a positive multiple of :data:`VIEW_MULTIPLE` in [low, high]."""
+    value = positive_int(field, value)
+    if value % VIEW_MULTIPLE or not low <= value <= high:
+        raise InputError(field, f"must be a multiple of {VIEW_MULTIPLE} in [{low}, {high}], got {value}")
+    return value
+
+
+def check_prompt_count(count: int, views: int, order: str = "") -> None:
+    """One prompt for every view, or one per view (in ``order`` when the views have one)."""
+    if count not in (1, views):
+        detail = f": {order}" if order else ""
+        raise InputError("prompts", f"expected one prompt or {views} (one per view{detail}), got {count}")
+
+
+def is_loopback(host: str) -> bool:
+    """True for hosts only this machine can reach (127.0.0.0/8, ::1, localhost; names are resolved)."""
+    host = host.strip("[]")
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None))
+    except (OSError, ValueError):
+        return False
 
 
 def pack_arrays(arrays: dict[str, np.ndarray], meta: dict[str, Any] | None = None) -> bytes:
@@ -208,10 +250,8 @@ class TextureJob:
     def validate(self) -> TextureJob:
         """Checks across fields (counts, sizes, names); the same for jobs read and jobs built in code."""
         self.settings.validate()
-        prompts = [self.settings.prompts] if isinstance(self.settings.prompts, str) else self.settings.prompts
         views = len(self.cameras)
-        if len(prompts) not in (1, views):
-            raise InputError("prompts", f"expected one prompt or {views} (one per view), got {len(prompts)}")
+        check_prompt_count(len(self.settings.prompts), views)
         if len(self.depths) != views:
             raise InputError("depths", f"expected one depth map per camera ({views}), got {len(self.depths)}")
         size = positive_int("texture_size", self.texture_size)
@@ -234,35 +274,48 @@ class TextureJob:
 
 @dataclass
 class PanoramaJob:
-    """A 360 environment from text (one prompt, or one per view of the layout).
+    """A 360 environment from text: one prompt, or one per view of the layout (:data:`PANORAMA_VIEW_ORDER`).
 
     ``view_size``: pixels of each square view; ``None`` is the base model's native size (512 for
     SD 1.5 and SD 2, 1024 for SDXL: ``native_view_size`` of ``/v1/version``'s task).
+    ``image`` (optional, uint8 (H, W, 3) sRGB, a photo or a render): the environment is generated
+    around it, and it stays the front view (facing +X, the equirect's centre). Any size: its
+    centre square is scaled to the view size.
     """
 
     settings: GenerationSettings
     equirect_height: int = 1024
     view_size: int | None = None
+    image: np.ndarray | None = None
 
     kind = "panorama"
 
     def to_bytes(self) -> bytes:
         meta = {"api_version": API_VERSION, "kind": self.kind, "settings": asdict(self.settings),
                 "equirect_height": self.equirect_height, "view_size": self.view_size}
-        return pack_arrays({}, meta)
+        return pack_arrays({} if self.image is None else {"image": np.asarray(self.image)}, meta)
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> PanoramaJob:
         _check_header(meta, cls.kind)
-        height = positive_int("equirect_height", meta.get("equirect_height", 1024))
-        if not 64 <= height <= 8192:
-            raise InputError("equirect_height", f"must lie in [64, 8192], got {height}")
-        view = meta.get("view_size")
-        if view is not None:
-            view = positive_int("view_size", view)
-            if view % VIEW_SIZE_MULTIPLE or not VIEW_SIZE_MULTIPLE <= view <= 2048:
-                raise InputError("view_size", f"must be a multiple of {VIEW_SIZE_MULTIPLE} in [64, 2048], got {view}")
-        return cls(_settings(meta), height, view)
+        return cls(_settings(meta), meta.get("equirect_height", 1024), meta.get("view_size"),
+                   arrays.get("image")).validate()
+
+    def validate(self) -> PanoramaJob:
+        """Every check of a panorama job; the same for jobs read, jobs built in code and the add-on's."""
+        self.settings.validate()
+        check_prompt_count(len(self.settings.prompts), PANORAMA_VIEWS, PANORAMA_VIEW_ORDER)
+        self.equirect_height = positive_int("equirect_height", self.equirect_height)
+        if not 64 <= self.equirect_height <= 8192:
+            raise InputError("equirect_height", f"must lie in [64, 8192], got {self.equirect_height}")
+        if self.view_size is not None:
+            self.view_size = view_side("view_size", self.view_size, high=2048)
+        if self.image is not None:
+            self.image = rgb_image("image", self.image)
+            if min(self.image.shape[:2]) < 8 or max(self.image.shape[:2]) > MAX_IMAGE_SIDE:
+                raise InputError("image", f"sides must lie in [8, {MAX_IMAGE_SIDE}], got {self.image.shape[1]} x "
+                                          f"{self.image.shape[0]}")
+        return self
 
 
 def read_job(source: Source, max_bytes: int = DEFAULT_MAX_BYTES,

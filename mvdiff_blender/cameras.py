@@ -21,8 +21,8 @@ import bpy
 import numpy as np
 from mathutils import Matrix
 
-from ..backend.geometry.cameras import Camera, look_at
-from ..backend.protocol import VIEW_SIZE_MULTIPLE
+from ..backend.geometry.cameras import BLENDER_TO_OPENCV_AXES, Camera, look_at
+from ..backend.protocol import VIEW_MULTIPLE
 from .export import GEOMETRY_TYPES
 
 COLLECTION_NAME = "MVDiffusion Cameras"
@@ -31,11 +31,7 @@ COLLECTION_NAME = "MVDiffusion Cameras"
 _COLLECTION_TAG = "mvdiff_cameras"
 _PLACEMENT_KEY = "mvdiff_placement"
 PLACED_SENSOR_WIDTH = 36.0
-RESOLUTION_MULTIPLE = VIEW_SIZE_MULTIPLE
 CLIP_MARGIN = 1.1  # placed cameras' clip end: this times the farthest scene point from any of them
-
-# Blender cameras look down -Z with +Y up; OpenCV cameras (look_at) look down +Z with +Y down.
-_OPENCV_TO_BLENDER = np.diag([1.0, -1.0, -1.0, 1.0])
 
 
 class CameraError(ValueError):
@@ -91,12 +87,12 @@ class Pose:
 
 
 def job_resolution(settings) -> tuple[int, int]:
-    """The size every pose is rendered and generated at; the diffusion model needs multiples of 64."""
+    """The size every pose is rendered and generated at; the diffusion model needs multiples of VIEW_MULTIPLE."""
     size = []
     for name in ("width", "height"):
         value = int(getattr(settings, name))
-        if value <= 0 or value % RESOLUTION_MULTIPLE:
-            raise CameraError(f"The view {name} must be a positive multiple of {RESOLUTION_MULTIPLE} pixels, "
+        if value <= 0 or value % VIEW_MULTIPLE:
+            raise CameraError(f"The view {name} must be a positive multiple of {VIEW_MULTIPLE} pixels, "
                               f"got {value} (setting '{name}')")
         size.append(value)
     return size[0], size[1]
@@ -284,7 +280,7 @@ def place_orbit(scene: bpy.types.Scene, targets: Sequence[bpy.types.Object], vie
     clip_start, clip_end = clip_range(scene, np.array([eye for _, eye in eyes]))
     coll = _replace_placed(scene, _orbit_placement(targets, views_per_ring, rings, highest_elevation,
                                                    distance_radii, lens))
-    return [_new_camera(coll, name, look_at(eye, centre) @ _OPENCV_TO_BLENDER, lens, clip_start, clip_end)
+    return [_new_camera(coll, name, look_at(eye, centre) @ BLENDER_TO_OPENCV_AXES, lens, clip_start, clip_end)
             for name, eye in eyes]
 
 
@@ -425,7 +421,7 @@ def place_walk(scene: bpy.types.Scene, curve_object: bpy.types.Object, views: in
             forward = heading
         else:
             heading = np.array([forward[0], forward[1], 0.0]) / horizontal
-        matrix = look_at(eye, eye + forward) @ _OPENCV_TO_BLENDER
+        matrix = look_at(eye, eye + forward) @ BLENDER_TO_OPENCV_AXES
         placed.append(_new_camera(coll, f"MVDiffusion Walk {index:03d}", matrix, lens, clip_start,
                                   clip_end))
     return placed

@@ -26,11 +26,6 @@ def enable_nodes(id_block) -> None:
         id_block.use_nodes = True
 
 
-def eevee_engine_id() -> str:
-    """EEVEE was ``BLENDER_EEVEE_NEXT`` in 4.2 - 4.5 and is ``BLENDER_EEVEE`` again from 5.0."""
-    return "BLENDER_EEVEE" if VERSION >= (5, 0, 0) else "BLENDER_EEVEE_NEXT"
-
-
 def linear_colorspace_name() -> str:
     """The scene-linear colour space for HDR images: 'Linear Rec.709' from 4.0, 'Linear' before."""
     items = bpy.types.ColorManagedInputColorspaceSettings.bl_rna.properties["name"].enum_items.keys()

@@ -7,13 +7,11 @@ Blender's preferences may only be read on the main thread, so operators snapshot
 
 from __future__ import annotations
 
-import ipaddress
-import socket
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-LOOPBACK_NAMES = ("localhost", "localhost.localdomain")
+from ..backend.protocol import is_loopback as host_is_loopback
 
 
 class SetupError(RuntimeError):
@@ -53,17 +51,7 @@ def normalise_url(text: str) -> str:
 
 def is_loopback(url: str) -> bool:
     """True when the URL's host is this machine (names are resolved, so ``localhost`` counts)."""
-    host = urllib.parse.urlsplit(url).hostname or ""
-    if host.lower() in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        pass
-    try:
-        return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None))
-    except (OSError, ValueError):
-        return False
+    return host_is_loopback(urllib.parse.urlsplit(url).hostname or "")
 
 
 @dataclass(frozen=True)

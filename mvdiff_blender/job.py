@@ -18,9 +18,9 @@ from pathlib import Path
 import bpy
 import numpy as np
 
-from ..backend.protocol import VIEW_SIZE_MULTIPLE, GenerationSettings, PanoramaJob, TextureJob
+from ..backend.protocol import GenerationSettings, PanoramaJob, TextureJob, check_prompt_count
 from ..backend.validation import InputError
-from . import apply, cameras, export, render_depth, uv_overlap
+from . import apply, cameras, export, render_depth, uv_overlap, world_image
 
 UNSAVED_FOLDER_NAME = "MVDiffusion"
 """Results of an unsaved .blend go to this folder in the user's home directory, which outlives the
@@ -113,9 +113,10 @@ def generation_settings(settings, prompt: str, views: int, per_view=None) -> Gen
     if per_view is not None:
         lines = [line.body.strip() for line in per_view.lines if line.body.strip()]
         if lines:
-            if len(lines) not in (1, views):
-                raise JobError(f"The text block {per_view.name!r} has {len(lines)} prompts; "
-                               f"give one, or one per view ({views})")
+            try:
+                check_prompt_count(len(lines), views)
+            except InputError as err:
+                raise JobError(f"The text block {per_view.name!r}: {err.problem}") from None
             prompts = lines
     if not any(p.strip() for p in prompts):
         raise JobError("Write a prompt first")
@@ -268,9 +269,15 @@ def world_job_steps(context) -> Steps:
 def prepare_world_job(context) -> PreparedJob:
     settings = context.scene.mvdiff
     generation = generation_settings(settings, settings.world_prompt, 1)
-    if settings.world_view_size % VIEW_SIZE_MULTIPLE:
-        raise JobError(f"View Size must be a multiple of {VIEW_SIZE_MULTIPLE}, got {settings.world_view_size}")
-    job = PanoramaJob(generation, settings.world_height, settings.world_view_size)
+    try:
+        image = world_image.world_image(context, settings)
+    except world_image.WorldImageError as err:
+        raise JobError(str(err)) from None
+    job = PanoramaJob(generation, settings.world_height, settings.world_view_size, image)
+    try:
+        job.validate()
+    except InputError as err:
+        raise JobError(f"{err.field}: {err.problem}") from None
     out = output_dir(settings)
     folder, basename = _new_folder(out, "world", settings.world_result_name)
     data = job.to_bytes()

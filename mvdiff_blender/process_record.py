@@ -22,6 +22,8 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..backend import atomic
+
 
 @dataclass(frozen=True)
 class Record:
@@ -64,11 +66,7 @@ def process_start_token(pid: int) -> str:
 def write(path: Path, record: Record) -> None:
     """Write atomically (a temporary file, then rename), so a crash never leaves half a record."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds the token
-    with os.fdopen(descriptor, "w") as out:
-        out.write(json.dumps({**asdict(record), "command": list(record.command)}, indent=1))
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps({**asdict(record), "command": list(record.command)}, indent=1))
 
 
 def read(path: Path) -> Record | None:

@@ -17,7 +17,7 @@ from bpy.props import (
     StringProperty,
 )
 
-from ..backend.protocol import VIEW_SIZE_MULTIPLE
+from ..backend.protocol import VIEW_MULTIPLE
 from ..backend.sampling_options import (
     DEFAULT_GUIDANCE,
     DEFAULT_SCHEDULER,
@@ -26,6 +26,11 @@ from ..backend.sampling_options import (
     scheduler_description,
 )
 
+WORLD_SOURCES = [
+    ("TEXT", "Text", "The prompt alone"),
+    ("IMAGE", "Image", "Around a photo, which stays the World's front view (facing +X)"),
+    ("RENDER", "Current Render", "Around a render of the scene's camera, which stays the front view (facing +X)"),
+]
 CAMERA_SOURCES = [
     ("SELECTED", "Selected Cameras", "The camera objects in the selection, in name order"),
     ("ANIMATED", "Animated Camera", "One camera's pose on every step-th frame of a frame range"),
@@ -43,7 +48,7 @@ SCHEDULER_ITEMS = [(name, choice.label, scheduler_description(name)) for name, c
 
 def snap_view_size(value: int) -> int:
     """The nearest multiple of the view-size rule (at least one multiple): what a typed 200 becomes."""
-    return max(VIEW_SIZE_MULTIPLE, VIEW_SIZE_MULTIPLE * round(int(value) / VIEW_SIZE_MULTIPLE))
+    return max(VIEW_MULTIPLE, VIEW_MULTIPLE * round(int(value) / VIEW_MULTIPLE))
 
 
 def _snapper(name: str):
@@ -103,11 +108,11 @@ class MVDIFF_PG_scene(bpy.types.PropertyGroup):
     walk_curve: PointerProperty(name="Curve", type=bpy.types.Object, poll=_is_curve,
                                 description="The cameras walk along this curve, looking ahead")
     walk_views: IntProperty(name="Views", default=12, min=2, max=512, description="Cameras along the curve")
-    width: IntProperty(name="Width", description=f"View width in pixels (snaps to a multiple of {VIEW_SIZE_MULTIPLE})",
-                       default=512, min=64, max=2048, step=VIEW_SIZE_MULTIPLE, update=_snapper("width"))
+    width: IntProperty(name="Width", description=f"View width in pixels (snaps to a multiple of {VIEW_MULTIPLE})",
+                       default=512, min=64, max=2048, step=VIEW_MULTIPLE, update=_snapper("width"))
     height: IntProperty(name="Height",
-                        description=f"View height in pixels (snaps to a multiple of {VIEW_SIZE_MULTIPLE})",
-                        default=384, min=64, max=2048, step=VIEW_SIZE_MULTIPLE, update=_snapper("height"))
+                        description=f"View height in pixels (snaps to a multiple of {VIEW_MULTIPLE})",
+                        default=384, min=64, max=2048, step=VIEW_MULTIPLE, update=_snapper("height"))
     lens: FloatProperty(name="Focal Length", default=24.0, min=1.0, max=500.0, subtype="DISTANCE_CAMERA",
                         description="Focal length of the cameras the add-on places")
 
@@ -136,11 +141,15 @@ class MVDIFF_PG_scene(bpy.types.PropertyGroup):
 
     # --- environment
     world_prompt: StringProperty(name="Prompt", description="What the 360 environment should show")
+    world_source: EnumProperty(name="From", items=WORLD_SOURCES, default="TEXT",
+                               description="Make the World from the prompt alone or around an image")
+    world_image: PointerProperty(name="Image", type=bpy.types.Image,
+                                 description="The photo the World is made around; it stays the front view")
     world_height: IntProperty(name="Height", description="Height of the equirectangular image (width is twice)",
                               default=1024, min=64, max=8192)
     world_view_size: IntProperty(
-        name="View Size", description=f"Size of each generated view (snaps to a multiple of {VIEW_SIZE_MULTIPLE})",
-        default=512, min=64, max=2048, step=VIEW_SIZE_MULTIPLE, update=_snapper("world_view_size"))
+        name="View Size", description=f"Size of each generated view (snaps to a multiple of {VIEW_MULTIPLE})",
+        default=512, min=64, max=2048, step=VIEW_MULTIPLE, update=_snapper("world_view_size"))
     world_strength: FloatProperty(name="Strength", default=1.0, min=0.0, soft_max=10.0,
                                   description="Background strength of the new World")
     world_result_name: StringProperty(name="Name", default="",

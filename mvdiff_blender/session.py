@@ -14,8 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..backend.client import FINAL_STATES, BackendClient, BackendError
-from ..backend.protocol import API_VERSION
+from ..backend import atomic
+from ..backend.client import BackendClient, BackendError
+from ..backend.protocol import API_VERSION, FINAL_STATES
 from . import backend_process
 from .connection import Connection, SetupError, with_fix
 
@@ -173,9 +174,7 @@ class JobSession:
                     serial += 1
                     path = self.work_dir / "preview.png"
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = path.with_suffix(".tmp")
-                    tmp.write_bytes(preview)
-                    tmp.replace(path)
+                    atomic.write_bytes(path, preview)
                     self._publish(preview_path=path, preview_serial=serial)
             if state in FINAL_STATES:
                 break

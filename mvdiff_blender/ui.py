@@ -82,6 +82,9 @@ class MVDIFF_PT_environment(_Panel, bpy.types.Panel):
         layout.use_property_decorate = False
         col = layout.column()
         col.prop(settings, "world_prompt")
+        col.prop(settings, "world_source")
+        if settings.world_source == "IMAGE":
+            col.template_ID(settings, "world_image", open="image.open")
         col.prop(settings, "world_height")
         col.prop(settings, "world_view_size")
         col.prop(settings, "world_strength")

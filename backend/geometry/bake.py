@@ -23,11 +23,10 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from ..validation import InputError, depth_map, in_range, rgb_image
-from .cameras import Camera
+from .cameras import NEAR, Camera, frustum_sides, inside, pinhole
 from .raster import TexelSurface
 
 CHUNK_TEXELS = 1024
-NEAR = 1e-3
 
 
 @dataclass(frozen=True)
@@ -102,14 +101,7 @@ class TexelChunks:
         boxes = np.where(corners[None], self.high[:, None], self.low[:, None])  # (C, 8, 3)
         world_to_cam = camera.world_to_cam
         p = boxes @ world_to_cam[:3, :3].T + world_to_cam[:3, 3]
-        K, width, height = camera.K, camera.width, camera.height
-        planes = np.stack([
-            K[0, 0] * p[..., 0] + K[0, 1] * p[..., 1] + (K[0, 2] + 0.5) * p[..., 2],
-            -K[0, 0] * p[..., 0] - K[0, 1] * p[..., 1] + (width - 0.5 - K[0, 2]) * p[..., 2],
-            K[1, 1] * p[..., 1] + (K[1, 2] + 0.5) * p[..., 2],
-            -K[1, 1] * p[..., 1] + (height - 0.5 - K[1, 2]) * p[..., 2],
-            p[..., 2] - NEAR,
-        ], -1)
+        planes = frustum_sides(camera.K, camera.width, camera.height, p)
         culled = (planes < 0).all(axis=1).any(axis=-1)
         keep = np.flatnonzero(~culled)
         if keep.size == 0:
@@ -256,12 +248,10 @@ def _sample_view(texels: torch.Tensor, chunks: TexelChunks, image, camera: Camer
     p = position @ world_to_cam[:3, :3].T + world_to_cam[:3, 3]
     z = p[:, 2]
     K = camera.K
-    inv_z = 1.0 / z.clamp_min(NEAR)
-    x = (K[0, 0] * p[:, 0] + K[0, 1] * p[:, 1]) * inv_z + K[0, 2]
-    y = K[1, 1] * p[:, 1] * inv_z + K[1, 2]
+    x, y = pinhole(K, p[:, 0], p[:, 1], z.clamp_min(NEAR))
     width, height = camera.width, camera.height
     # Compact after each cheap test: many texels of a chunk that touches the frustum miss it.
-    ok = (z > NEAR) & (x >= -0.5) & (x <= width - 0.5) & (y >= -0.5) & (y <= height - 0.5)
+    ok = (z > NEAR) & inside(torch.stack([x, y], -1), width, height)
     keep = ok.nonzero().squeeze(1)
     texels, position, z, x, y = (t.index_select(0, keep) for t in (texels, position, z, x, y))
     ray = position - torch.from_numpy(camera.center.astype(np.float32))

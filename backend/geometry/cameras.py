@@ -20,8 +20,45 @@ import numpy as np
 
 from ..validation import InputError, as_array, positive_int
 
-# Blender cameras look down -Z with +Y up; OpenCV cameras look down +Z with +Y down.
 BLENDER_TO_OPENCV_AXES = np.diag([1.0, -1.0, -1.0, 1.0])
+"""Blender cameras look down -Z with +Y up; OpenCV cameras look down +Z with +Y down.
+
+Flipping the camera's Y and Z axes converts either way (the matrix is its own inverse):
+``cam_to_world = matrix_world @ BLENDER_TO_OPENCV_AXES`` and back with the same product."""
+
+NEAR = 1e-4
+"""Smallest planar depth a point may have to be seen; nearer points lie on or behind the camera plane."""
+
+
+def pinhole(K, x, y, z):
+    """Pixel coordinates of camera-space points (``x``, ``y``, ``z`` with z != 0): the one pinhole projection.
+
+    Arithmetic only, so it serves numpy arrays and torch tensors alike; callers decide what
+    happens at z <= :data:`NEAR` (masked, clamped or pushed far outside the image).
+    """
+    return K[0, 0] * x / z + K[0, 1] * y / z + K[0, 2], K[1, 1] * y / z + K[1, 2]
+
+
+def inside(xy, width: int, height: int):
+    """Pixel coordinates (..., 2) within the image: pixel centres at integers, its edges at -0.5 and size - 0.5."""
+    return (xy[..., 0] >= -0.5) & (xy[..., 0] <= width - 0.5) & (xy[..., 1] >= -0.5) & (xy[..., 1] <= height - 0.5)
+
+
+def frustum_sides(K: np.ndarray, width: int, height: int, p: np.ndarray) -> np.ndarray:
+    """Signed sides (..., 5) of camera-space points to the view frustum's left, right, top, bottom and near planes.
+
+    A point is seen exactly when every side is >= 0: then z > ``NEAR`` and its :func:`pinhole` pixel
+    is :func:`inside` the image. Each side is linear in the point, so a box whose eight corners all
+    lie outside one plane holds no visible point.
+    """
+    x, y, z = p[..., 0], p[..., 1], p[..., 2]
+    return np.stack([
+        K[0, 0] * x + K[0, 1] * y + (K[0, 2] + 0.5) * z,
+        -K[0, 0] * x - K[0, 1] * y + (width - 0.5 - K[0, 2]) * z,
+        K[1, 1] * y + (K[1, 2] + 0.5) * z,
+        -K[1, 1] * y + (height - 0.5 - K[1, 2]) * z,
+        z - NEAR,
+    ], -1)
 
 
 @dataclass(frozen=True, eq=False)
@@ -169,9 +206,7 @@ class Camera:
         p = points @ R.T + t
         z = p[..., 2]
         safe = np.where(np.abs(z) > 1e-12, z, 1e-12)
-        K = self.K.astype(points.dtype, copy=False)
-        x = K[0, 0] * p[..., 0] / safe + K[0, 1] * p[..., 1] / safe + K[0, 2]
-        y = K[1, 1] * p[..., 1] / safe + K[1, 2]
+        x, y = pinhole(self.K.astype(points.dtype, copy=False), p[..., 0], p[..., 1], safe)
         return np.stack([x, y], axis=-1), z
 
     def ray_directions(self, xy: np.ndarray | None = None) -> np.ndarray:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..validation import InputError, depth_map, in_range
-from .cameras import Camera
+from .cameras import Camera, inside
 
 UNET_STRIDES = (8, 16, 32, 64)
 DEFAULT_DEPTH_TOLERANCE = 0.05
@@ -63,11 +63,6 @@ def query_pixels(width: int, height: int, stride: int = 1) -> np.ndarray:
     ys = np.arange(height // stride, dtype=np.float64) * stride + stride // 2
     gx, gy = np.meshgrid(xs, ys)
     return np.stack([gx, gy], axis=-1)
-
-
-def inside(xy: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Pixel coordinates within the image (pixel centres at integers, edges at -0.5)."""
-    return (xy[..., 0] >= -0.5) & (xy[..., 0] <= width - 0.5) & (xy[..., 1] >= -0.5) & (xy[..., 1] <= height - 0.5)
 
 
 def depth_correspondences(

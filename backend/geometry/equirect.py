@@ -19,8 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..validation import InputError, as_array, positive_int
-from .cameras import Camera
-from .correspondence import inside
+from .cameras import Camera, inside, pinhole
 from .sampling import image_to_float, sample_bilinear
 
 DEFAULT_FEATHER = 2.0
@@ -61,7 +60,7 @@ def equirect_to_perspective(equirect: np.ndarray, camera: Camera) -> np.ndarray:
         raise InputError("camera", f"must be a Camera, got {type(camera).__name__}")
     pano, was_uint8 = image_to_float("equirect", equirect)
     _check_two_to_one("equirect", pano)
-    x, y = _equirect_pixel(camera.ray_directions(), pano.shape[0], pano.shape[1])
+    x, y = equirect_pixel(camera.ray_directions(), pano.shape[0], pano.shape[1])
     view = sample_bilinear(pano, x, y, wrap_x=True)
     if was_uint8:
         return np.clip(np.rint(view * 255.0), 0, 255).astype(np.uint8)
@@ -78,9 +77,7 @@ def project_directions(camera: Camera, dirs: np.ndarray) -> tuple[np.ndarray, np
     z = cam[..., 2]
     in_front = z > 1e-9
     safe_z = np.where(in_front, z, 1.0)
-    K = camera.K
-    x = (K[0, 0] * cam[..., 0] + K[0, 1] * cam[..., 1]) / safe_z + K[0, 2]
-    y = K[1, 1] * cam[..., 1] / safe_z + K[1, 2]
+    x, y = pinhole(camera.K, cam[..., 0], cam[..., 1], safe_z)
     xy = np.stack([np.where(in_front, x, -1.0e6), np.where(in_front, y, -1.0e6)], axis=-1)
     return xy, in_front & inside(xy, camera.width, camera.height)
 
@@ -176,7 +173,14 @@ def _uv(dirs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return u, v
 
 
-def _equirect_pixel(dirs: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Continuous (x, y) pixel coordinates in an equirect of the given size."""
+def equirect_pixel(dirs: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Continuous (x, y) pixel coordinates of directions in an equirect (pixel centres at integers)."""
     u, v = _uv(dirs)
     return u * width - 0.5, (1.0 - v) * height - 0.5
+
+
+def nearest_equirect_pixel(dirs: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row, column) int64 of the equirect pixel whose area holds each direction (columns wrap around)."""
+    x, y = equirect_pixel(dirs, height, width)
+    rows = np.clip(np.floor(y + 0.5), 0, height - 1).astype(np.int64)
+    return rows, np.mod(np.floor(x + 0.5), width).astype(np.int64)

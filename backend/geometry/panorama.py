@@ -25,8 +25,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..validation import InputError, in_range, positive_int
-from .cameras import Camera, yaw_pitch_rotation
-from .correspondence import Correspondences, inside, query_pixels
+from .cameras import Camera, inside, yaw_pitch_rotation
+from .correspondence import Correspondences, query_pixels
 
 MIN_POLE_OVERLAP_DEG = 5.0
 """Least latitude band the pole views must share with the ring at every longitude."""

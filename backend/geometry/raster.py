@@ -9,7 +9,8 @@ offset from the box corner. Evaluating relative to the corner keeps float32 prec
 In views the barycentrics come from intersecting each pixel's ray with the triangle's plane
 rather than from projected vertices, so triangles that cross the camera plane (the walls of a
 room seen from inside) need no clipping: only their screen box is taken from the part in front
-of the near plane. Back faces are kept, since rooms are seen from inside.
+of the near plane. Back faces are kept, since rooms are seen from inside. Rays that run along a
+triangle's plane (see :data:`GRAZING_SIN`) miss it.
 """
 
 from __future__ import annotations
@@ -20,16 +21,19 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..validation import InputError, in_range, positive_int
-from .cameras import Camera
+from .cameras import NEAR, Camera, pixel_grid
 from .mesh import Mesh
 
-NEAR = 1e-4
-"""Smallest accepted planar depth; geometry closer than this to the camera plane is not drawn."""
 MAX_ATLAS_SIZE = 8192  # 8k texels square already need about 2 GB for the surface maps
 CHUNK_CANDIDATES = 1 << 21
 VIEW_EDGE_EPS = 1e-6
 UV_EDGE_EPS = 1e-5
-GRAZING_COS = 1e-7  # rays (unit camera z) whose component along a unit face normal is smaller miss
+GRAZING_SIN = 1e-7
+"""A ray misses a triangle whose plane it meets at an angle with a smaller sine.
+
+Such a ray runs along the plane: where it meets it is decided by rounding alone (a floor seen
+exactly at its horizon, a wall seen edge-on), so it counts as a miss on every CPU.
+"""
 BOX_MARGIN = 1e-3  # pixels: a centre on a shared vertex must land in the boxes of both sides
 
 
@@ -166,23 +170,26 @@ def rasterize_view(mesh: Mesh, camera: Camera, near: float = NEAR) -> ViewRaster
     world_to_cam = camera.world_to_cam
     p = mesh.corners.astype(np.float64) @ world_to_cam[:3, :3].T + world_to_cam[:3, 3]
     boxes = _pixel_boxes(*_screen_bounds(p, camera.K, near), W, H)
-    det_c, u_c, v_c, t_num, grazing = _ray_forms(p[boxes.triangle], np.linalg.inv(camera.K), boxes)
+    K_inv = np.linalg.inv(camera.K)
+    det_c, u_c, v_c, t_num, normal_norm = _ray_forms(p[boxes.triangle], K_inv, boxes)
+    ray_norm = np.linalg.norm(pixel_rays(K_inv, W, H), axis=-1).ravel()
 
     zbuf = np.full(H * W, np.inf)
     tri_map = np.full(H * W, -1, np.int32)
     bary = np.zeros((H * W, 2), np.float64)
     for box, dx, dy in _candidate_chunks(boxes.w, boxes.h):
         det = _affine_at(det_c, box, dx, dy)
+        flat = (boxes.y0[box] + dy) * W + boxes.x0[box] + dx
+        grazing = GRAZING_SIN * normal_norm[box] * ray_norm[flat]
         with np.errstate(divide="ignore", invalid="ignore"):
             inv = 1.0 / det
             t = t_num[box] * inv
             u = _affine_at(u_c, box, dx, dy) * inv
             v = _affine_at(v_c, box, dx, dy) * inv
-            hit = (np.abs(det) > grazing[box]) & (t > near) & (u >= -VIEW_EDGE_EPS) & (v >= -VIEW_EDGE_EPS)
+            hit = (np.abs(det) > grazing) & (t > near) & (u >= -VIEW_EDGE_EPS) & (v >= -VIEW_EDGE_EPS)
             hit &= u + v <= 1.0 + VIEW_EDGE_EPS
         idx = np.flatnonzero(hit)
-        box, t, u, v = box[idx], t[idx], u[idx], v[idx]
-        flat = (boxes.y0[box] + dy[idx]) * W + boxes.x0[box] + dx[idx]
+        box, t, u, v, flat = box[idx], t[idx], u[idx], v[idx], flat[idx]
         order = np.lexsort((t, flat))
         first = np.ones(len(order), bool)
         first[1:] = flat[order[1:]] != flat[order[:-1]]
@@ -229,8 +236,9 @@ def _ray_forms(p: np.ndarray, K_inv: np.ndarray, boxes: _Boxes) -> tuple[np.ndar
 
     With ray direction ``d = K^-1 (x, y, 1)`` (unit camera z, so the ray parameter is planar
     depth), the determinant and the numerators of u and v are linear in ``d``, hence affine in
-    the pixel; the depth numerator is constant per triangle. The last value is the smallest
-    determinant a hit may have: rays that graze the plane get their depth from rounding alone.
+    the pixel; the depth numerator is constant per triangle. The last value is the length of
+    each triangle's normal: the determinant over it and the ray's length is the sine that
+    :data:`GRAZING_SIN` bounds.
     """
     e1, e2, s = p[:, 1] - p[:, 0], p[:, 2] - p[:, 0], -p[:, 0]
     q = np.cross(s, e1)
@@ -241,8 +249,14 @@ def _ray_forms(p: np.ndarray, K_inv: np.ndarray, boxes: _Boxes) -> tuple[np.ndar
         corner = g[:, 0] * boxes.x0 + g[:, 1] * boxes.y0 + g[:, 2]
         forms.append(np.stack([corner, g[:, 0], g[:, 1]], axis=1))
     t_num = np.einsum("ij,ij->i", e2, q)
-    grazing = GRAZING_COS * np.linalg.norm(normal, axis=1)
-    return forms[0], forms[1], forms[2], t_num, grazing
+    return forms[0], forms[1], forms[2], t_num, np.linalg.norm(normal, axis=1)
+
+
+def pixel_rays(K_inv: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Camera-space ray ``K^-1 (x, y, 1)`` through every pixel centre, float64 (H, W, 3)."""
+    xy = pixel_grid(width, height)
+    return np.concatenate([xy, np.ones(xy.shape[:-1] + (1,))], axis=-1) @ K_inv.T
+
 
 
 # ---------------------------------------------------------------------- UV atlases

@@ -49,7 +49,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..geometry.cameras import Camera, pixel_grid
+from ..geometry.cameras import Camera, pinhole, pixel_grid
 from ..geometry.correspondence import depth_correspondences, query_pixels
 from ..geometry.panorama import rotation_correspondences
 from ..validation import InputError, depth_map
@@ -175,9 +175,7 @@ def _rotate_pixels(source: Camera, target: Camera, xy: np.ndarray) -> np.ndarray
     cam = rays @ target.rotation
     z = cam[:, 2]
     safe = np.where(z > 1e-9, z, np.nan)
-    K = target.K
-    return np.stack([K[0, 0] * cam[:, 0] / safe + K[0, 1] * cam[:, 1] / safe + K[0, 2],
-                     K[1, 1] * cam[:, 1] / safe + K[1, 2]], -1)
+    return np.stack(pinhole(target.K, cam[:, 0], cam[:, 1], safe), -1)
 
 
 def _check_neighbours(neighbours: list[list[int]], count: int) -> None:

@@ -37,6 +37,8 @@ MODELS_DIR_ENV = "MVDIFF_MODELS_DIR"
 APP_FOLDER = "mvdiff-blender"
 HUB_FOLDER = "hub"
 TOKEN_ENV = "HF_TOKEN"
+CAA_WEIGHTS = "caa.safetensors"
+"""The multi-view blocks' weights inside a model folder (as ``make-tiny-model`` and ``train`` write them)."""
 
 BASE_MODELS: dict[str, tuple[str, ...]] = {
     "depth": (
@@ -181,7 +183,7 @@ CHECKPOINTS: dict[str, Checkpoint] = {
 }
 """The released files by name (mvdiffusion.md §11), links with ``dl=1``."""
 
-TASK_CHECKPOINTS = {"depth": "depth_gen.ckpt", "panorama": "pano.ckpt"}
+TASK_CHECKPOINTS = {"depth": "depth_gen.ckpt", "panorama": "pano.ckpt", "outpaint": "pano_outpaint.ckpt"}
 """The released checkpoint the engine uses for a task when the user gives no multi-view weights."""
 
 

@@ -17,6 +17,7 @@ import os
 import time
 from pathlib import Path
 
+from ..atomic import write_text
 from ..validation import InputError
 
 MANIFEST = "manifest.json"
@@ -52,7 +53,7 @@ def record(path: str | os.PathLike, sha256: str, url: str | None = None) -> dict
     files = read_manifest(path.parent)
     entry = {"sha256": sha256, "size": path.stat().st_size, "url": url, "recorded": round(time.time())}
     files[path.name] = entry
-    _write_atomic(path.parent / MANIFEST, json.dumps({"files": files}, indent=2, sort_keys=True) + "\n")
+    write_text(path.parent / MANIFEST, json.dumps({"files": files}, indent=2, sort_keys=True) + "\n")
     return entry
 
 
@@ -87,10 +88,3 @@ def status(path: str | os.PathLike) -> str:
     return "ok" if entry.get("sha256") == sha256_of(path) else "mismatch"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_text(text)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)

@@ -43,6 +43,7 @@ from torch import nn
 from .caa import CAABlock
 from .caa_tokens import LevelGeometry, ViewGroups
 from .condition import ConditionBranch
+from .unet_blocks import check_unet_blocks
 
 Task = Literal["panorama", "depth"]
 
@@ -94,6 +95,7 @@ class MultiViewUNet(nn.Module):
 
     # ------------------------------------------------------------------ hooks
     def _install_hooks(self) -> list:
+        check_unet_blocks(self.unet)  # hooks on blocks of an unknown diffusers would fire in the wrong place
         unet, hooks = self.unet, []
         for down, caa in zip(unet.down_blocks, self.caa_down, strict=True):
             if down.downsamplers:

@@ -21,6 +21,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ..sampling_options import DEFAULT_SCHEDULER
 from ..validation import InputError
+from .catalog import CAA_WEIGHTS
 from .loading import KIND_IN_CHANNELS
 from .schedulers import build_scheduler
 from .weights import save_added_weights
@@ -186,7 +187,6 @@ def write_tiny_models(directory: str | Path, seed: int = 0) -> dict[str, Path]:
     return written
 
 
-CAA_WEIGHTS = "caa.safetensors"
 TASK_OF_KIND = {"depth": "depth", "base": "panorama", "inpaint": "panorama"}
 
 

@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from ..atomic import write_atomically
 from ..validation import InputError
 from .mv_unet import MultiViewUNet
 
@@ -52,12 +53,7 @@ def save_added_weights(model: MultiViewUNet, path: str | os.PathLike) -> Path:
     """Write ``model``'s added weights to ``path`` (.safetensors); the file appears only once complete."""
     path = Path(path)
     tensors = {key: value.detach().to("cpu").contiguous() for key, value in model.added_state_dict().items()}
-    partial = path.with_name(path.name + ".partial")
-    try:
-        save_file(tensors, str(partial), metadata=header(model))
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    write_atomically(path, lambda partial: save_file(tensors, str(partial), metadata=header(model)))
     return path
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ from ..models.base_adapter import BaseModelAdapter, LatentChannelsAdapter, TextC
 from ..models.catalog import base_family
 from ..models.mv_unet import MultiViewUNet
 from ..models.schedulers import build_scheduler, clean_estimate, step
+from ..protocol import check_prompt_count
 from ..sampling_options import DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, scheduler_name
 from ..validation import InputError, in_range, positive_int
 
@@ -58,12 +59,16 @@ class SamplingSettings:
     negative_prompt: str = ""
     seed: int = 0
     scheduler: str = DEFAULT_SCHEDULER  # a name of backend.sampling_options.SCHEDULERS
+    # Both guidance halves in one UNet call is fastest; one call per half halves the peak memory
+    # of a step (the halves never exchange anything, so the results are the same up to rounding).
+    split_guidance: bool = False
 
     @classmethod
-    def of(cls, settings) -> SamplingSettings:
-        """The sampling part of a job's ``GenerationSettings`` (``backend/protocol.py``)."""
-        return cls(settings.steps, settings.guidance_scale, settings.negative_prompt, settings.seed,
-                   settings.scheduler)
+    def of(cls, settings, **options) -> SamplingSettings:
+        """The sampling part of a job's ``GenerationSettings`` (``backend/protocol.py``): every field
+        the two share, by name, plus this run's ``options`` (such as ``split_guidance``)."""
+        shared = {f.name: getattr(settings, f.name) for f in fields(cls) if hasattr(settings, f.name)}
+        return cls(**{**shared, **options})
 
     def validated(self) -> SamplingSettings:
         positive_int("steps", self.steps)
@@ -79,9 +84,10 @@ def view_prompts(prompts: str | Sequence[str], views: int) -> list[str]:
     if isinstance(prompts, str):
         return [prompts] * views
     prompts = list(prompts)
-    if len(prompts) != views or not all(isinstance(p, str) for p in prompts):
-        raise InputError("prompts", f"expected one text prompt or {views} (one per view), got {len(prompts)}")
-    return prompts
+    if not all(isinstance(p, str) for p in prompts):
+        raise InputError("prompts", "must be text")
+    check_prompt_count(len(prompts), views)
+    return prompts * views if len(prompts) == 1 else prompts
 
 
 class MultiViewSampler:
@@ -101,9 +107,6 @@ class MultiViewSampler:
         self.model, self.vae = model, vae
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
         self.schedule = scheduler.config  # a FrozenDict: read by every run, changed by none
-        # Both guidance halves in one UNet call is fastest; one call per half halves the peak
-        # memory of a step (the halves never exchange anything, so results are the same).
-        self.split_guidance = False
 
     @classmethod
     def from_adapter(cls, adapter: BaseModelAdapter, vae: AutoencoderKL, scheduler) -> MultiViewSampler:
@@ -240,7 +243,7 @@ class MultiViewSampler:
                 raise Cancelled(f"cancelled before step {index + 1} of {len(timesteps)}")
             scaled = scheduler.scale_model_input(latents, t)
             model_input = torch.cat([scaled] * 2) if guided else scaled
-            if guided and self.split_guidance:
+            if guided and settings.split_guidance:
                 controls = [None, None] if control is None else control.chunk(2)
                 halves = zip(model_input.chunk(2), embeds.chunk(2), controls, strict=True)
                 noise = torch.cat([

@@ -12,8 +12,6 @@ else; 8-bit images keep going through imageio.
 
 from __future__ import annotations
 
-import json
-import os
 import struct
 import zipfile
 import zlib
@@ -24,6 +22,8 @@ from typing import Any
 import imageio.v3 as iio
 import numpy as np
 
+from .. import atomic
+from ..atomic import write_atomically
 from ..geometry.mesh import Mesh
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -41,10 +41,10 @@ def write_texture(path: Path, texture: np.ndarray, bits: int) -> None:
     """Write a float [0, 1] RGB texture as an 8- or 16-bit-per-channel PNG."""
     pixels = texture_pixels(texture, bits)
     if bits == 8:
-        _atomic(path, lambda tmp: iio.imwrite(tmp, pixels, extension=".png"))
+        write_atomically(path, lambda tmp: iio.imwrite(tmp, pixels, extension=".png"))
     else:
         data = encode_png16(pixels)
-        _atomic(path, lambda tmp: tmp.write_bytes(data))
+        atomic.write_bytes(path, data)
 
 
 def encode_png16(pixels: np.ndarray) -> bytes:
@@ -77,7 +77,7 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
 def write_mask(path: Path, mask: np.ndarray) -> None:
     """A boolean mask as an 8-bit grey PNG, 255 where true."""
     pixels = np.where(np.asarray(mask, bool), 255, 0).astype(np.uint8)
-    _atomic(path, lambda tmp: iio.imwrite(tmp, pixels, extension=".png"))
+    write_atomically(path, lambda tmp: iio.imwrite(tmp, pixels, extension=".png"))
 
 
 def write_frames(folder: Path, frames: Sequence[np.ndarray], check: Callable[[], None] | None = None) -> list[Path]:
@@ -88,7 +88,7 @@ def write_frames(folder: Path, frames: Sequence[np.ndarray], check: Callable[[],
         if check is not None:
             check()
         path = folder / f"frame_{index:04d}.png"
-        _atomic(path, lambda tmp, image=frame: iio.imwrite(tmp, image, extension=".png"))
+        write_atomically(path, lambda tmp, image=frame: iio.imwrite(tmp, image, extension=".png"))
         paths.append(path)
     return paths
 
@@ -122,20 +122,8 @@ def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
                 with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
                     np.lib.format.write_array(member, np.ascontiguousarray(array), allow_pickle=False)
 
-    _atomic(path, write)
+    write_atomically(path, write)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
-    _atomic(path, lambda tmp: tmp.write_text(text))
-
-
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Run ``write`` on a temporary file next to ``path``, then rename it into place."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic.write_json(path, data)

@@ -143,7 +143,7 @@ def create_app(config: ServerConfig, store: JobStore, worker: Worker) -> FastAPI
         models = worker.models
         return {
             "status": "ok", "api_version": API_VERSION, "backend_version": __version__,
-            "device": models.config.device, "dtype": models.config.dtype, "models_loaded": models.loaded(),
+            "device": models.device, "dtype": models.dtype, "models_loaded": models.loaded(),
             "models": {task: models.source_label(task) for task in ("depth", "panorama")},
             "tasks": {task: models.describe(task) for task in ("depth", "panorama")},
             "queued": worker.queued, "running": worker.current,

@@ -17,8 +17,8 @@ from pathlib import Path
 import uvicorn
 
 from ..client import BackendClient
-from ..engine import ModelConfig
 from ..geometry.render import render_depth
+from ..models.serving import ModelConfig
 from ..protocol import GenerationSettings, TextureJob
 from ..scenes.demo_room import build_demo_room, trajectory
 from .config import ServerConfig

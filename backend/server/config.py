@@ -6,18 +6,17 @@ and the tests read one definition.
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from ..protocol import INSTANCE_ENV, TOKEN_ENV  # noqa: F401 - re-exported for the command line
+from ..models.serving import ModelConfig
+from ..protocol import (  # noqa: F401 - the env names are re-exported for the command line
+    INSTANCE_ENV,
+    TOKEN_ENV,
+    is_loopback,
+)
 from ..validation import InputError
-
-if TYPE_CHECKING:
-    from ..engine import ModelConfig
 
 DEFAULT_PORT = 8765
 DEFAULT_MAX_BODY_BYTES = 512 * 2**20
@@ -26,19 +25,6 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 MIN_TOKEN_LENGTH = 8
 DEFAULT_UPLOAD_TIMEOUT = 600.0  # seconds for a whole upload
-
-
-def is_loopback(host: str) -> bool:
-    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        try:
-            return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None))
-        except (OSError, ValueError):
-            return False
 
 
 @dataclass(frozen=True)
@@ -103,7 +89,7 @@ class ServerConfig:
     instance_id: str = ""
     limits: JobLimits = field(default_factory=JobLimits)
     retention: Retention = field(default_factory=Retention)
-    models: ModelConfig = field(default_factory=lambda: _default_models())
+    models: ModelConfig = field(default_factory=ModelConfig)
 
     def validated(self) -> ServerConfig:
         check_token(self.token, self.host)
@@ -127,12 +113,6 @@ class ServerConfig:
         else:
             names.add(self.host.lower())
         return frozenset(names)
-
-
-def _default_models() -> ModelConfig:
-    from ..engine import ModelConfig  # torch: only when a server is really configured
-
-    return ModelConfig()
 
 
 def check_token(token: str | None, host: str) -> None:

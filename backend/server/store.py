@@ -25,18 +25,17 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+from ..atomic import write_bytes
+from ..protocol import FINAL_STATES, JOB_STATES
 from ..validation import InputError
 
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
-STATES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
-FINAL_STATES = ("done", "failed", "cancelled", "interrupted")
 INPUT_NAME = "input.npz"
 STATUS_NAME = "status.json"
 PREVIEW_NAME = "preview.png"
@@ -65,20 +64,6 @@ def describe_write_error(err: OSError) -> str:
     if err.errno == errno.EROFS:
         return f"the job store is on a read-only disk ({err.strerror})"
     return f"the job store could not be written ({err.strerror or err})"
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside ``path`` and rename it over: readers never see half a file."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 class JobStore:
@@ -149,7 +134,7 @@ class JobStore:
             if isinstance(body, Path):
                 os.replace(body, folder / INPUT_NAME)
             else:
-                write_atomically(folder / INPUT_NAME, body)
+                write_bytes(folder / INPUT_NAME, body, durable=True)
             self._write(folder, status)
         except OSError as err:
             shutil.rmtree(folder, ignore_errors=True)
@@ -168,7 +153,7 @@ class JobStore:
 
     def update(self, job_id: str, **fields: Any) -> dict[str, Any]:
         """Change some fields of a job's status and write it atomically."""
-        if "state" in fields and fields["state"] not in STATES:
+        if "state" in fields and fields["state"] not in JOB_STATES:
             raise ValueError(f"unknown state {fields['state']!r}")
         with self._lock:
             status = self.status(job_id)
@@ -243,16 +228,16 @@ class JobStore:
         return doomed
 
     def write_preview(self, job_id: str, png: bytes) -> None:
-        write_atomically(self.folder(job_id) / PREVIEW_NAME, png)
+        write_bytes(self.folder(job_id) / PREVIEW_NAME, png)
 
     def _write(self, folder: Path, status: dict[str, Any]) -> None:
-        write_atomically(folder / STATUS_NAME, json.dumps(status, indent=1).encode("utf-8"))
+        write_bytes(folder / STATUS_NAME, json.dumps(status, indent=1).encode("utf-8"), durable=True)
 
 
 def _read_status(folder: Path) -> dict[str, Any]:
     """A job's status from disk; ValueError when it is not a status (truncated, not JSON, fields missing)."""
     status = json.loads((folder / STATUS_NAME).read_text("utf-8"))
-    if not isinstance(status, dict) or status.get("id") != folder.name or status.get("state") not in STATES \
+    if not isinstance(status, dict) or status.get("id") != folder.name or status.get("state") not in JOB_STATES \
             or not isinstance(status.get("created"), (int, float)):
         raise ValueError("not a job status")
     return status

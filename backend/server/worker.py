@@ -48,10 +48,11 @@ def run_job(job, models: ModelSet, ctx: JobContext) -> dict:
     if job.kind == "texture":
         from ..pipelines.texturing import run_texture_job
 
-        return run_texture_job(job, models, ctx)
+        return run_texture_job(job, models.sampler("depth"), ctx, models.describe("depth"))
     from ..pipelines.hdri import run_panorama_job
 
-    return run_panorama_job(job, models, ctx)
+    task = "panorama" if job.image is None else "outpaint"  # from an image: the inpainting model outpaints it
+    return run_panorama_job(job, models.sampler(task), ctx, models.describe(task))
 
 
 class StageClock:

@@ -21,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=int, default=None,
                         help="stop after this many optimisation steps (a checkpoint is saved; run again to resume)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--data", nargs=2, metavar=("KIND", "DIR"),
+                        help="train on a released data set instead of the recipe's synthetic rooms: "
+                             "'scannet DIR' (ScanNet scenes, the released layout; DIR/train when it exists)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,7 +32,9 @@ def run(args: argparse.Namespace) -> int:
 
     config = TrainConfig.load(args.config)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-    trainer = Trainer(config, out, progress=not args.no_progress, log=print)
+    samples = released_samples(config, *args.data) if args.data else None
+    trainer = Trainer(config, out, train_data=samples, multi_view_data=samples, progress=not args.no_progress,
+                      log=print)
     if trainer.state.step or trainer.state.completed:
         print(f"Resuming {out}: stage {trainer.state.stage}, step {trainer.state.step}")
     report = trainer.run(max_steps=args.max_steps)
@@ -39,3 +44,23 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"Stopped at stage {report['stage']}, step {report['step']}; run the same command to continue")
     return 0
+
+
+DATA_KINDS = ("scannet",)
+
+
+def released_samples(config, kind: str, folder: str):
+    """The training samples of a released data set in ``folder``, at the recipe's view count and size."""
+    from ..validation import InputError
+    from .released_data import ScanNetScenes
+
+    if kind == "mp3d":  # Matterport3D skyboxes (released_data.MatterportSkybox) are panorama samples
+        raise InputError("data", "mp3d holds panorama views; the trainer trains the depth model only")
+    if kind not in DATA_KINDS:
+        raise InputError("data", f"must be one of {', '.join(DATA_KINDS)}, got {kind!r}")
+    root = Path(folder)
+    if not root.is_dir():
+        raise InputError("data", f"no such folder: {root}")
+    d = config.data
+    split = "train" if (root / "train").is_dir() else None
+    return ScanNetScenes(root, split, views=d.views, width=d.width, height=d.height)

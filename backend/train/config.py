@@ -26,6 +26,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..protocol import view_side
 from ..validation import InputError
 
 STAGES = ("autoencoder", "single_view", "multi_view")
@@ -55,7 +56,7 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class TrainModelConfig:
     """The model trained.
 
     ``base``: ``"tiny"`` builds the project's tiny SD 2 depth UNet and text encoder in code
@@ -126,7 +127,7 @@ class TrainConfig:
 
     task: str = "depth"
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: TrainModelConfig = field(default_factory=TrainModelConfig)
     autoencoder: AutoencoderStage = field(default_factory=AutoencoderStage)
     single_view: StageConfig = field(default_factory=StageConfig)
     multi_view: MultiViewStage = field(default_factory=MultiViewStage)
@@ -176,9 +177,7 @@ class TrainConfig:
         if d.views < 2:
             raise InputError("data.views", f"multi-view training needs at least 2 views, got {d.views}")
         for name in ("width", "height"):
-            if getattr(d, name) % 64:
-                raise InputError(f"data.{name}", f"must be a multiple of 64 (VAE factor 8 x three UNet downsamplings), "
-                                 f"got {getattr(d, name)}")
+            view_side(f"data.{name}", getattr(d, name))
         if len(d.step_deg) != 2 or not 0 < d.step_deg[0] <= d.step_deg[1] <= 90:
             raise InputError("data.step_deg", f"must be [low, high] with 0 < low <= high <= 90, got {list(d.step_deg)}")
         m = self.model

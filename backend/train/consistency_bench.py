@@ -25,13 +25,14 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from ..sampling_options import DEFAULT_SCHEDULER, SCHEDULERS, scheduler_name
+from ..sampling_options import DEFAULT_SCHEDULER, DEFAULT_STEPS, scheduler_name
 from ..validation import InputError
 from .config import TrainConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "recipes" / "tiny_depth.json"
-DEFAULT_STEPS = SCHEDULERS[DEFAULT_SCHEDULER].steps
-DEFAULT_GUIDANCE = 3.0
+TINY_GUIDANCE = 3.0
+"""Guidance the benchmark samples the tiny recipe's model with; jobs default to the released models'
+``sampling_options.DEFAULT_GUIDANCE``."""
 
 
 @dataclass
@@ -57,7 +58,7 @@ def run_consistency_benchmark(
     train: bool = True,
     trajectories: int | None = None,
     steps: int = DEFAULT_STEPS,
-    guidance: float = DEFAULT_GUIDANCE,
+    guidance: float = TINY_GUIDANCE,
     seed: int = 0,
     scheduler: str = DEFAULT_SCHEDULER,
     progress: bool = False,
@@ -72,8 +73,9 @@ def run_consistency_benchmark(
     scheduler_name("scheduler", scheduler)  # before a training run, not after it
     import torch
 
-    from ..engine import ModelConfig, ModelSet
+    from ..engine import ModelSet
     from ..eval.consistency import depth_overlap_psnr, overlap_psnr_ratio
+    from ..models.serving import ModelConfig
     from ..pipelines.keyframes import KeyframePipeline
     from ..pipelines.sampling import SamplingSettings
     from .checkpoint import TrainState

@@ -12,7 +12,7 @@ import math
 import numpy as np
 
 from ..geometry.cameras import Camera
-from ..geometry.equirect import equirect_directions, equirect_to_perspective
+from ..geometry.equirect import equirect_directions, equirect_to_perspective, nearest_equirect_pixel
 from ..geometry.panorama import panorama_layout
 from ..validation import InputError, positive_int
 from .samples import MultiViewSample, sample_index
@@ -223,11 +223,7 @@ def _view_label_shares(camera: Camera, label: np.ndarray, count: int) -> np.ndar
     """Share of the camera's pixels owned by each label (nearest equirect pixel of each pixel's ray)."""
     height, width = label.shape
     dirs = camera.ray_directions().reshape(-1, 3)
-    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
-    u = np.mod(0.5 - np.arctan2(dirs[:, 1], dirs[:, 0]) / (2 * math.pi), 1.0)
-    v = 1.0 - np.arccos(np.clip(dirs[:, 2], -1.0, 1.0)) / math.pi
-    cols = np.minimum((u * width).astype(np.int64), width - 1)
-    rows = np.minimum(((1.0 - v) * height).astype(np.int64), height - 1)
+    rows, cols = nearest_equirect_pixel(dirs, height, width)
     shares = np.bincount(label[rows, cols], minlength=count) / len(dirs)
     return np.where(shares >= PANORAMA_MIN_SHARE, shares, 0.0)
 

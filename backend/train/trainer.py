@@ -58,10 +58,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..atomic import write_text as write_atomic
 from ..models.tiny import CAA_WEIGHTS
 from ..models.weights import load_added_weights
 from ..validation import InputError
-from .checkpoint import TrainState, optimizer_from_files, optimizer_to_files, write_atomic
+from .checkpoint import TrainState, optimizer_from_files, optimizer_to_files
 from .config import STAGES, TrainConfig, check_same_recipe
 from .geometry import stack_geometry, trajectory_geometry
 from .models import KIND, build_models, caa_in_float32, export_model

@@ -69,3 +69,25 @@ def test_texture_command_runs_a_job_file(tmp_path):
 def test_serve_refuses_an_open_address_without_a_token():
     done = run(sys.executable, "-m", "backend", "serve", "--host", "0.0.0.0", "--models", "tiny")
     assert done.returncode == 2 and "token" in done.stderr
+
+
+HELP_CODE = """
+import sys
+from backend.__main__ import main
+try:
+    main(sys.argv[1:])
+except SystemExit as done:
+    assert done.code == 0, done.code
+heavy = sorted({'torch', 'diffusers', 'transformers', 'xatlas'} & set(sys.modules))
+print('HEAVY', heavy)
+"""
+
+
+def test_help_of_every_command_loads_no_model_library():
+    """``--help`` must answer at once: torch and diffusers are imported only by the commands that run."""
+    from backend.__main__ import COMMANDS
+
+    for argv in [["--help"]] + [[name, "--help"] for name in COMMANDS]:
+        done = run(sys.executable, "-c", HELP_CODE, *argv)
+        assert done.returncode == 0, (argv, done.stderr)
+        assert "usage:" in done.stdout and done.stdout.strip().endswith("HEAVY []"), (argv, done.stdout[-300:])

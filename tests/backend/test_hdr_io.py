@@ -2,12 +2,12 @@
 
 import numpy as np
 import pytest
+from hdr_reader import read_hdr
 
 from backend.imaging.hdr import (
     DEFAULT_PEAK,
     inverse_tone_map,
     read_exr,
-    read_hdr,
     rgbe_encode,
     srgb_to_linear,
     tone_map_preview,

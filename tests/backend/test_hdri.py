@@ -5,9 +5,10 @@ import json
 import imageio.v3 as iio
 import numpy as np
 import pytest
+from hdr_reader import read_hdr
 
 from backend.engine import ModelConfig, ModelSet
-from backend.imaging.hdr import read_exr, read_hdr
+from backend.imaging.hdr import read_exr
 from backend.pipelines.context import JobContext
 from backend.pipelines.hdri import layout_prompts, make_panorama, run_panorama_job
 from backend.pipelines.sampling import Cancelled
@@ -37,7 +38,7 @@ def finished(models, tmp_path_factory):
         on_preview=previews.append,
         preview_every=1,
     )
-    report = run_panorama_job(panorama_job(), models, ctx)
+    report = run_panorama_job(panorama_job(), models.sampler("panorama"), ctx)
     return ctx.out_dir, report, calls, previews
 
 
@@ -89,26 +90,29 @@ def test_cancel_during_the_views_stops_the_job_before_any_file(models, tmp_path)
 
     ctx.on_progress = cancel_after_first_step
     with pytest.raises(Cancelled):
-        run_panorama_job(panorama_job(steps=4), models, ctx)
+        run_panorama_job(panorama_job(steps=4), models.sampler("panorama"), ctx)
     assert not (tmp_path / "panorama.exr").exists() and not (tmp_path / "report.json").exists()
     assert "stitch" not in ctx.seconds
 
 
 def test_memory_level_splits_guidance_without_changing_the_panorama(models, tmp_path):
     sampler = models.sampler("panorama")
-    seen, panoramas = {}, []
-
-    def record(stage, step, total):
-        if stage == "views" and step > 0:
-            seen.setdefault(level, set()).add(sampler.split_guidance)
-
-    for level in (0, 1):
-        ctx = JobContext(tmp_path / str(level), memory_level=level, on_progress=record)
-        panoramas.append(make_panorama(panorama_job(), sampler, ctx))
-    assert seen == {0: {False}, 1: {True}}  # set while the views are denoised ...
-    assert sampler.split_guidance is False  # ... and put back afterwards
+    batches, panoramas = {}, []
+    hook = sampler.model.register_forward_pre_hook(lambda _, args: batches[level].add(args[0].shape[0]))
+    try:
+        for level in (0, 1, 0):
+            batches[level] = set()
+            ctx = JobContext(tmp_path / str(level), memory_level=level)
+            panoramas.append(make_panorama(panorama_job(), sampler, ctx))
+    finally:
+        hook.remove()
+    views = len(panoramas[0].cameras)
+    # Both guidance halves per UNet call at level 0, one half per call at level 1, and the next
+    # level-0 job on the same shared sampler is back to both halves at once.
+    assert batches == {0: {2 * views}, 1: {views}}
+    np.testing.assert_array_equal(panoramas[0].ldr, panoramas[2].ldr)
     # The same sums in other batches round differently, and guidance 9 amplifies that a little.
-    plain, split = panoramas
+    plain, split, _ = panoramas
     difference = np.abs(plain.ldr - split.ldr)
     assert difference.max() < 5e-3 and difference.mean() < 1e-4
 
@@ -125,6 +129,37 @@ def test_prompts_are_one_or_one_per_view_and_sizes_are_checked(models, tmp_path)
     }
     for field, job in bad_jobs.items():
         with pytest.raises(InputError) as err:
-            run_panorama_job(job, models, JobContext(tmp_path))
+            run_panorama_job(job, models.sampler("panorama"), JobContext(tmp_path))
         assert err.value.field == field
     assert not any(tmp_path.iterdir())
+
+
+def test_a_world_from_an_image_keeps_the_image_as_its_front_view(tmp_path):
+    from backend.pipelines.hdri import front_view
+    from backend.server.worker import run_job
+
+    rng = np.random.default_rng(0)
+    photo = rng.integers(0, 256, (48, 80, 3), dtype=np.uint8)  # wider than high: its centre square is used
+    job = PanoramaJob(GenerationSettings(["a beach"], steps=1), equirect_height=HEIGHT, view_size=VIEW, image=photo)
+    outpainting = ModelSet(ModelConfig.tiny())
+    report = run_job(job, outpainting, JobContext(tmp_path))
+    assert report["from_image"] is True and list(outpainting.loaded()) == ["outpaint"]
+    front = front_view(photo, VIEW)
+    assert front.shape == (VIEW, VIEW, 3)
+    np.testing.assert_array_equal(iio.imread(tmp_path / "views" / "view_00.png"), front)
+    assert not np.array_equal(iio.imread(tmp_path / "views" / "view_01.png"), front)
+    # The front view faces +X, the centre of the equirect: the stitched panorama shows the image there.
+    ldr = iio.imread(tmp_path / "panorama_ldr.png").astype(float)
+    centre = ldr[HEIGHT // 2 - 4 : HEIGHT // 2 + 4, HEIGHT - 4 : HEIGHT + 4]
+    expected = front[VIEW // 2 - 4 : VIEW // 2 + 4, VIEW // 2 - 4 : VIEW // 2 + 4].astype(float)
+    assert np.abs(centre.mean(axis=(0, 1)) - expected.mean(axis=(0, 1))).max() < 40
+    assert json.loads((tmp_path / "report.json").read_text())["from_image"] is True
+
+
+def test_front_view_is_the_centre_square_scaled():
+    from backend.pipelines.hdri import front_view
+
+    image = np.zeros((20, 40, 3), np.uint8)
+    image[:, 10:30] = 200  # the centre square
+    np.testing.assert_array_equal(front_view(image, 20), np.full((20, 20, 3), 200, np.uint8))
+    assert front_view(image, 64).shape == (64, 64, 3) and front_view(image, 64).min() >= 190

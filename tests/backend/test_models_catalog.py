@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from backend.engine import DEFAULT_BASE_MODEL, DEFAULT_DEPTH_MODEL, ModelConfig, ModelSet
+from backend.engine import ModelSet
 from backend.models import catalog, manifest
 from backend.models.hub import allow_patterns
 from backend.models.loading import HUB_IDS
+from backend.models.serving import DEFAULT_BASE_MODEL, DEFAULT_DEPTH_MODEL, ModelConfig
 from backend.validation import InputError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,7 +43,8 @@ def test_released_links_download_rather_than_show_a_page():
         assert entry.url.startswith("https://www.dropbox.com/") and entry.url.endswith("&dl=1")
         assert f"/{entry.name}?" in entry.url
     assert catalog.checkpoint("pano").task == "panorama" and catalog.checkpoint("depth_gen").task == "depth"
-    assert catalog.TASK_CHECKPOINTS == {"depth": "depth_gen.ckpt", "panorama": "pano.ckpt"}
+    assert catalog.TASK_CHECKPOINTS == {"depth": "depth_gen.ckpt", "panorama": "pano.ckpt",
+                                        "outpaint": "pano_outpaint.ckpt"}
 
 
 def test_snapshot_patterns_fetch_only_what_the_pipeline_loads():
@@ -156,11 +158,11 @@ def test_texture_job_without_multiview_weights_reports_none(tiny_folder, tmp_pat
     from server_helpers import texture_job
 
     from backend.pipelines.context import JobContext
-    from backend.pipelines.texturing import run_texture_job
+    from backend.server.worker import run_job
 
     models = ModelSet(ModelConfig(root=str(tiny_folder), models_dir=str(tmp_path / "empty"), device="cpu",
                                   dtype="float32"))
-    report = run_texture_job(texture_job(steps=1, frames=2, texture_size=64), models, JobContext(tmp_path / "out"))
+    report = run_job(texture_job(steps=1, frames=2, texture_size=64), models, JobContext(tmp_path / "out"))
     written = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["multiview_weights"] == written["multiview_weights"] == "none"
     assert written["base_model"] == str(tiny_folder / "depth")
@@ -170,10 +172,10 @@ def test_panorama_report_names_its_models(tmp_path):
     from server_helpers import panorama_job
 
     from backend.pipelines.context import JobContext
-    from backend.pipelines.hdri import run_panorama_job
+    from backend.server.worker import run_job
 
     job = panorama_job(steps=1)
-    run_panorama_job(job, ModelSet(ModelConfig.tiny()), JobContext(tmp_path))
+    run_job(job, ModelSet(ModelConfig.tiny()), JobContext(tmp_path))
     written = json.loads((tmp_path / "report.json").read_text())
     assert written["base_model"] == "tiny" and written["multiview_weights"] == "tiny"
 

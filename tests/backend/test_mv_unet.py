@@ -100,12 +100,37 @@ def test_missing_level_geometry_is_reported(panorama_setup):
 
 @pytest.mark.parametrize("task", ["panorama", "depth"])
 def test_unet_benchmark_reports_overhead_memory_and_exactness(task):
-    from backend.models.benchmark import run_unet_benchmark
+    from backend.models.benchmark import run_unet_benchmark, sd2_structured_unet
 
-    result = run_unet_benchmark(task, views=3, channels=(32, 32, 64, 64), neighbours=2, repeats=1, scaling=(3, 6))
+    channels = (32, 32, 64, 64)
+    result = run_unet_benchmark(task, views=3, channels=channels, neighbours=2, repeats=1, scaling=(3, 6))
     assert result["zero_caa_max_abs_diff"] == 0.0
-    assert result["caa_overhead"] > 0 and result["peak_mem_mb_caa"] >= 0
+    # With one repeat the overhead is the one pair's ratio of the two step times it reports.
+    ratio = result["step_seconds_caa"] / result["step_seconds_plain"]
+    assert result["caa_overhead"] == pytest.approx(ratio, rel=0.01)
+    added = MultiViewUNet(sd2_structured_unet(channels, 4 if task == "panorama" else 5), task).added_state_dict()
+    assert result["caa_parameters_m"] == round(sum(p.numel() for p in added.values()) / 1e6, 2)
+    assert result["neighbours"] == 2 and result["batch"] == 6
     assert [row["views"] for row in result["scaling"]] == [3, 6]
+    # Twice the views is twice the batch: a step's peak memory grows with it.
+    assert result["scaling"][1]["peak_mem_mb_plain"] > 1.5 * result["scaling"][0]["peak_mem_mb_plain"]
     # The per-job geometry grows with the number of views at a fixed neighbour count.
     small, large = (row["geometry_mb"] for row in result["scaling"])
     assert 1.5 < large / small < 2.5
+
+
+def test_a_unet_block_of_an_unknown_diffusers_stops_the_load_with_its_name():
+    from diffusers.models.unets.unet_2d_blocks import DownBlock2D
+
+    unet = sd2_like_unet(4)
+
+    class RenamedDownBlock(DownBlock2D):  # what a diffusers release restructuring its blocks looks like
+        pass
+
+    renamed = unet.down_blocks[3]
+    renamed.__class__ = type("DownBlockV2", (torch.nn.Module,), {"forward": DownBlock2D.forward})
+    with pytest.raises(TypeError, match=r"unet.down_blocks\[3\] is a DownBlockV2.*diffusers"):
+        MultiViewUNet(unet, "panorama")
+    assert not unet.down_blocks[3]._forward_hooks and not unet.down_blocks[0].downsamplers[0]._forward_pre_hooks
+    renamed.__class__ = RenamedDownBlock  # a subclass keeps the structure the hooks rely on
+    MultiViewUNet(unet, "panorama")

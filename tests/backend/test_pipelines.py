@@ -234,8 +234,14 @@ def test_guidance_halves_in_separate_calls_give_the_same_views(scene):
     _, sampler = sampler_for("depth", "depth")
     pipeline = KeyframePipeline(sampler)
     together = pipeline("a room", cameras, depths, SamplingSettings(steps=2, seed=1), output_float=True)
-    sampler.split_guidance = True
-    apart = pipeline("a room", cameras, depths, SamplingSettings(steps=2, seed=1), output_float=True)
+    batches = []
+    hook = sampler.model.register_forward_pre_hook(lambda _, args: batches.append(args[0].shape[0]))
+    try:
+        apart = pipeline("a room", cameras, depths, SamplingSettings(steps=2, seed=1, split_guidance=True),
+                         output_float=True)
+    finally:
+        hook.remove()
+    assert batches == [len(cameras)] * 4  # two steps, one call per guidance half
     np.testing.assert_allclose(apart.images, together.images, atol=1e-5)
 
 

@@ -143,3 +143,26 @@ def test_duplicate_object_names_are_refused_when_the_job_arrives(texture_job):
     with pytest.raises(InputError) as err:
         read_job(sent.to_bytes())
     assert err.value.field == "object_names"
+
+
+def test_loopback_hosts_are_this_machine_only():
+    from backend.protocol import is_loopback
+
+    for host in ("127.0.0.1", "127.8.9.10", "::1", "[::1]", "localhost", "LOCALHOST"):
+        assert is_loopback(host), host
+    for host in ("0.0.0.0", "192.0.2.7", "::", "2001:db8::1", ""):
+        assert not is_loopback(host), host
+
+
+def test_a_panorama_job_validates_itself_as_the_add_on_and_the_backend_need():
+    from backend.protocol import PANORAMA_VIEWS, PanoramaJob
+
+    assert PanoramaJob(GenerationSettings(["sky"] * PANORAMA_VIEWS), 256, 128).validate().view_size == 128
+    with pytest.raises(InputError, match=r"one per view: 8 around from \+X turning right, then top and bottom"):
+        PanoramaJob(GenerationSettings(["sky", "sea", "sand"]), 256, 128).validate()
+    with pytest.raises(InputError) as err:
+        PanoramaJob(GenerationSettings(["sky"]), 256, 96).validate()
+    assert err.value.field == "view_size" and "multiple of 64" in err.value.problem
+    with pytest.raises(InputError) as err:
+        read_job(PanoramaJob(GenerationSettings(["sky"]), 32, 64).to_bytes())
+    assert err.value.field == "equirect_height"

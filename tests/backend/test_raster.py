@@ -4,7 +4,7 @@ import pytest
 from backend.geometry import raster
 from backend.geometry.cameras import Camera, look_at
 from backend.geometry.mesh import Mesh
-from backend.geometry.raster import rasterize_uv, rasterize_view, uv_coverage_count
+from backend.geometry.raster import GRAZING_SIN, rasterize_uv, rasterize_view, uv_coverage_count
 from backend.validation import InputError
 
 QUAD_TRIANGLES = np.array([[0, 1, 2], [0, 2, 3]])
@@ -120,10 +120,38 @@ def test_rolled_camera_over_a_floor_that_extends_behind_it():
     cam = Camera.from_fov(90.0, 40, 40, pose)
     r = rasterize_view(floor, cam)
     d = cam.ray_directions()
-    sees_floor = d[..., 2] < 0
+    # The diagonal through the image centre looks exactly along the floor: whether its rays point
+    # a rounding error up or down depends on the CPU, and the grazing rule makes them all miss.
+    sine = d[..., 2] / np.linalg.norm(d, axis=-1)
+    horizon = np.abs(sine) < GRAZING_SIN / 10
+    sees_floor = sine < -10 * GRAZING_SIN
+    assert horizon.sum() >= 38 and (horizon | sees_floor | (sine > 0)).all()
     assert 0.3 < sees_floor.mean() < 0.7
     np.testing.assert_array_equal(r.covered, sees_floor)
     np.testing.assert_allclose(r.depth[sees_floor], -1.0 / d[sees_floor][:, 2], rtol=1e-4)
+
+
+def test_rays_along_a_plane_miss_it_and_rays_just_steeper_hit():
+    # A camera a hair above a large floor, looking along it with a long lens: pixel row k below
+    # the centre meets the floor at a sine of about k / focal, well inside the triangle.
+    height, focal = 61, 1e8
+    K = np.array([[focal, 0.0, 0.0], [0.0, focal, (height - 1) / 2], [0.0, 0.0, 1.0]])
+    pose = np.eye(4)
+    pose[:3, :3] = np.stack([[1.0, 0, 0], [0, 0, -1.0], [0, 1.0, 0]], axis=1)  # right x, down -z, forward y
+    pose[:3, 3] = [0.0, 0.0, 1e-7]
+    cam = Camera(K, pose, 1, height)
+    floor = Mesh(np.array([[-100, -1, 0], [100, -1, 0], [0, 100, 0]], np.float32), [[0, 1, 2]])
+    r = rasterize_view(floor, cam)
+    d = cam.ray_directions()[:, 0]
+    sine = -d[:, 2] / np.linalg.norm(d, axis=-1)
+    reach = 1e-7 / np.where(sine > 0, sine, np.inf)  # distance to the floor; 10 or less below the centre
+    assert reach.max() < 20
+    steep, grazing = sine > 1.5 * GRAZING_SIN, np.abs(sine) < GRAZING_SIN / 1.5
+    assert steep.sum() >= 10 and (grazing & (sine > 0)).sum() >= 3
+    decided = steep | grazing | (sine < 0)
+    assert decided.sum() >= height - 12
+    np.testing.assert_array_equal(r.covered[decided, 0], steep[decided])
+    np.testing.assert_allclose(r.depth[steep, 0], reach[steep] * np.linalg.norm(d[steep], axis=-1), rtol=1e-3)
 
 
 def test_geometry_behind_the_camera_is_not_drawn():

@@ -164,7 +164,7 @@ def test_a_job_built_in_code_with_a_bad_scheduler_fails_before_any_model_runs(sc
     room, cameras, depths = scene
     job = TextureJob(GenerationSettings(["a room"], steps=1, scheduler="euler"), cameras, depths, room.mesh, 64)
     with pytest.raises(InputError) as err:
-        run_texture_job(job, ModelSet(ModelConfig.tiny()), JobContext(tmp_path))
+        run_texture_job(job, ModelSet(ModelConfig.tiny()).sampler("depth"), JobContext(tmp_path))
     assert err.value.field == "scheduler" and not spy.calls
     from backend.train.consistency_bench import run_consistency_benchmark
 
@@ -313,7 +313,7 @@ def test_texture_job_runs_keyframes_and_interpolation_with_the_named_scheduler(t
     job = TextureJob(GenerationSettings(["a room"], steps=2, seed=1, scheduler=name), cameras, depths, room.mesh, 64)
     previews = []
     ctx = JobContext(tmp_path, on_preview=previews.append, preview_every=1)
-    report = run_texture_job(job, models, ctx)
+    report = run_texture_job(job, models.sampler("depth"), ctx)
     keys = report["keyframes"]
     # The keyframes in one run, then one interpolation batch per window that has frames between its ends.
     batches = sum(1 for a, b in zip(keys[:-1], keys[1:], strict=True) if b - a > 1)
@@ -334,7 +334,7 @@ def panorama_job(scheduler: str, steps: int = 2) -> PanoramaJob:
 def test_hdri_job_runs_with_the_named_scheduler_and_reports_it(models, spy, tmp_path, name):
     previews = []
     ctx = JobContext(tmp_path, on_preview=previews.append, preview_every=1)
-    report = run_panorama_job(panorama_job(name), models, ctx)
+    report = run_panorama_job(panorama_job(name), models.sampler("panorama"), ctx)
     assert spy.classes() == [CLASSES[name]] * 2
     assert (report["scheduler"], report["steps"]) == (name, 2)
     assert json.loads((tmp_path / "report.json").read_text())["scheduler"] == name

@@ -12,6 +12,7 @@ import zipfile
 import imageio.v3 as iio
 import numpy as np
 import pytest
+from hdr_reader import read_hdr
 from server_helpers import (
     TOKEN,
     BackendProcess,
@@ -23,7 +24,7 @@ from server_helpers import (
 )
 
 from backend.client import BackendClient, BackendError
-from backend.imaging.hdr import read_exr, read_hdr
+from backend.imaging.hdr import read_exr
 from backend.protocol import pack_arrays
 
 
@@ -71,6 +72,18 @@ def test_panorama_job_gives_exr_and_hdr_above_one(backend, tmp_path):
     assert exr.max() > 1.0 and hdr.max() > 1.0
     preview = backend.client.preview(status["id"])
     assert preview is not None and iio.imread(preview).ndim == 3
+
+
+def test_a_world_from_an_image_over_http(backend, tmp_path):
+    job = panorama_job(steps=1)
+    job.image = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    status = backend.client.submit(job.to_bytes())
+    final = backend.client.wait(status["id"], poll=0.05, timeout=240)
+    assert final["state"] == "done", final["error"]
+    backend.client.result(status["id"], tmp_path)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["from_image"] is True and report["base_model"] == "tiny"
+    np.testing.assert_array_equal(iio.imread(tmp_path / "views" / "view_00.png"), job.image)
 
 
 def test_cancel_in_the_middle(backend):

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from backend.engine import ModelConfig, ModelSet
+from backend.eval.consistency import depth_overlap_psnr
 from backend.geometry.cameras import Camera, look_at
 from backend.geometry.mesh import Mesh
 from backend.geometry.raster import rasterize_uv
@@ -64,7 +65,7 @@ def default_run(models, scene, tmp_path_factory):
     """A job without UVs, 8 bits, memory level 0, a preview every step."""
     recorder = Recorder()
     out = tmp_path_factory.mktemp("texture_job")
-    report = run_texture_job(make_job(scene), models, recorder.context(out, preview_every=1))
+    report = run_texture_job(make_job(scene), models.sampler("depth"), recorder.context(out, preview_every=1))
     return out, report, recorder
 
 
@@ -128,9 +129,30 @@ def test_whole_job_writes_texture_masks_frames_and_report(default_run, scene):
     covered = rasterize_uv(ensure_uvs(scene[0].mesh, SIZE, unwrap_padding(SIZE)).mesh, SIZE).covered
     assert report["coverage"] == pytest.approx(np.count_nonzero(seen) / np.count_nonzero(covered), abs=1e-5)
     assert 0.04 < report["coverage"] < 1.0
-    assert isinstance(report["overlap_psnr_db"], float) and report["overlap_psnr_db"] > 0
+    # The reported overlap PSNR is the one of the frames the job wrote (PNG is lossless).
+    written = [iio.imread(f) for f in frames]
+    expected = depth_overlap_psnr(written, cameras, scene[2]).mean_psnr
+    assert report["overlap_psnr_db"] == pytest.approx(expected, abs=1e-3)
     # Noise frames are less consistent than any single texture seen from the same poses.
     assert 0.0 < report["overlap_psnr_ratio"] < 1.0
+    assert report["overlap_pairs"] == report["overlap_psnr_ratio_pairs"] == len(cameras) - 1  # few: all
+
+
+def test_the_consistency_reference_renders_only_a_few_pairs_of_a_long_trajectory(models, scene, tmp_path,
+                                                                                   monkeypatch):
+    from backend.pipelines import texturing
+
+    rendered = []
+    real_render = texturing.render_textured
+    monkeypatch.setattr(texturing, "REFERENCE_PAIRS", 2)
+    monkeypatch.setattr(texturing, "render_textured", lambda *args: rendered.append(args[2]) or real_render(*args))
+    job = make_job(scene)
+    job.settings.steps = 1
+    report = run_texture_job(job, models.sampler("depth"), JobContext(tmp_path))
+    assert (report["overlap_pairs"], report["overlap_psnr_ratio_pairs"]) == (7, 2)
+    # The first and the last pair: frames 0, 1 and 6, 7.
+    assert [job.cameras.index(camera) for camera in rendered] == [0, 1, 6, 7]
+    assert 0.0 < report["overlap_psnr_ratio"]
 
 
 def test_progress_counts_steps_per_stage_and_previews_decode_a_view(default_run):
@@ -165,7 +187,8 @@ def test_given_uvs_are_baked_into_and_not_sent_back(models, scene, tmp_path):
     room, _, _ = scene
     # The mesh's own UVs squeezed into the left half of the square: the right half must stay empty.
     uvs = ensure_uvs(room.mesh, SIZE).mesh.uvs * np.array([0.5, 1.0], np.float32)
-    report = run_texture_job(make_job(scene, mesh=room.mesh.with_uvs(uvs)), models, JobContext(tmp_path))
+    job = make_job(scene, mesh=room.mesh.with_uvs(uvs))
+    report = run_texture_job(job, models.sampler("depth"), JobContext(tmp_path))
     assert report["unwrapped"] is False
     assert not (tmp_path / "uvs.npz").exists()
     seen = iio.imread(tmp_path / "seen_mask.png") > 0
@@ -175,7 +198,7 @@ def test_given_uvs_are_baked_into_and_not_sent_back(models, scene, tmp_path):
 
 
 def test_16_bit_texture_is_a_real_16_bit_png(models, scene, tmp_path):
-    report = run_texture_job(make_job(scene, names=[], texture_bits=16), models, JobContext(tmp_path))
+    report = run_texture_job(make_job(scene, names=[], texture_bits=16), models.sampler("depth"), JobContext(tmp_path))
     assert report["texture_bits"] == 16
     texture = read_png16(tmp_path / "texture.png")
     assert texture.dtype == np.uint16 and texture.shape == (SIZE, SIZE, 3)
@@ -205,7 +228,7 @@ def test_cancel_during_keyframes_stops_the_job_without_a_texture(models, scene, 
 
     ctx.on_progress = on_progress
     with pytest.raises(Cancelled):
-        run_texture_job(make_job(scene), models, ctx)
+        run_texture_job(make_job(scene), models.sampler("depth"), ctx)
     assert "interpolation" not in stages
     assert not (tmp_path / "texture.png").exists() and not (tmp_path / "report.json").exists()
 
@@ -233,13 +256,17 @@ def test_cancel_inside_a_stage_stops_it_before_its_last_step(models, scene, stag
 
 def test_memory_level_2_splits_guidance_and_shortens_windows(models, scene, tmp_path):
     sampler = models.sampler("depth")
-    split = []
+    batches = []
     recorder = Recorder()
     ctx = recorder.context(tmp_path, memory_level=2)
-    ctx.on_progress = lambda *event: (recorder.progress.append(event), split.append(sampler.split_guidance))
-    report = run_texture_job(make_job(scene), models, ctx)
-    assert all(split)
-    assert sampler.split_guidance is False  # the shared sampler is put back for the next job
+    hook = sampler.model.register_forward_pre_hook(lambda _, args: batches.append(args[0].shape[0]))
+    try:
+        report = run_texture_job(make_job(scene), sampler, ctx)
+    finally:
+        hook.remove()
+    # One guidance half per UNet call: the 3 keyframes, then each batch of in-between frames with its
+    # two end keyframes (2 + 2, 1 + 2 and 2 + 2 views); both halves at once would double each.
+    assert sorted(set(batches)) == [3, 4]
     # At most 10 >> 2 = 2 in-between frames per batch: [1, 2], [3] and [5, 6].
     totals = {total for stage, _, total in recorder.progress if stage == "interpolation"}
     assert totals == {3 * STEPS}
@@ -250,7 +277,7 @@ def test_memory_level_2_splits_guidance_and_shortens_windows(models, scene, tmp_
 def test_single_frame_is_its_own_keyframe_and_has_no_overlap_score(models, scene, tmp_path):
     room, cameras, depths = scene
     job = TextureJob(GenerationSettings(["a room"], steps=1), cameras[:1], depths[:1], room.mesh, SIZE)
-    report = run_texture_job(job, models, JobContext(tmp_path))
+    report = run_texture_job(job, models.sampler("depth"), JobContext(tmp_path))
     assert report["keyframes"] == [0] and report["windows"] == 0 and report["frames"] == 1
     assert report["overlap_psnr_db"] is None and report["overlap_psnr_ratio"] is None
     assert (tmp_path / "texture.png").exists()
@@ -261,13 +288,13 @@ def test_small_textures_get_narrower_gutters_between_charts(models, scene, tmp_p
     assert unwrap_padding(64) == 2 and unwrap_padding(1024) == 4 and unwrap_padding(8192) == 8
     room, cameras, depths = scene
     job = TextureJob(GenerationSettings(["a room"], steps=1), cameras[:2], depths[:2], room.mesh, 64)
-    run_texture_job(job, models, JobContext(tmp_path))
+    run_texture_job(job, models.sampler("depth"), JobContext(tmp_path))
     assert iio.imread(tmp_path / "texture.png").shape == (64, 64, 3)
 
 
 def test_prompt_count_must_be_one_or_one_per_view(models, scene, tmp_path):
     with pytest.raises(InputError) as err:
-        run_texture_job(make_job(scene, prompts=("a", "b")), models, JobContext(tmp_path))
+        run_texture_job(make_job(scene, prompts=("a", "b")), models.sampler("depth"), JobContext(tmp_path))
     assert err.value.field == "prompts"
     assert not any(tmp_path.iterdir())
 
@@ -278,7 +305,7 @@ def test_views_the_unet_cannot_halve_are_refused_naming_the_cameras(models, scen
     job = TextureJob(GenerationSettings(["a room"], steps=1), cameras, [render_depth(room.mesh, c) for c in cameras],
                      room.mesh, SIZE)
     with pytest.raises(InputError) as err:
-        run_texture_job(job, models, JobContext(tmp_path))
+        run_texture_job(job, models.sampler("depth"), JobContext(tmp_path))
     assert err.value.field == "cameras"
     assert not any(tmp_path.iterdir())
 

@@ -387,6 +387,41 @@ def test_consistency_bench_scores_a_saved_run(trained_run, capsys):
     for key in ("ratio_caa", "ratio_no_caa", "views", "train_seconds", "psnr_truth_db"):
         assert key in result
     assert result["views"] == 3 and result["trajectories"] == 1 and not result["trained_here"]
-    assert 0 < result["ratio_no_caa"] and 0 < result["ratio_caa"]
-    assert result["train_seconds"] > 0
+    # One trajectory whose pairs all score: each ratio is the quotient of the two mean PSNRs.
+    truth = result["psnr_truth_db"]
+    assert result["ratio_caa"] == pytest.approx(result["psnr_caa_db"] / truth, abs=1e-3)
+    assert result["ratio_no_caa"] == pytest.approx(result["psnr_no_caa_db"] / truth, abs=1e-3)
+    assert result["ratio_gap"] == pytest.approx(result["ratio_caa"] - result["ratio_no_caa"], abs=2e-4)
+    # The training time is the saved run's, not a new one.
+    state = json.loads((trained_run / "run" / "state.json").read_text())
+    assert result["train_seconds"] == pytest.approx(sum(state["seconds"].values()), abs=0.01)
     assert (trained_run / "run" / "consistency_sheet.png").is_file()
+
+
+def test_train_runs_a_step_on_a_scannet_layout_folder(tmp_path, capsys, monkeypatch):
+    from test_train_data import _write_scene
+
+    from backend.train.released_data import ScanNetScenes
+
+    root = tmp_path / "scannet"
+    _write_scene(root / "train", "scene0000_00", range(8), keyframes=[0, 2, 3, 5, 7])
+    read = []
+    real_getitem = ScanNetScenes.__getitem__
+    monkeypatch.setattr(ScanNetScenes, "__getitem__", lambda self, k: read.append(k) or real_getitem(self, k))
+    recipe = tmp_path / "recipe.json"
+    # One multi-view step: the stage that uses the depths and poses, through CAA.
+    recipe.write_text(json.dumps(tiny_recipe(autoencoder={"steps": 0}, single_view={"steps": 0},
+                                             multi_view={"steps": 1, "batch_size": 1})))
+    run = tmp_path / "run"
+    argv = ["train", "--config", str(recipe), "--out", str(run), "--no-progress"]
+    assert main([*argv, "--data", "scannet", str(root)]) == 0
+    assert read, "the samples came from the ScanNet folder"
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [(row["stage"], row["step"]) for row in rows] == [("multi_view", 1)]
+    assert json.loads((run / "state.json").read_text())["completed"][-1] == "multi_view"
+    assert main([*argv, "--data", "scannet", str(tmp_path / "none")]) == 2
+    assert "data: no such folder" in capsys.readouterr().err
+    assert main([*argv, "--data", "kitti", str(root)]) == 2
+    assert "data: must be one of scannet" in capsys.readouterr().err
+    assert main([*argv, "--data", "mp3d", str(root)]) == 2
+    assert "the trainer trains the depth model only" in capsys.readouterr().err

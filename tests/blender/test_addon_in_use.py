@@ -176,13 +176,13 @@ def test_views_that_see_nothing_are_reported_and_none_seeing_anything_is_refused
 
 
 def test_view_sizes_snap_to_the_models_multiple(addon, scene):
-    from backend.protocol import VIEW_SIZE_MULTIPLE
+    from backend.protocol import VIEW_MULTIPLE
 
     settings = scene.mvdiff
     for name, typed, snapped in (("width", 200, 192), ("height", 100, 128), ("world_view_size", 600, 576)):
         setattr(settings, name, typed)
         assert getattr(settings, name) == snapped
-        assert getattr(settings, name) % VIEW_SIZE_MULTIPLE == 0
+        assert getattr(settings, name) % VIEW_MULTIPLE == 0
 
 
 def test_every_setting_and_operator_has_a_tooltip(addon):

@@ -62,7 +62,8 @@ def test_zip_holds_the_addon_and_backend_but_no_development_files(built_zip):
 
 def test_addon_imports_only_blender_numpy_stdlib_and_the_wire_modules():
     """Blender's Python has none of the backend's packages: the add-on must not need them."""
-    allowed_backend = {"protocol", "client", "validation", "sampling_options", "geometry", "models.catalog"}
+    allowed_backend = {"protocol", "client", "validation", "sampling_options", "atomic", "geometry.cameras",
+                       "geometry.mesh", "models.catalog"}
     stdlib = set(sys.stdlib_module_names)
     for path in sorted((REPO_ROOT / "mvdiff_blender").glob("*.py")):
         tree = ast.parse(path.read_text())
@@ -73,14 +74,60 @@ def test_addon_imports_only_blender_numpy_stdlib_and_the_wire_modules():
                 roots = [node.module.split(".")[0]]
             elif isinstance(node, ast.ImportFrom) and node.level == 2:
                 parts = (node.module or "").split(".")
-                light = parts[1] if parts[1] != "models" else ".".join(parts[1:3])
-                assert parts[0] == "backend" and light in allowed_backend, f"{path.name}: {node.module}"
+                assert parts[0] == "backend", f"{path.name}: {node.module}"
+                lights = [".".join(parts[1:])] if len(parts) > 1 else [alias.name for alias in node.names]
+                assert all(light in allowed_backend for light in lights), f"{path.name}: {node.module} {lights}"
                 continue
             else:
                 continue
             for root in roots:
                 assert root in stdlib or root in ("bpy", "mathutils", "bpy_extras", "numpy", "addon_utils"), \
                     f"{path.name} imports {root}"
+
+
+BLOCKED_IMPORT_SCRIPT = r"""
+import importlib, importlib.abc, os, pkgutil, sys, tempfile
+from pathlib import Path
+
+BLOCKED = {"torch", "diffusers", "transformers", "xatlas", "safetensors", "huggingface_hub", "fastapi",
+           "imageio", "scipy"}
+
+
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"{name} is not in Blender's Python")
+        return None
+
+
+sys.meta_path.insert(0, Refuse())
+import bpy  # noqa
+import addon_utils
+
+repo_root = Path(sys.argv[-1])
+repo_dir = Path(tempfile.mkdtemp(prefix="mvdiff-ext-repo-"))
+(repo_dir / "mvdiff_blender").symlink_to(repo_root, target_is_directory=True)
+bpy.context.preferences.extensions.repos.new(name="guard", module="guard", custom_directory=str(repo_dir))
+module = addon_utils.enable("bl_ext.guard.mvdiff_blender", default_set=True, handle_error=None)
+assert module is not None
+package = importlib.import_module("bl_ext.guard.mvdiff_blender.mvdiff_blender")
+names = [info.name for info in pkgutil.iter_modules(package.__path__)]
+for name in names:
+    importlib.import_module(f"{package.__name__}.{name}")
+loaded = sorted({m.split(".")[0] for m in sys.modules} & BLOCKED)
+assert not loaded, loaded
+print("IMPORTED", len(names))
+"""
+
+
+def test_every_addon_module_imports_where_the_backend_packages_are_missing(tmp_path):
+    """Transitively: a backend module the add-on imports must not pull in torch and the like either."""
+    env = {**os.environ, "BLENDER_USER_RESOURCES": str(tmp_path / "resources")}
+    done = subprocess.run([sys.executable, "-c", BLOCKED_IMPORT_SCRIPT, str(REPO_ROOT)], capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    count = len([p for p in (REPO_ROOT / "mvdiff_blender").glob("*.py") if p.name != "__init__.py"])
+    assert f"IMPORTED {count}" in done.stdout
 
 
 INSTALL_SCRIPT = r"""

@@ -130,6 +130,68 @@ def test_hdri_job_sets_the_world(scene, prefs, tmp_path):
     assert any(link.to_node.type == "OUTPUT_WORLD" for link in world.node_tree.links)
 
 
+def world_front_view(tmp_path) -> np.ndarray:
+    import imageio.v3 as iio
+
+    found = sorted(tmp_path.rglob("view_00.png"))
+    assert found, "the job's views were not downloaded"
+    return iio.imread(found[0])
+
+
+def test_a_world_from_a_photo_keeps_the_photo_as_its_front_view(scene, prefs, tmp_path):
+    import bpy
+
+    settings = bpy.context.scene.mvdiff
+    settings.world_prompt, settings.steps = "a beach around this photo", 1
+    settings.world_height, settings.world_view_size = 64, 64
+    settings.output_dir = str(tmp_path)
+    photo = bpy.data.images.new("photo", 64, 64)
+    rows = np.random.default_rng(3).integers(0, 256, (64, 64, 3)).astype(np.float32) / 255.0
+    rgba = np.concatenate([rows[::-1], np.ones((64, 64, 1), np.float32)], axis=-1)  # Blender: bottom row first
+    photo.pixels.foreach_set(rgba.ravel())
+    settings.world_source, settings.world_image = "IMAGE", photo
+    try:
+        assert bpy.ops.mvdiff.make_world() == {"FINISHED"}, bpy.context.window_manager.mvdiff.message
+    finally:
+        settings.world_source = "TEXT"
+    report = json.loads(next(tmp_path.rglob("report.json")).read_text())
+    assert report["from_image"] is True
+    np.testing.assert_array_equal(world_front_view(tmp_path), np.rint(rows * 255).astype(np.uint8))
+    nodes = {n.type: n for n in bpy.context.scene.world.node_tree.nodes}
+    assert tuple(nodes["TEX_ENVIRONMENT"].image.size) == (128, 64)
+
+
+def test_a_world_from_the_current_render(scene, prefs, addon, tmp_path):
+    import bpy
+
+    settings = bpy.context.scene.mvdiff
+    settings.world_prompt, settings.steps = "a meadow", 1
+    settings.world_height, settings.world_view_size = 64, 64
+    settings.output_dir = str(tmp_path)
+    render = bpy.context.scene.render
+    render.engine, render.resolution_x, render.resolution_y = "CYCLES", 96, 64
+    bpy.context.scene.cycles.samples = 1
+    camera = bpy.data.objects.new("camera", bpy.data.cameras.new("camera"))
+    bpy.context.scene.collection.objects.link(camera)
+    bpy.context.scene.camera = camera
+    world = bpy.data.worlds.new("red")
+    addon.compat.enable_nodes(world)
+    background = next(n for n in world.node_tree.nodes if n.type == "BACKGROUND")
+    background.inputs["Color"].default_value = (1.0, 0.0, 0.0, 1.0)
+    bpy.context.scene.world = world
+    bpy.context.scene.view_settings.view_transform = "Standard"
+    render.filepath = "//keep_me"
+    settings.world_source = "RENDER"
+    try:
+        assert bpy.ops.mvdiff.make_world() == {"FINISHED"}, bpy.context.window_manager.mvdiff.message
+    finally:
+        settings.world_source = "TEXT"
+    assert render.filepath == "//keep_me" and render.image_settings.file_format == "PNG"
+    front = world_front_view(tmp_path).astype(int)
+    # The camera sees only the red background: the front view is the render, red.
+    assert front[..., 0].min() > 200 and front[..., 1:].max() < 60
+
+
 # ------------------------------------------------------------------ failures leave the scene as it was
 def test_no_mesh_selected_is_refused_with_the_reason(scene, prefs, tmp_path):
     import bpy

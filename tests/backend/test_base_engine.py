@@ -52,7 +52,8 @@ def test_texture_job_on_a_controlnet_base_generates_every_frame_and_reports_the_
     depths = [render_depth(room.mesh, camera) for camera in cameras]
     job = TextureJob(GenerationSettings(["a cosy living room"], steps=2, seed=1), cameras, depths, room.mesh, 128,
                      room.object_names)
-    report = run_texture_job(job, ModelSet(ModelConfig.tiny("sd15_controlnet")), JobContext(tmp_path))
+    models = ModelSet(ModelConfig.tiny("sd15_controlnet"))
+    report = run_texture_job(job, models.sampler("depth"), JobContext(tmp_path), models.describe("depth"))
     assert report["base_kind"] == "sd15_controlnet" and report["multiview_weights"] == "none"
     assert json.loads((tmp_path / "report.json").read_text())["controlnet"] == "tiny"
     assert (tmp_path / "texture.png").is_file()
@@ -61,7 +62,8 @@ def test_texture_job_on_a_controlnet_base_generates_every_frame_and_reports_the_
 
 def test_panorama_job_on_sdxl_reports_the_base(tmp_path):
     job = PanoramaJob(GenerationSettings("a meadow", steps=2), equirect_height=64, view_size=64)
-    report = run_panorama_job(job, ModelSet(ModelConfig.tiny("sdxl_controlnet")), JobContext(tmp_path))
+    models = ModelSet(ModelConfig.tiny("sdxl_controlnet"))
+    report = run_panorama_job(job, models.sampler("panorama"), JobContext(tmp_path), models.describe("panorama"))
     assert report["base_kind"] == "sdxl_controlnet" and report["view_size"] == 64 and report["native_view_size"] == 1024
 
 

@@ -25,12 +25,12 @@ def test_a_write_failure_fails_the_job_with_a_clear_error(tmp_path, monkeypatch)
     """In-process, with writes that fail as on a full disk (runs everywhere, no mount needed)."""
     store = JobStore(tmp_path / "store")
     full = {"on": False}
-    real_write = store_module.write_atomically
+    real_write = store_module.write_bytes
 
-    def write(path, data):
+    def write(path, data, durable=False):
         if full["on"]:
             raise OSError(errno.ENOSPC, "No space left on device")
-        real_write(path, data)
+        return real_write(path, data, durable)
 
     def runner(job, models, ctx):
         full["on"] = True  # the disk fills up while the job runs
@@ -38,7 +38,7 @@ def test_a_write_failure_fails_the_job_with_a_clear_error(tmp_path, monkeypatch)
             ctx.progress("denoise", step, 1000)
             time.sleep(0.001)
 
-    monkeypatch.setattr(store_module, "write_atomically", write)
+    monkeypatch.setattr(store_module, "write_bytes", write)
     worker = Worker(store, ModelSet(ModelConfig.tiny()), runner=runner)
     worker.start()
     try:

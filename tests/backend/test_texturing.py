@@ -247,7 +247,7 @@ def test_cancel_inside_a_stage_stops_it_before_its_last_step(models, scene, stag
 
     ctx.on_progress = on_progress
     with pytest.raises(Cancelled):
-        run_texture_job(make_job(scene), models, ctx)
+        run_texture_job(make_job(scene), models.sampler("depth"), ctx)
     steps = [(step, total) for name, step, total in events if name == stage]
     assert max(step for step, _ in steps) == 2 and steps[-1][1] >= len(scene[1]) > 2
     assert events[-1][0] == stage  # no later stage started
@@ -329,7 +329,7 @@ def test_cameras_that_see_only_back_faces_are_refused_before_generation(models, 
     stages = []
     ctx = JobContext(tmp_path, on_progress=lambda stage, step, total: stages.append(stage))
     with pytest.raises(InputError) as err:
-        run_texture_job(job, models, ctx)
+        run_texture_job(job, models.sampler("depth"), ctx)
     assert err.value.field == "cameras" and "no camera saw anything" in err.value.problem
     assert "keyframes" not in stages  # refused before any model ran
     assert not (tmp_path / "texture.png").exists()
@@ -337,7 +337,7 @@ def test_cameras_that_see_only_back_faces_are_refused_before_generation(models, 
 
 def test_a_camera_that_sees_nothing_is_named_in_the_report_warnings(models, tmp_path):
     job = sphere_job([[3.0, 0.0, 0.5], [0.0, 0.0, 0.0], [0.0, 3.0, 0.5]])  # camera 1 sits inside the sphere
-    report = run_texture_job(job, models, JobContext(tmp_path))
+    report = run_texture_job(job, models.sampler("depth"), JobContext(tmp_path))
     assert report["blind_cameras"] == [1]
     assert any("camera 1 saw no textured surface" in warning for warning in report["warnings"])
     assert len(report["empty_depth"]) == 3 and report["empty_depth"][1] == 0.0  # inside, every pixel hits

@@ -43,6 +43,7 @@ from torch import nn
 from .caa import CAABlock
 from .caa_tokens import LevelGeometry, ViewGroups
 from .condition import ConditionBranch
+from .view_attention import ViewAttention, install_view_attention
 
 Task = Literal["panorama", "depth"]
 
@@ -89,6 +90,7 @@ class MultiViewUNet(nn.Module):
         self._geometry: Mapping[tuple[int, int], LevelGeometry | ViewGroups] | None = None
         self._condition_features: torch.Tensor | None = None
         self._hooks = self._install_hooks()
+        install_view_attention(unet)  # plain attention until a call passes ``attention``
         if self.condition is not None:
             self._hooks += self._install_condition_hooks()
 
@@ -191,11 +193,14 @@ class MultiViewUNet(nn.Module):
         encoder_hidden_states: torch.Tensor,
         geometry: Mapping[tuple[int, int], LevelGeometry | ViewGroups] | None = None,
         condition: torch.Tensor | None = None,
+        attention: ViewAttention | None = None,
     ) -> torch.Tensor:
-        """Noise prediction for every view; ``geometry`` None runs the plain UNet.
+        """Noise prediction for every view; ``geometry`` and ``attention`` None run the plain UNet.
 
         ``condition`` (V, 5, h, w): keyframe latents and mask for the interpolation module, one per
-        view, shared by every guidance half of the batch.
+        view, shared by every guidance half of the batch. ``attention``: training-free multi-view
+        self-attention (:mod:`~backend.models.view_attention`), given to the UNet's own layers as
+        a call argument.
         """
         if condition is not None and self.condition is None:
             raise ValueError("this model has no condition branch (build it with with_condition=True)")
@@ -203,7 +208,9 @@ class MultiViewUNet(nn.Module):
         previous, self._condition_features = self._condition_features, features
         try:
             with self.views(geometry):
-                return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+                kwargs = attention.kwargs() if attention is not None else None
+                return self.unet(sample, timestep, encoder_hidden_states, cross_attention_kwargs=kwargs,
+                                 return_dict=False)[0]
         finally:
             self._condition_features = previous
 

@@ -11,6 +11,7 @@ import json
 import os
 from pathlib import Path
 
+from .protocol import MODES
 from .sampling_options import DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, SCHEDULERS, scheduler_summary
 from .validation import InputError
 
@@ -115,11 +116,21 @@ def add_scheduler_argument(parser: argparse.ArgumentParser, default: str | None)
                         help=f"{what}: {scheduler_summary()}")
 
 
+def add_mode_argument(parser: argparse.ArgumentParser) -> None:
+    """``--mode``: how views are tied together; without it the job's own, else the best available."""
+    parser.add_argument("--mode", choices=list(MODES),
+                        help="trained: the multi-view weights; training_free: the base model's own attention "
+                             "and canvas synchronisation; independent: every view alone "
+                             "(default: the job's own, else trained when multi-view weights are loaded, "
+                             "else training_free)")
+
+
 def add_texture_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("job", help="a texture job .npz (the wire format Blender writes)")
     parser.add_argument("--out", required=True, help="output folder")
     add_scheduler_argument(parser, None)
     parser.add_argument("--steps", type=int, help="denoising steps (default: the job's own)")
+    add_mode_argument(parser)
     add_model_arguments(parser)
 
 
@@ -134,8 +145,8 @@ def run_texture(args: argparse.Namespace) -> int:
     job = read_job(path.read_bytes())
     if job.kind != "texture":
         raise InputError("kind", f"{path} holds a {job.kind} job; use the panorama command for it")
-    overrides = {name: value for name, value in (("scheduler", args.scheduler), ("steps", args.steps))
-                 if value is not None}
+    given = (("scheduler", args.scheduler), ("steps", args.steps), ("mode", args.mode))
+    overrides = {name: value for name, value in given if value is not None}
     if overrides:
         job.settings = replace(job.settings, **overrides).validate()
     return _run_local(job, args)
@@ -152,6 +163,7 @@ def add_panorama_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--height", type=int, default=1024, help="equirect height (width is twice that)")
     parser.add_argument("--view-size", type=int, default=512, help="size of each generated view")
     parser.add_argument("--out", required=True, help="output folder")
+    add_mode_argument(parser)
     add_model_arguments(parser)
 
 
@@ -159,6 +171,6 @@ def run_panorama(args: argparse.Namespace) -> int:
     from .protocol import GenerationSettings, PanoramaJob, read_job
 
     settings = GenerationSettings(args.prompt, args.negative_prompt, args.steps, args.guidance, args.seed,
-                                  args.scheduler)
+                                  args.scheduler, args.mode)
     job = read_job(PanoramaJob(settings, args.height, args.view_size).to_bytes())  # validated like a sent job
     return _run_local(job, args)

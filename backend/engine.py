@@ -24,7 +24,7 @@ from .models.released import load_released_checkpoint, use_released_behaviour
 from .models.tiny import CAA_WEIGHTS, tiny_multiview, tiny_pipeline
 from .models.weights import load_added_weights
 from .pipelines.sampling import MultiViewSampler
-from .protocol import NO_MULTIVIEW_WEIGHTS
+from .protocol import MODES, NO_MULTIVIEW_WEIGHTS
 from .validation import InputError
 
 TINY = "tiny"
@@ -132,6 +132,26 @@ class ModelSet:
             path = self.config.multiview_weights(task)
             weights = NO_WEIGHTS if path is None else str(path)
         return {"base_model": self.source_label(task), "multiview_weights": weights}
+
+    def default_mode(self, task: str) -> str:
+        """The best way this backend ties a task's views together: ``trained`` where multi-view
+        weights are loaded (the tiny model's random blocks count), else ``training_free``."""
+        return "training_free" if self.describe(task)["multiview_weights"] == NO_WEIGHTS else "trained"
+
+    def resolve_mode(self, task: str, requested: str | None) -> str:
+        """The mode a job runs in: the one it asked for, or :meth:`default_mode`.
+
+        ``trained`` without multi-view weights is refused: it would run the blocks at their
+        identity, i.e. every view alone, under a name that promises more.
+        """
+        if requested is None:
+            return self.default_mode(task)
+        if requested not in MODES:
+            raise InputError("mode", f"must be one of {', '.join(MODES)}, got {requested!r}")
+        if requested == "trained" and self.default_mode(task) != "trained":
+            raise InputError("mode", "'trained' needs multi-view weights, and none are loaded; "
+                             "use 'training_free' or install the weights")
+        return requested
 
     def release(self) -> None:
         """Drop every model and give the memory back.

@@ -27,6 +27,10 @@ JOB_KINDS = ("texture", "panorama")
 DEFAULT_MAX_BYTES = 2 * 2**30
 META_KEY = "job.json"
 NO_MULTIVIEW_WEIGHTS = "none"
+MODES = ("trained", "training_free", "independent")
+"""How a job ties its views together: the trained multi-view blocks, the base model's own attention
+with canvas synchronisation (no multi-view weights needed), or not at all. A job that names none
+gets the best its backend has: ``trained`` where multi-view weights are loaded, else ``training_free``."""
 """``multiview_weights`` in ``/v1/version`` and ``report.json`` when the multi-view blocks stay at their
 identity: every view is generated alone, and the add-on warns that views will not agree."""
 
@@ -78,7 +82,8 @@ class GenerationSettings:
     """What every generation job shares: prompts, guidance, seed, the scheduler and its steps.
 
     ``scheduler`` names an entry of ``backend.sampling_options.SCHEDULERS``; jobs that leave it
-    out get the default (DDIM), as before the field existed.
+    out get the default (DDIM), as before the field existed. ``mode`` is one of :data:`MODES`, or
+    None for the best the backend has.
     """
 
     prompts: list[str]
@@ -87,6 +92,7 @@ class GenerationSettings:
     guidance_scale: float = DEFAULT_GUIDANCE
     seed: int = 0
     scheduler: str = DEFAULT_SCHEDULER
+    mode: str | None = None
 
     def validate(self) -> GenerationSettings:
         if isinstance(self.prompts, str):
@@ -102,6 +108,8 @@ class GenerationSettings:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise InputError("seed", f"must be an integer in [0, 2^63), got {self.seed!r}")
         self.scheduler = scheduler_name("scheduler", self.scheduler)
+        if self.mode is not None and self.mode not in MODES:
+            raise InputError("mode", f"must be one of {', '.join(MODES)}, got {self.mode!r}")
         return self
 
 

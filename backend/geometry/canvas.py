@@ -107,6 +107,30 @@ class CanvasMap:
         flat.index_add_(0, self.gather_pixel[keep], update)
         return flat.view(self.views, self.height, self.width, channels).permute(0, 3, 1, 2).contiguous()
 
+    def project(self, views: torch.Tensor, sources: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The canvas blended from the ``sources`` views only (bool (V,)), seen from every view.
+
+        Returns the values (V, C, h, w), 0 where the sources left the canvas blank, and the share
+        (V, 1, h, w) in [0, 1] of each pixel's lookup that lands on canvas the sources saw.
+        """
+        self._check(views)
+        keep = sources.to(self.splat_view.device)[self.splat_view]
+        weight = self.splat_weight * keep.to(self.splat_weight.dtype)
+        only = CanvasMap(**{**{n: getattr(self, n) for n in ("views", "height", "width", "cells")},
+                            **{n: getattr(self, n) for n in _TENSORS}, "splat_weight": weight})
+        canvas, weight_sum, _ = only.blend(views)
+        tap_weights = self.gather_tap_weights.to(views.dtype) * (weight_sum > 0).to(views.dtype)[self.gather_taps]
+        share = tap_weights.sum(dim=1)
+        ok = share > 0
+        channels = views.shape[1]
+        values = torch.zeros(self.views * self.height * self.width, channels, dtype=views.dtype, device=views.device)
+        normalised = tap_weights[ok] / share[ok, None]
+        values[self.gather_pixel[ok]] = (canvas[self.gather_taps[ok]] * normalised[..., None]).sum(dim=1)
+        mask = torch.zeros(self.views * self.height * self.width, dtype=views.dtype, device=views.device)
+        mask[self.gather_pixel[ok]] = share[ok]
+        values = values.view(self.views, self.height, self.width, channels).permute(0, 3, 1, 2).contiguous()
+        return values, mask.view(self.views, 1, self.height, self.width)
+
     def coverage(self) -> torch.Tensor:
         """bool (V, h, w): the pixels each view maps back from the canvas."""
         mask = torch.zeros(self.views * self.height * self.width, dtype=torch.bool, device=self.gather_pixel.device)

@@ -50,16 +50,18 @@ class Panorama:
 
 def run_panorama_job(job: PanoramaJob, models: ModelSet, ctx: JobContext) -> dict[str, Any]:
     """Run a panorama job into ``ctx.out_dir`` and return its report (also ``report.json``)."""
-    panorama = make_panorama(job, models.sampler("panorama"), ctx)
+    mode = models.resolve_mode("panorama", job.settings.mode)
+    panorama = make_panorama(job, models.sampler("panorama"), ctx, mode)
     with ctx.stage("write"):
         write_outputs(ctx.out_dir, panorama)
-    report = {**panorama_report(job, panorama, ctx.seconds), **models.describe("panorama")}
+    report = {**panorama_report(job, panorama, ctx.seconds), **models.describe("panorama"), "mode": mode}
     (ctx.out_dir / "report.json").write_text(json.dumps(report, indent=2))
     return report
 
 
-def make_panorama(job: PanoramaJob, sampler: MultiViewSampler, ctx: JobContext) -> Panorama:
-    """The views, stitched equirect and radiance of a job (stages views, stitch and hdr)."""
+def make_panorama(job: PanoramaJob, sampler: MultiViewSampler, ctx: JobContext, mode: str = "trained") -> Panorama:
+    """The views, stitched equirect and radiance of a job (stages views, stitch and hdr), their
+    views tied together as ``mode`` says (:data:`~backend.protocol.MODES`)."""
     settings = job.settings.validate()
     height = positive_int("equirect_height", job.equirect_height)
     view_size = positive_int("view_size", job.view_size)
@@ -80,7 +82,7 @@ def make_panorama(job: PanoramaJob, sampler: MultiViewSampler, ctx: JobContext) 
     split, sampler.split_guidance = sampler.split_guidance, ctx.memory_level >= 1
     try:
         with ctx.stage("views", settings.steps):
-            result = PanoramaPipeline(sampler)(
+            result = PanoramaPipeline(sampler, mode)(
                 prompts, cameras, sampling, progress=on_step, cancel=ctx.cancel, output_float=True
             )
     finally:

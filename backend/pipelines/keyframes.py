@@ -18,9 +18,11 @@ import torch.nn.functional as F
 
 from ..geometry.cameras import Camera
 from ..geometry.correspondence import overlap_matrix
+from ..geometry.mesh import Mesh
 from ..models.caa_geometry import depth_geometry, released_depth_neighbours
 from ..validation import InputError, depth_map
 from .sampling import MultiViewSampler, ProgressCallback, SamplingSettings, to_uint8, view_prompts
+from .training_free import KnownContent, SyncRange, TrainingFree, check_mode, depth_training_free
 
 INVALID_DEPTH_CHANNEL = -2.0
 
@@ -66,13 +68,21 @@ def isolated_views(geometry: dict | None, views: int) -> list[int]:
 
 
 class KeyframePipeline:
-    """Generate views of a scene jointly from per-view prompts and depth maps."""
+    """Generate views of a scene jointly from per-view prompts and depth maps.
 
-    def __init__(self, sampler: MultiViewSampler, neighbour_threshold: float = 0.3):
+    ``mode`` (:data:`~backend.pipelines.training_free.MODES`): ``trained`` ties views through the
+    CAA blocks, ``training_free`` through the base model's own attention and, given the job's
+    UV-mapped mesh, canvas synchronisation on its atlas; ``independent`` generates each view alone.
+    """
+
+    def __init__(self, sampler: MultiViewSampler, neighbour_threshold: float = 0.3, mode: str = "trained",
+                 sync: SyncRange | None = None):
         if sampler.model.task != "depth":
             raise InputError("model", "the keyframe pipeline needs the depth-task multi-view UNet")
         self.sampler = sampler
         self.neighbour_threshold = neighbour_threshold
+        self.mode = check_mode("mode", mode)
+        self.sync = sync or SyncRange()
 
     def __call__(
         self,
@@ -88,7 +98,11 @@ class KeyframePipeline:
         cancel: threading.Event | None = None,
         output_float: bool = False,
         condition: torch.Tensor | None = None,
+        mesh: Mesh | None = None,
+        known: KnownContent | None = None,
     ) -> KeyframeResult:
+        """Views for ``cameras``; ``mesh`` (with UVs) is the training-free mode's canvas and
+        ``known`` (training-free mode) content some views must keep."""
         settings = (settings or SamplingSettings()).validated()
         width, height = self.sampler.check_views(cameras)
         views = len(cameras)
@@ -97,6 +111,30 @@ class KeyframePipeline:
         depths = [depth_map(f"depths[{k}]", d, height, width) for k, d in enumerate(depths)]
         prompts = view_prompts(prompts, views)
 
+        latent_size = (height // self.sampler.latent_factor, width // self.sampler.latent_factor)
+        channel = torch.stack([depth_channel(d, *latent_size) for d in depths])
+        geometry, extras = None, None
+        if self.mode == "trained":
+            geometry = self._caa_geometry(cameras, depths, neighbours, overlap)
+        elif self.mode == "training_free":
+            if overlap is None and views > 1:
+                overlap = overlap_matrix(cameras, depths, stride=8)
+            extras = depth_training_free(self.sampler.model.unet, cameras, depths, overlap,
+                                         self.sampler.latent_factor, mesh, self.sync, known)
+        images, latents = self.sampler.generate(
+            prompts, (width, height), settings, geometry, latents=latents,
+            extra_channels=channel.to(self.sampler.device, self.sampler.dtype), condition=condition,
+            progress=progress, cancel=cancel, training_free=extras,
+        )
+        if self.mode == "training_free":
+            isolated = _unlinked(extras, views)
+        else:  # independent views are alone by request, not for want of overlap
+            isolated = isolated_views(geometry, views) if self.mode == "trained" else []
+        return KeyframeResult(images if output_float else to_uint8(images), latents, isolated)
+
+    def _caa_geometry(self, cameras, depths, neighbours, overlap) -> dict | None:
+        """The trained CAA blocks' geometry over the overlap graph (None: no view has a neighbour)."""
+        views = len(cameras)
         released = self.sampler.model.released
         if neighbours is None and released and views > 1:
             neighbours = released_depth_neighbours(cameras, depths)  # the rule the released weights know
@@ -104,18 +142,9 @@ class KeyframePipeline:
             if overlap is None and views > 1:
                 overlap = overlap_matrix(cameras, depths, stride=8)
             neighbours = self._neighbours(overlap, views)
-        geometry = None
         if views > 1 and any(neighbours):
-            geometry = self.sampler.on_device(depth_geometry(cameras, depths, neighbours, released=released))
-        latent_size = (height // self.sampler.latent_factor, width // self.sampler.latent_factor)
-        channel = torch.stack([depth_channel(d, *latent_size) for d in depths])
-        images, latents = self.sampler.generate(
-            prompts, (width, height), settings, geometry, latents=latents,
-            extra_channels=channel.to(self.sampler.device, self.sampler.dtype), condition=condition,
-            progress=progress, cancel=cancel,
-        )
-        isolated = isolated_views(geometry, views)
-        return KeyframeResult(images if output_float else to_uint8(images), latents, isolated)
+            return self.sampler.on_device(depth_geometry(cameras, depths, neighbours, released=released))
+        return None
 
     def _neighbours(self, overlap: np.ndarray | None, views: int) -> list[list[int]]:
         """Every view whose symmetric overlap passes the threshold (the released rule)."""
@@ -123,3 +152,15 @@ class KeyframePipeline:
             return [[] for _ in range(views)]
         overlap = np.minimum(overlap, np.asarray(overlap).T)
         return [[j for j in range(views) if j != i and overlap[i, j] > self.neighbour_threshold] for i in range(views)]
+
+
+def _unlinked(extras: TrainingFree, views: int) -> list[int]:
+    """Views the training-free tools tie to nothing: no neighbour to attend to, no shared canvas."""
+    if views < 2:
+        return []
+    linked = set()
+    if extras.attention is not None:
+        linked |= {i for i, row in enumerate(extras.attention.neighbours) if row}
+    if extras.canvas is not None:
+        linked |= {int(v) for v in torch.unique(extras.canvas.splat_view)}
+    return [v for v in range(views) if v not in linked]

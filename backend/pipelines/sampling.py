@@ -23,6 +23,7 @@ from ..models.mv_unet import MultiViewUNet
 from ..models.schedulers import build_scheduler, clean_estimate, step
 from ..sampling_options import DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, scheduler_name
 from ..validation import InputError, in_range, positive_int
+from .training_free import TrainingFree
 
 
 class Cancelled(RuntimeError):
@@ -136,6 +137,7 @@ class MultiViewSampler:
         condition: torch.Tensor | None = None,
         progress: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
+        training_free: TrainingFree | None = None,
     ) -> tuple[np.ndarray, torch.Tensor]:
         """Noise (from the seed unless given; unit variance) -> guided denoising -> float images (V, H, W, 3)."""
         width, height = size
@@ -143,7 +145,8 @@ class MultiViewSampler:
             latents = self.initial_noise(len(prompts), height, width, settings.seed)
         text = self.encode_text(prompts)
         negative = self.encode_text([settings.negative_prompt] * len(prompts))
-        latents = self.denoise(latents, text, negative, settings, geometry, extra_channels, progress, cancel, condition)
+        latents = self.denoise(latents, text, negative, settings, geometry, extra_channels, progress, cancel, condition,
+                               training_free)
         return self.decode(latents), latents
 
     @torch.no_grad()
@@ -177,12 +180,15 @@ class MultiViewSampler:
         progress: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
         condition: torch.Tensor | None = None,
+        training_free: TrainingFree | None = None,
     ) -> torch.Tensor:
         """Run the guided loop from unit-variance ``latents``; ``extra_channels`` (V, k, h, w) are
         appended to every UNet input.
 
         ``condition`` (V, 5, h, w) feeds the interpolation module's condition branch, the same for
         both guidance halves. The scheduler is ``settings.scheduler``, new for this run.
+        ``training_free``: attention across views, canvas synchronisation and known content
+        (:mod:`~backend.pipelines.training_free`), applied to the guided prediction of every step.
         """
         settings.validated()
         guided = settings.guidance_scale > 1.0
@@ -193,6 +199,8 @@ class MultiViewSampler:
         scheduler.set_timesteps(settings.steps, device=self.device)
         timesteps = scheduler.timesteps
         latents = latents * scheduler.init_noise_sigma
+        extras = training_free.to(self.device, self.dtype) if training_free is not None else None
+        attention = extras.attention if extras is not None else None
         for index, t in enumerate(timesteps):
             if cancel is not None and cancel.is_set():
                 raise Cancelled(f"cancelled before step {index + 1} of {len(timesteps)}")
@@ -202,12 +210,14 @@ class MultiViewSampler:
                 model_input = torch.cat([model_input, extra_channels], dim=1)
             if guided and self.split_guidance:
                 halves = zip(model_input.chunk(2), embeds.chunk(2), strict=True)
-                noise = torch.cat([self.model(x, t, e, geometry, condition) for x, e in halves])
+                noise = torch.cat([self.model(x, t, e, geometry, condition, attention) for x, e in halves])
             else:
-                noise = self.model(model_input, t, embeds, geometry, condition)
+                noise = self.model(model_input, t, embeds, geometry, condition, attention)
             if guided:
                 uncond, text = noise.chunk(2)
                 noise = uncond + settings.guidance_scale * (text - uncond)
+            if extras is not None:
+                noise = extras.adjust(scheduler, noise, t, scaled, index, len(timesteps))
             latents = step(scheduler, noise, t, latents)
             if progress is not None:
                 predicted = clean_estimate(scheduler, noise, t, scaled)

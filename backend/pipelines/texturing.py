@@ -31,6 +31,7 @@ from ..geometry.uv_atlas import Atlas, ensure_uvs
 from ..protocol import TextureJob
 from ..validation import InputError
 from . import texturing_outputs as outputs
+from .between_frames import fill_between
 from .context import JobContext
 from .interpolation import InterpolationPipeline
 from .keyframes import KeyframePipeline
@@ -57,6 +58,7 @@ def run_texture_job(job: TextureJob, models: ModelSet, ctx: JobContext) -> dict[
     job (before any model runs) and ``Cancelled`` when ``ctx.cancel`` is set.
     """
     job.validate()  # a job built in code gets the checks a job read from the wire had
+    mode = models.resolve_mode("depth", job.settings.mode)
     sampler = models.sampler("depth")
     sampler.check_views(job.cameras)  # sizes the UNet's levels can halve down to its innermost
     # Each memory level trades speed for memory: guidance halves in separate UNet calls, and
@@ -64,7 +66,7 @@ def run_texture_job(job: TextureJob, models: ModelSet, ctx: JobContext) -> dict[
     # is shared between jobs, so its memory setting is put back afterwards.
     split, sampler.split_guidance = sampler.split_guidance, ctx.memory_level >= 1
     try:
-        return _run(job, sampler, ctx, models.describe("depth"))
+        return _run(job, sampler, ctx, {**models.describe("depth"), "mode": mode})
     finally:
         sampler.split_guidance = split
 
@@ -74,12 +76,14 @@ def _run(job: TextureJob, sampler: MultiViewSampler, ctx: JobContext, described:
     settings = SamplingSettings.of(job.settings)
     prompts = _prompts(job)
 
+    mode = described["mode"]
     with ctx.stage("keyframe_selection"):
         plan, overlap = _plan(job)
-    generated = _generate(job, sampler, ctx, plan, overlap, prompts, settings, max_in_between)
+        atlas = _atlas(job) if mode == "training_free" else None  # the canvas views synchronise on
+    generated = _generate(job, sampler, ctx, plan, overlap, prompts, settings, max_in_between, mode, atlas)
 
     with ctx.stage("bake"):
-        atlas, result, coverage = _bake(job, generated.frames)
+        atlas, result, coverage = _bake(job, generated.frames, atlas)
 
     with ctx.stage("write"):
         consistency = _consistency(generated.frames, job, atlas, result)
@@ -113,10 +117,18 @@ def _generate(
     prompts: list[str],
     settings: SamplingSettings,
     max_in_between: int,
+    mode: str = "trained",
+    atlas: Atlas | None = None,
 ) -> Generated:
-    """The ``keyframes`` and ``interpolation`` stages: every frame of the trajectory, in order."""
+    """The ``keyframes`` and ``interpolation`` stages: every frame of the trajectory, in order.
+
+    ``mode`` ``training_free`` synchronises views on ``atlas`` and fills the frames between
+    keyframes from the keyframes' canvas instead of the interpolation module; ``independent``
+    generates every frame alone.
+    """
     keys = plan.keyframes
-    keyframe_pipeline = KeyframePipeline(sampler)
+    keyframe_pipeline = KeyframePipeline(sampler, mode=mode)
+    mesh = atlas.mesh if atlas is not None else None
     with ctx.stage("keyframes", settings.steps):
         def keyframe_progress(info: StepInfo) -> None:
             ctx.progress("keyframes", info.step, info.total)
@@ -125,7 +137,7 @@ def _generate(
 
         result = keyframe_pipeline(
             [prompts[k] for k in keys], [job.cameras[k] for k in keys], [job.depths[k] for k in keys], settings,
-            overlap=overlap[np.ix_(keys, keys)], progress=keyframe_progress, cancel=ctx.cancel,
+            overlap=overlap[np.ix_(keys, keys)], progress=keyframe_progress, cancel=ctx.cancel, mesh=mesh,
         )
     frames: dict[int, np.ndarray] = dict(zip(keys, result.images, strict=True))
 
@@ -136,7 +148,10 @@ def _generate(
             if ctx.wants_preview(info.step, info.total):
                 ctx.preview(preview(sampler, info, views=[1])[0])  # the batch's first in-between frame
 
-        if batches:
+        if batches and mode != "trained":
+            frames.update(fill_between(keyframe_pipeline, plan, result.latents, prompts, job.cameras, job.depths,
+                                       mesh, settings, max_in_between, progress=window_progress, cancel=ctx.cancel))
+        elif batches:
             interpolation = InterpolationPipeline(keyframe_pipeline, max_in_between)
             frames.update(interpolation(plan, frames, prompts, job.cameras, job.depths, settings,
                                         progress=window_progress, cancel=ctx.cancel).images)
@@ -168,9 +183,10 @@ def _atlas(job: TextureJob) -> Atlas:
             padding //= 2
 
 
-def _bake(job: TextureJob, frames: list[np.ndarray]) -> tuple[Atlas, BakeResult, float]:
-    """The atlas, the bake of every frame into it, and the share of covered texels some frame saw."""
-    atlas = _atlas(job)
+def _bake(job: TextureJob, frames: list[np.ndarray], atlas: Atlas | None = None) -> tuple[Atlas, BakeResult, float]:
+    """The atlas (made here unless given), the bake of every frame into it, and the share of covered
+    texels some frame saw."""
+    atlas = atlas if atlas is not None else _atlas(job)
     surface = rasterize_uv(atlas.mesh, job.texture_size)
     views = [View(frame, camera, depth) for frame, camera, depth in zip(frames, job.cameras, job.depths, strict=True)]
     result = bake(surface, views, object_ids=atlas.mesh.object_ids)

@@ -1,0 +1,73 @@
+"""Whole jobs in the training-free mode on the tiny models, and how a job's mode is chosen."""
+
+import json
+
+import pytest
+import torch
+
+from backend.engine import ModelConfig, ModelSet
+from backend.geometry.render import render_depth
+from backend.models.schedulers import build_scheduler, clean_estimate, model_output_from_clean
+from backend.models.tiny import SD2_SCHEDULER
+from backend.pipelines.context import JobContext
+from backend.pipelines.hdri import run_panorama_job
+from backend.pipelines.texturing import run_texture_job
+from backend.protocol import GenerationSettings, PanoramaJob, TextureJob, read_job
+from backend.scenes.demo_room import build_demo_room, trajectory
+from backend.validation import InputError
+
+
+@pytest.fixture(scope="module")
+def models():
+    return ModelSet(ModelConfig.tiny())
+
+
+def texture_job(mode):
+    room = build_demo_room()
+    cameras = trajectory(72, width=128, height=64)[:6]
+    depths = [render_depth(room.mesh, camera) for camera in cameras]
+    settings = GenerationSettings(["a cosy living room"], steps=2, seed=1, mode=mode)
+    return TextureJob(settings, cameras, depths, room.mesh, 128, room.object_names)
+
+
+def test_texture_job_in_training_free_mode_writes_everything_and_says_so(models, tmp_path):
+    job = texture_job("training_free")
+    report = run_texture_job(job, models, JobContext(tmp_path))
+    assert report["mode"] == "training_free"
+    assert json.loads((tmp_path / "report.json").read_text())["mode"] == "training_free"
+    assert (tmp_path / "texture.png").is_file()
+    assert len(list((tmp_path / "frames").iterdir())) == len(job.cameras)
+    assert len(report["keyframes"]) < len(job.cameras)  # frames between keyframes were filled too
+
+
+def test_panorama_job_in_training_free_mode_writes_the_hdri(models, tmp_path):
+    job = PanoramaJob(GenerationSettings(["a beach"], steps=2, seed=3, mode="training_free"), 64, 64)
+    report = run_panorama_job(job, models, JobContext(tmp_path))
+    assert report["mode"] == "training_free"
+    assert (tmp_path / "panorama.exr").is_file() and report["views"] == 10
+
+
+def test_mode_travels_on_the_wire_is_checked_and_defaults_to_the_best_available(models):
+    job = PanoramaJob(GenerationSettings(["a beach"], mode="independent"))
+    assert read_job(job.to_bytes()).settings.mode == "independent"
+    with pytest.raises(InputError) as err:
+        GenerationSettings(["a beach"], mode="magic").validate()
+    assert err.value.field == "mode"
+    assert models.resolve_mode("panorama", None) == "trained"  # the tiny model's blocks are loaded
+    bare = ModelSet(ModelConfig(depth="somewhere/sd2-depth", base="somewhere/sd2-base"))
+    assert bare.resolve_mode("depth", None) == "training_free"
+    with pytest.raises(InputError) as err:
+        bare.resolve_mode("depth", "trained")
+    assert err.value.field == "mode"
+
+
+@pytest.mark.parametrize("name", ["ddim", "dpm++2m"])
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_a_step_from_an_unchanged_clean_estimate_is_the_plain_step(name, prediction):
+    scheduler = build_scheduler(name, {**SD2_SCHEDULER, "prediction_type": prediction})
+    scheduler.set_timesteps(10)
+    torch.manual_seed(0)
+    sample, output = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = scheduler.timesteps[3]
+    clean = clean_estimate(scheduler, output, t, sample)
+    assert torch.allclose(model_output_from_clean(scheduler, clean, t, sample), output, atol=1e-4)

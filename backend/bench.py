@@ -15,6 +15,8 @@ from collections.abc import Callable
 
 import torch
 
+from .sampling_options import DEFAULT_SYNC_START, DEFAULT_SYNC_STOP
+
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], dict]] = {}
 DEFAULT_VIEW_SIZE = (256, 192)
 
@@ -174,7 +176,7 @@ def bench_consistency(args: argparse.Namespace) -> dict:
     result = run_consistency_benchmark(
         config, args.run or args.out, train=not args.run, trajectories=args.heldout,
         steps=args.steps or DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE if args.guidance is None else args.guidance,
-        progress=not args.json,
+        progress=not args.json, sync_range=(args.sync_start, args.sync_stop), panorama=args.panoramas,
     )
     result["machine"] = machine()
     return result
@@ -207,6 +209,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="training recipe (consistency; default backend/train/recipes/tiny_depth.json)")
     parser.add_argument("--run", help="evaluate this finished run folder instead of training (consistency)")
     parser.add_argument("--out", help="keep the run trained by the benchmark in this folder (consistency)")
+    parser.add_argument("--sync-start", type=float, default=DEFAULT_SYNC_START,
+                        help="share of the steps where canvas synchronisation starts (consistency, unet)")
+    parser.add_argument("--sync-stop", type=float, default=DEFAULT_SYNC_STOP,
+                        help="share of the steps where canvas synchronisation stops (consistency, unet)")
+    parser.add_argument("--panoramas", type=int, default=2, help="held-out panoramas of the panorama row (consistency)")
     parser.add_argument("--scaling", default="", help="view counts for the memory-scaling rows, e.g. 12,48,192")
 
 

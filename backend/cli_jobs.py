@@ -11,8 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from .protocol import MODES
-from .sampling_options import DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, SCHEDULERS, scheduler_summary
+from .sampling_options import DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, MODES, SCHEDULERS, scheduler_summary
 from .validation import InputError
 
 

@@ -24,7 +24,8 @@ from .models.released import load_released_checkpoint, use_released_behaviour
 from .models.tiny import CAA_WEIGHTS, tiny_multiview, tiny_pipeline
 from .models.weights import load_added_weights
 from .pipelines.sampling import MultiViewSampler
-from .protocol import MODES, NO_MULTIVIEW_WEIGHTS
+from .protocol import NO_MULTIVIEW_WEIGHTS
+from .sampling_options import MODES
 from .validation import InputError
 
 TINY = "tiny"

@@ -19,7 +19,7 @@ import numpy as np
 
 from .geometry.cameras import Camera
 from .geometry.mesh import Mesh
-from .sampling_options import DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, scheduler_name
+from .sampling_options import DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, MODES, scheduler_name
 from .validation import InputError, as_array, depth_map, in_range, positive_int
 
 API_VERSION = 1
@@ -27,10 +27,6 @@ JOB_KINDS = ("texture", "panorama")
 DEFAULT_MAX_BYTES = 2 * 2**30
 META_KEY = "job.json"
 NO_MULTIVIEW_WEIGHTS = "none"
-MODES = ("trained", "training_free", "independent")
-"""How a job ties its views together: the trained multi-view blocks, the base model's own attention
-with canvas synchronisation (no multi-view weights needed), or not at all. A job that names none
-gets the best its backend has: ``trained`` where multi-view weights are loaded, else ``training_free``."""
 """``multiview_weights`` in ``/v1/version`` and ``report.json`` when the multi-view blocks stay at their
 identity: every view is generated alone, and the add-on warns that views will not agree."""
 

@@ -77,3 +77,21 @@ def scheduler_description(name: str) -> str:
 def scheduler_summary() -> str:
     """Every scheduler with its note, on one line, for command-line help."""
     return "; ".join(f"{name} ({scheduler_note(name)})" for name in SCHEDULERS)
+
+
+MODES = ("trained", "training_free", "independent")
+"""How a job ties its views together: the trained multi-view blocks, the base model's own attention
+with canvas synchronisation (no multi-view weights needed), or not at all. A job that names none
+gets the best its backend has: ``trained`` where multi-view weights are loaded, else ``training_free``."""
+
+MODE_NOTES = MappingProxyType({
+    "trained": "the multi-view weights tie overlapping views together",
+    "training_free": "the base model's own attention across views, and every step fused on one shared "
+                     "texture or panorama canvas; needs no multi-view weights",
+    "independent": "every view generated alone, as one-view-at-a-time texturing does; views will not agree",
+})
+
+DEFAULT_SYNC_START = 0.0
+DEFAULT_SYNC_STOP = 0.8
+"""Share of the denoising steps in which canvas synchronisation runs (training-free mode): from the
+first step, where layout and colour are decided, until the last fifth, left to each view's detail."""

@@ -33,13 +33,8 @@ from ..models.view_attention_geometry import (
     panorama_view_attention,
     unet_level_strides,
 )
-from ..protocol import MODES
+from ..sampling_options import DEFAULT_SYNC_START, DEFAULT_SYNC_STOP, MODES
 from ..validation import InputError, in_range
-
-DEFAULT_SYNC_START = 0.0
-DEFAULT_SYNC_STOP = 0.8
-"""Share of the denoising steps in which canvas synchronisation runs: from the first step, where
-layout and colour are decided, until the last fifth, which is left to each view's fine detail."""
 
 
 def check_mode(field: str, mode: str) -> str:

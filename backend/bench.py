@@ -61,6 +61,11 @@ def bench_bake(args: argparse.Namespace) -> dict:
     from .geometry.bake import BakeSettings
 
     views = args.views or 24
+    if args.mode not in (None, "blend", "best"):
+        from .validation import InputError
+
+        raise InputError("mode", f"bake blends with 'blend' or 'best', got {args.mode!r}")
+    args.mode = args.mode or "blend"
     run = bake_roundtrip(args.size, views, args.heldout, args.width, args.height, BakeSettings(mode=args.mode))
     return {
         "benchmark": "bake",
@@ -126,6 +131,13 @@ def bench_unet(args: argparse.Namespace) -> dict:
     dtype = getattr(torch, args.dtype)
     scaling = tuple(int(v) for v in args.scaling.split(",")) if args.scaling else ()
     size = (args.width, args.height) if args.size_given else None
+    if args.mode == "training_free":
+        from .models.training_free_bench import run_training_free_benchmark
+
+        result = run_training_free_benchmark(args.views or 8, channels, args.neighbours, args.repeats, args.device,
+                                             dtype, size)
+        result["machine"] = machine()
+        return result
     result = run_unet_benchmark(
         args.task, args.views or 8, channels, args.neighbours, args.repeats, args.device, dtype, scaling, size
     )
@@ -194,7 +206,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="view width in pixels (default 256; unet: the task's released size, 512 or 256)")
     parser.add_argument("--height", type=int, default=None,
                         help="view height in pixels (default 192; unet: the task's released size, 512 or 192)")
-    parser.add_argument("--mode", choices=("blend", "best"), default="blend", help="bake blending (bake)")
+    parser.add_argument("--mode", choices=("blend", "best", "trained", "training_free"), default=None,
+                        help="bake blending: blend (default) or best (bake); trained (default) or training_free "
+                             "multi-view step (unet)")
     parser.add_argument("--channels", default="64,128,256,256", help="UNet block channels, or 'sd2' (unet)")
     parser.add_argument("--neighbours", type=int, default=4, help="CAA neighbours per view (unet, depth task)")
     parser.add_argument("--task", choices=("panorama", "depth"), default="panorama", help="CAA design (unet)")

@@ -19,6 +19,7 @@ import bpy
 from ..backend.protocol import GenerationSettings, PanoramaJob, TextureJob
 from ..backend.validation import InputError
 from . import cameras, export, render_depth
+from .properties import AUTO_MODE
 
 
 class JobError(ValueError):
@@ -75,8 +76,9 @@ def generation_settings(settings, prompt: str, views: int, per_view=None) -> Gen
     if not any(p.strip() for p in prompts):
         raise JobError("Write a prompt first")
     try:
+        mode = None if settings.consistency_mode == AUTO_MODE else settings.consistency_mode
         return GenerationSettings(prompts, settings.negative_prompt, settings.steps, settings.guidance,
-                                  settings.seed, settings.scheduler).validate()
+                                  settings.seed, settings.scheduler, mode).validate()
     except InputError as err:
         raise JobError(f"{err.field}: {err.problem}") from None
 

@@ -55,6 +55,7 @@ class MVDIFF_PT_texture(_Panel, bpy.types.Panel):
         col.prop(settings, "height", text="Y")
 
         col = layout.column()
+        col.prop(settings, "consistency_mode")
         col.prop(settings, "scheduler")
         col.prop(settings, "steps")
         col.prop(settings, "guidance")
@@ -79,6 +80,7 @@ class MVDIFF_PT_environment(_Panel, bpy.types.Panel):
         layout.use_property_decorate = False
         col = layout.column()
         col.prop(settings, "world_prompt")
+        col.prop(settings, "consistency_mode")
         col.prop(settings, "world_height")
         col.prop(settings, "world_view_size")
         col.prop(settings, "world_strength")

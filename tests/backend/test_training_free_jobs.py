@@ -71,3 +71,41 @@ def test_a_step_from_an_unchanged_clean_estimate_is_the_plain_step(name, predict
     t = scheduler.timesteps[3]
     clean = clean_estimate(scheduler, output, t, sample)
     assert torch.allclose(model_output_from_clean(scheduler, clean, t, sample), output, atol=1e-4)
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpm++2m"])
+def test_synchronising_identical_views_changes_nothing_and_different_views_come_together(models, scheduler):
+    from backend.geometry.canvas import latent_depth, mesh_canvas
+    from backend.geometry.uv_atlas import ensure_uvs
+    from backend.pipelines.keyframes import depth_channel
+    from backend.pipelines.sampling import SamplingSettings
+    from backend.pipelines.training_free import TrainingFree
+
+    sampler = models.sampler("depth")
+    room = build_demo_room()
+    camera = trajectory(72, width=128, height=64)[0]
+    depth = render_depth(room.mesh, camera)
+    mesh = ensure_uvs(room.mesh, 256, 2).mesh
+    canvas = mesh_canvas(mesh, [camera.scaled(1 / 8)] * 2, [latent_depth(depth, 8)] * 2, 64)
+    channel = depth_channel(depth, 8, 16)[None].repeat(2, 1, 1, 1)
+    settings = SamplingSettings(steps=3, seed=2, scheduler=scheduler)
+    noise = sampler.initial_noise(1, 64, 128, 0).repeat(2, 1, 1, 1)
+
+    def generate(latents, tools):
+        return sampler.generate(["a room"] * 2, (128, 64), settings, None, latents=latents,
+                                extra_channels=channel, training_free=tools)[1]
+
+    plain = generate(noise, None)
+    synced = generate(noise, TrainingFree(canvas=canvas))
+    # Unchanged up to float32 rounding of x_0 <-> eps at the noisiest step (1 / sqrt(alpha) ~ 15).
+    assert torch.allclose(synced, plain, atol=1e-4, rtol=0)
+    different = sampler.initial_noise(2, 64, 128, 1)
+    apart = generate(different, None)
+    together = generate(different, TrainingFree(canvas=canvas))
+    assert spread(canvas, together) < 0.5 * spread(canvas, apart)
+
+
+def spread(canvas, views):
+    """How far the views' samples of the canvas lie from their blend (what synchronisation removes)."""
+    blended, _, own = canvas.blend(views)
+    return float((own - blended[canvas.splat_cell]).pow(2).sum(dim=1).mean())

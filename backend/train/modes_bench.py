@@ -33,8 +33,8 @@ class ModeImages:
     images: dict[str, list[np.ndarray]] = field(default_factory=lambda: {row: [] for row in ROWS})
 
 
-def generate_rows(sampler, sample, mesh, settings, sync) -> dict[str, np.ndarray]:
-    """The views of one held-out sample in every row's mode."""
+def generate_rows(sampler, sample, mesh, settings, sync, rows: tuple[str, ...] = ROWS) -> dict[str, np.ndarray]:
+    """The views of one held-out sample in the mode of each of ``rows``."""
     from ..pipelines.keyframes import KeyframePipeline
 
     cameras, depths = sample.cameras, list(sample.depths)
@@ -44,8 +44,8 @@ def generate_rows(sampler, sample, mesh, settings, sync) -> dict[str, np.ndarray
         "attention": (KeyframePipeline(sampler, mode="training_free", sync=sync), None),
         "sync": (KeyframePipeline(sampler, mode="training_free", sync=sync), mesh),
     }
-    return {row: pipeline(sample.prompts, cameras, depths, settings, mesh=canvas).images
-            for row, (pipeline, canvas) in pipelines.items()}
+    return {row: pipelines[row][0](sample.prompts, cameras, depths, settings, mesh=pipelines[row][1]).images
+            for row in rows}
 
 
 def row_results(truth_score, scores: dict, generated: ModeImages, truth: list[np.ndarray],

@@ -4,8 +4,8 @@ The step is the one a pipeline runs: all views and both guidance halves in one U
 costs are measured against the plain step (the UNet with its own attention, every view alone):
 
 * attention across views: every self-attention layer also reads the tokens at each query's
-  depth correspondences in its neighbour views (3 x 3 around each), timed interleaved with the
-  plain step;
+  depth correspondences in its neighbour views (the cell itself, the default, and 3 x 3 around
+  it), timed interleaved with the plain step;
 * canvas synchronisation: the clean estimate of every view blended on the scene's UV atlas at
   latent resolution and mapped back, plus the model output rewritten to match; its per-job set-up
   (rasterising the atlas and the views) is reported apart.
@@ -41,7 +41,9 @@ def run_training_free_benchmark(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     image_size: tuple[int, int] | None = None,
+    kernels: tuple[int, ...] = (1, 3),
 ) -> dict:
+    """Step costs for each K x K neighbourhood in ``kernels`` (the first is the default's row)."""
     torch.manual_seed(0)
     dev = torch.device(device)
     width, height = image_size or TASK_IMAGE_SIZE["depth"]
@@ -50,28 +52,33 @@ def run_training_free_benchmark(
     cameras, depths, graph = trajectory_neighbours(views, neighbours, width, height)
     start = time.perf_counter()
     strides = unet_level_strides(unet, width, height, LATENT_FACTOR)
-    attention = depth_view_attention(cameras, depths, graph, strides)
-    attention_setup = time.perf_counter() - start
-    attention = on_device(attention, dev, dtype)
+    attentions = [on_device(depth_view_attention(cameras, depths, graph, strides, k), dev, dtype) for k in kernels]
+    attention_setup = (time.perf_counter() - start) / len(kernels)
     latent = (height // LATENT_FACTOR, width // LATENT_FACTOR)
     sample = torch.randn(2 * views, 5, *latent, device=dev, dtype=dtype)
     text = torch.randn(2 * views, 77, unet.config.cross_attention_dim, device=dev, dtype=dtype)
 
-    def call(with_attention: bool) -> float:
+    def call(attention) -> float:
         if dev.type == "cuda":
             torch.cuda.synchronize()
         begin = time.perf_counter()
-        model(sample, 500, text, attention=attention if with_attention else None)
+        model(sample, 500, text, attention=attention)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - begin
 
     with torch.no_grad():
-        call(False), call(True)
-        pairs = [(call(False), call(True)) for _ in range(repeats)]
-    plain = statistics.median(p for p, _ in pairs)
-    with_attention = statistics.median(a for _, a in pairs)
-    overhead = statistics.median(a / p for p, a in pairs)
+        for attention in (None, *attentions):
+            call(attention)
+        rounds = [[call(attention) for attention in (None, *attentions)] for _ in range(repeats)]
+    plain = statistics.median(r[0] for r in rounds)
+    per_kernel = {
+        f"{k}x{k}": {"overhead": round(statistics.median(r[i + 1] / r[0] for r in rounds), 4),
+                     "step_seconds": round(statistics.median(r[i + 1] for r in rounds), 4),
+                     "key_tokens_attended": int(next(iter(attentions[i].tokens.values())).count)}
+        for i, k in enumerate(kernels)
+    }
+    first = per_kernel[f"{kernels[0]}x{kernels[0]}"]
 
     start = time.perf_counter()
     mesh = ensure_uvs(build_demo_room().mesh, 1024, 4).mesh
@@ -99,9 +106,10 @@ def run_training_free_benchmark(
     return {
         "benchmark": "unet",
         "mode": "training_free",
-        "attention_overhead": round(overhead, 4),
+        "attention_overhead": first["overhead"],
         "step_seconds_plain": round(plain, 4),
-        "step_seconds_attention": round(with_attention, 4),
+        "step_seconds_attention": first["step_seconds"],
+        "kernels": per_kernel,
         "sync_seconds": round(sync_seconds, 5),
         "sync_fraction_of_plain_step": round(sync_seconds / plain, 5),
         "attention_setup_seconds": round(attention_setup, 3),
@@ -111,7 +119,6 @@ def run_training_free_benchmark(
         "views": views,
         "batch": 2 * views,
         "neighbours": max(len(row) for row in graph),
-        "key_tokens_attended": int(next(iter(attention.tokens.values())).count),
         "config": {"channels": list(channels), "latent": list(latent), "cfg": True,
                    "dtype": str(dtype).replace("torch.", ""), "device": device},
     }

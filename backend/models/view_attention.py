@@ -8,14 +8,14 @@ until a job asks for more. With geometry, passed per call as ``cross_attention_k
 layer's own pretrained ``to_q``/``to_k``/``to_v``/``to_out``, to
 
 * ``"correspondence"``: their own view's tokens plus, per query, the tokens of its neighbour
-  views at the query's correspondence and a K x K neighbourhood around it (bilinear samples of
-  the neighbours' keys and values), or
+  views at the query's correspondence (the cell it lands in) and the K x K cells around it, or
 * ``"views"``: their own view's tokens plus every token of the nearest neighbour views
   (MVDream's 3D self-attention, without its training).
 
-Keys and values are projected before they are sampled: a projection is linear, so a bilinear
-sample of projected tokens is the projection of the sampled token (exact inside the map; the
-layer's projections have no bias in SD models). The softmax over own and neighbour tokens is one
+Neighbour tokens are the neighbours' own tokens, so their keys and values are rows of the keys
+and values the layer projects anyway: nothing is projected twice, and a token costs one row read
+(bilinear samples would cost four and blur what the neighbour has). The softmax over own and
+neighbour tokens is one
 softmax: the own-view attention runs as a fused kernel that also returns its log-sum-exp, the
 per-query neighbour tokens are scored separately, and the two parts are merged by their
 log-sum-exps. Geometry is built once per job (:mod:`~backend.models.view_attention_geometry`)
@@ -31,14 +31,31 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from .caa_tokens import KeyTokens
-
 AttentionKind = Literal["correspondence", "views"]
 ATTENTION_KINDS: tuple[str, ...] = ("correspondence", "views")
 KWARG = "multiview"
 """The ``cross_attention_kwargs`` key that carries a :class:`ViewAttention`."""
 QUERY_CHUNK = 1024
 """Queries per block when scoring neighbour tokens: bounds the sampled keys and values in memory."""
+
+
+@dataclass
+class NeighbourTokens:
+    """Per query of one level, the rows of its neighbour tokens in a sample's (view * h * w + pixel) table.
+
+    ``rows`` (V * P, T) long, ``valid`` (V * P, T) bool (an invalid token's row is any row). Tokens
+    are kept valid-first and cut at the largest valid count of any query.
+    """
+
+    rows: torch.Tensor
+    valid: torch.Tensor
+
+    @property
+    def count(self) -> int:
+        return self.rows.shape[1]
+
+    def to(self, device: torch.device | str) -> NeighbourTokens:
+        return NeighbourTokens(self.rows.to(device), self.valid.to(device))
 
 
 @dataclass
@@ -53,7 +70,7 @@ class ViewAttention:
 
     views: int
     kind: AttentionKind = "correspondence"
-    tokens: dict[int, KeyTokens] = field(default_factory=dict)
+    tokens: dict[int, NeighbourTokens] = field(default_factory=dict)
     neighbours: list[list[int]] = field(default_factory=list)
     max_views: int = 2
 
@@ -127,7 +144,8 @@ class MultiViewSelfAttention:
         return out / attn.rescale_output_factor
 
 
-def _attend_correspondences(q, k, v, key_rows, value_rows, tokens: KeyTokens | None, views: int, scale: float):
+def _attend_correspondences(q, k, v, key_rows, value_rows, tokens: NeighbourTokens | None, views: int,
+                            scale: float):
     """Own-view attention merged, in one softmax, with each query's neighbour tokens."""
     own, own_lse = attention_with_lse(q, k, v, scale)
     if tokens is None or tokens.count == 0 or not bool(tokens.valid.any()):
@@ -135,33 +153,35 @@ def _attend_correspondences(q, k, v, key_rows, value_rows, tokens: KeyTokens | N
     total, heads, count, head_dim = q.shape
     batch = total // views
     inner = heads * head_dim
-    # One table per sample: rows (view * count + pixel) of keys and values side by side.
-    table = torch.cat([key_rows, value_rows], dim=-1).reshape(batch, views * count, 2 * inner)
-    rows = tokens.rows.reshape(views * count, tokens.count, 4)
-    weights = tokens.weights.to(table.dtype).reshape(views * count, tokens.count, 4)
-    bias = tokens.logit_bias.to(torch.float32).reshape(views * count, tokens.count)
-    has = tokens.valid.any(dim=-1).reshape(views * count)
-    qs = q.transpose(1, 2).reshape(batch, views * count, heads, head_dim)
-    out = own.transpose(1, 2).reshape(batch, views * count, heads, head_dim).clone()
-    lse = own_lse.transpose(1, 2).reshape(batch, views * count, heads)
+    queries = views * count
+    keys = key_rows.reshape(batch, queries, inner)
+    values = value_rows.reshape(batch, queries, inner)
+    bias = torch.zeros(tokens.valid.shape, dtype=torch.float32, device=q.device).masked_fill_(~tokens.valid,
+                                                                                                float("-inf"))
+    has = tokens.valid.any(dim=-1)
+    qs = q.transpose(1, 2).reshape(batch, queries, heads, head_dim)
+    out = own.transpose(1, 2).reshape(batch, queries, heads, head_dim).clone()
+    lse = own_lse.transpose(1, 2).reshape(batch, queries, heads)
     for sample in range(batch):
-        for start in range(0, views * count, QUERY_CHUNK):
-            stop = min(start + QUERY_CHUNK, views * count)
+        for start in range(0, queries, QUERY_CHUNK):
+            stop = min(start + QUERY_CHUNK, queries)
+            rows = tokens.rows[start:stop].reshape(-1)
             n, t = stop - start, tokens.count
-            sampled = F.embedding_bag(rows[start:stop].reshape(-1, 4).long(), table[sample],
-                                      per_sample_weights=weights[start:stop].reshape(-1, 4), mode="sum")
-            sampled = sampled.view(n, t, 2, heads, head_dim)
-            logits = torch.einsum("nhd,nthd->nht", qs[sample, start:stop], sampled[:, :, 0]).float() * scale
+            token_keys = keys[sample].index_select(0, rows).view(n, t, heads, head_dim)
+            token_values = values[sample].index_select(0, rows).view(n, t, heads, head_dim)
+            logits = torch.einsum("nhd,nthd->nht", qs[sample, start:stop], token_keys).float() * scale
             logits = logits + bias[start:stop, None]
-            token_lse = torch.logsumexp(logits, dim=-1)  # finite: a row without valid tokens has no -inf bias
+            part = has[start:stop, None]
+            # Queries without a valid token score their (masked) row as all -inf: keep the exponent finite.
+            token_lse = torch.logsumexp(torch.where(part[..., None], logits, 0.0), dim=-1)
             probs = torch.exp(logits - token_lse[..., None])
-            token_lse = torch.where(has[start:stop, None], token_lse, torch.full_like(token_lse, float("-inf")))
-            token_out = torch.einsum("nht,nthd->nhd", probs.to(sampled.dtype), sampled[:, :, 1])
+            token_out = torch.einsum("nht,nthd->nhd", probs.to(token_values.dtype), token_values)
+            token_lse = token_lse.masked_fill(~part, float("-inf"))
             own_part = lse[sample, start:stop]
             merged = torch.logaddexp(own_part, token_lse)
             w_own = torch.exp(own_part - merged)[..., None].to(out.dtype)
             w_tok = torch.exp(token_lse - merged)[..., None].to(out.dtype)
-            out[sample, start:stop] = out[sample, start:stop] * w_own + token_out * w_tok
+            out[sample, start:stop] = out[sample, start:stop] * w_own + token_out.nan_to_num(0.0) * w_tok
     return out.view(batch * views, count, heads, head_dim).transpose(1, 2)
 
 

@@ -20,10 +20,14 @@ from ..validation import InputError
 from .caa_geometry import depth_level_geometry, panorama_level_geometry
 from .caa_tokens import LevelGeometry
 from .mv_unet import level_sizes
-from .view_attention import AttentionKind, ViewAttention
+from .view_attention import AttentionKind, NeighbourTokens, ViewAttention
 
-DEFAULT_KERNEL = 3
-"""K of the K x K neighbourhood read around each correspondence (MVDiffusion's panorama choice)."""
+DEPTH_KERNEL = 1
+"""K of the K x K cells read around each depth correspondence: the cell itself, as MVDiffusion's depth
+design reads one token per neighbour (depth correspondences are exact and occlusion-tested; 3 x 3
+costs nine times the tokens, see docs/benchmarks.md)."""
+PANORAMA_KERNEL = 3
+"""K around each rotation correspondence: MVDiffusion's panorama choice."""
 DEFAULT_MAX_NEIGHBOURS = 4
 """Neighbour views each view reads: the most overlapping ones; more costs tokens for little gain."""
 MIN_OVERLAP = 0.05
@@ -72,7 +76,7 @@ def with_neighbourhood(level: LevelGeometry, kernel: int) -> LevelGeometry:
 
 def depth_view_attention(
     cameras: Sequence[Camera], depths: Sequence[np.ndarray], neighbours: list[list[int]], strides: Sequence[int],
-    kernel: int = DEFAULT_KERNEL, kind: AttentionKind = "correspondence",
+    kernel: int = DEPTH_KERNEL, kind: AttentionKind = "correspondence",
 ) -> ViewAttention:
     """Attention geometry of a scene: depth correspondences (occlusion-tested) into each neighbour."""
     cameras, depths = list(cameras), list(depths)
@@ -80,13 +84,13 @@ def depth_view_attention(
     if kind == "correspondence" and any(neighbours):
         for stride in strides:
             level = depth_level_geometry(cameras, depths, neighbours, stride)
-            tokens[level.height * level.width] = with_neighbourhood(level, kernel).key_tokens(drop_invalid=True)
+            tokens[level.height * level.width] = neighbour_tokens(with_neighbourhood(level, kernel))
     return ViewAttention(len(cameras), kind, tokens, neighbours)
 
 
 def panorama_view_attention(
     cameras: Sequence[Camera], neighbours: list[list[int]], strides: Sequence[int],
-    kernel: int = DEFAULT_KERNEL, kind: AttentionKind = "correspondence",
+    kernel: int = PANORAMA_KERNEL, kind: AttentionKind = "correspondence",
 ) -> ViewAttention:
     """Attention geometry of a panorama: rotation correspondences into each neighbour."""
     cameras = list(cameras)
@@ -94,15 +98,29 @@ def panorama_view_attention(
     if kind == "correspondence" and any(neighbours):
         for stride in strides:
             level = panorama_level_geometry(cameras, neighbours, stride, kernel)
-            tokens[level.height * level.width] = level.key_tokens(drop_invalid=True)
+            tokens[level.height * level.width] = neighbour_tokens(level)
     return ViewAttention(len(cameras), kind, tokens, neighbours)
 
 
+def neighbour_tokens(level: LevelGeometry) -> NeighbourTokens:
+    """Each token as the neighbour cell its sample position falls in (valid tokens first, cut at the
+    largest valid count): the neighbour's own token, read as one row."""
+    views, slots, pixels, samples, _ = level.grid.shape
+    grid = level.grid.permute(0, 2, 1, 3, 4).reshape(views, pixels, slots * samples, 2).double()
+    x = torch.floor((grid[..., 0] + 1.0) * level.width / 2.0)  # the cell holding the sample (align_corners=False)
+    y = torch.floor((grid[..., 1] + 1.0) * level.height / 2.0)
+    inside = (x >= 0) & (x < level.width) & (y >= 0) & (y < level.height)
+    source = level.source_view[:, None, :, None].expand(-1, pixels, -1, samples).reshape(views, pixels, -1)
+    rows = (source * level.height + y.clamp(0, level.height - 1).long()) * level.width
+    rows = rows + x.clamp(0, level.width - 1).long()
+    valid = level.valid & inside
+    kept = max(1, int(valid.sum(dim=-1).max()))
+    order = torch.argsort((~valid).to(torch.uint8), dim=-1, stable=True)[..., :kept]
+    rows, valid = rows.gather(2, order), valid.gather(2, order)
+    return NeighbourTokens(rows.reshape(views * pixels, kept), valid.reshape(views * pixels, kept))
+
+
 def on_device(attention: ViewAttention, device: torch.device | str, dtype: torch.dtype) -> ViewAttention:
-    """The same geometry on ``device``; bilinear weights in the working ``dtype``."""
-    moved = {
-        count: type(t)(t.rows.to(device), t.weights.to(device, dtype), t.valid.to(device),
-                       t.encoding_input.to(device), t.zero_invalid)
-        for count, t in attention.tokens.items()
-    }
+    """The same geometry on ``device`` (``dtype`` is the model's: the tokens are indices, it is not needed)."""
+    moved = {count: tokens.to(device) for count, tokens in attention.tokens.items()}
     return ViewAttention(attention.views, attention.kind, moved, attention.neighbours, attention.max_views)

@@ -185,19 +185,27 @@ def latent_depth(depth: np.ndarray, factor: int) -> np.ndarray:
 
 
 def canvas_size(cameras: Sequence[Camera], depths: Sequence[np.ndarray], mesh: Mesh, low: int = 32,
-                high: int = 1024) -> int:
-    """Atlas size at which texels come about as dense as the views' pixels on the surface.
+                high: int = 1024, probe: int = 128) -> int:
+    """Atlas size at which texels come about as dense on the surface as the views' pixels.
 
-    The views' pixels that see the mesh, over the atlas's UV area in use: one texel per pixel of
-    the view that sees most of the mesh, rounded up to a power of two.
+    A probe atlas of ``probe`` texels says which share of the atlas each view sees; the view that
+    sees its share most densely sets the size (rounded up to a power of two), so no view's
+    pixels are merged more than about four to a texel.
     """
-    pixels = max(int(np.count_nonzero(np.asarray(d) > 0)) for d in depths)
     if mesh.uvs is None:
         raise InputError("mesh", "needs UVs for a texture canvas")
-    uv = np.asarray(mesh.uvs, dtype=np.float64).reshape(-1, 3, 2)  # per triangle corner
-    area = 0.5 * np.abs(np.cross(uv[:, 1] - uv[:, 0], uv[:, 2] - uv[:, 0])).sum()
-    side = math.sqrt(pixels / max(area, 1e-6))
-    return int(min(high, max(low, 2 ** math.ceil(math.log2(max(side, 1.0))))))
+    chunks = TexelChunks(rasterize_uv(mesh, probe))
+    settings = BakeSettings()
+    side = 1.0
+    for camera, depth in zip(cameras, depths, strict=True):
+        depth = np.asarray(depth, np.float32)
+        texels = chunks.texels_in_frustum(camera)
+        if texels.numel() == 0:
+            continue
+        seen = view_taps(texels, chunks, camera, torch.from_numpy(depth.ravel()), settings)[0].numel()
+        if seen:
+            side = max(side, probe * math.sqrt(np.count_nonzero(depth > 0) / seen))
+    return int(min(high, max(low, 2 ** math.ceil(math.log2(side)))))
 
 
 def mesh_canvas(mesh: Mesh, cameras: Sequence[Camera], depths: Sequence[np.ndarray], size: int,

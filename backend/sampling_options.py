@@ -95,3 +95,5 @@ DEFAULT_SYNC_START = 0.0
 DEFAULT_SYNC_STOP = 0.8
 """Share of the denoising steps in which canvas synchronisation runs (training-free mode): from the
 first step, where layout and colour are decided, until the last fifth, left to each view's detail."""
+DEFAULT_SYNC_SHARPNESS = 1.0
+"""Power of the views' blend weights on the canvas (1: the bake's own weights)."""

@@ -68,15 +68,17 @@ class CanvasMap:
         moved = {name: getattr(self, name).to(device) for name in _TENSORS}
         return CanvasMap(self.views, self.height, self.width, self.cells, **moved)
 
-    def blend(self, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def blend(self, views: torch.Tensor, sharpness: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The canvas (cells, C) blended from ``views`` (V, C, h, w), its weight (cells,), and the
-        views' own samples (n, C) in splat-row order."""
+        views' own samples (n, C) in splat-row order. ``sharpness``: the power of the blend weights."""
         self._check(views)
         channels = views.shape[1]
         flat = views.permute(0, 2, 3, 1).reshape(-1, channels)
         weights = self.splat_tap_weights.to(flat.dtype)
         own = (flat[self.splat_taps] * weights[..., None]).sum(dim=1)  # (n, C)
         weight = self.splat_weight.to(flat.dtype)
+        if sharpness != 1.0:
+            weight = weight.pow(sharpness)
         total = torch.zeros(self.cells, channels, dtype=flat.dtype, device=flat.device)
         total.index_add_(0, self.splat_cell, own * weight[:, None])
         weight_sum = torch.zeros(self.cells, dtype=flat.dtype, device=flat.device)
@@ -84,9 +86,9 @@ class CanvasMap:
         canvas = total / weight_sum.clamp_min(torch.finfo(flat.dtype).tiny)[:, None]
         return canvas, weight_sum, own
 
-    def synchronise(self, views: torch.Tensor) -> torch.Tensor:
+    def synchronise(self, views: torch.Tensor, sharpness: float = 1.0) -> torch.Tensor:
         """``views`` (V, C, h, w) moved to the blended canvas wherever they see it (module docstring)."""
-        canvas, _, own = self.blend(views)
+        canvas, _, own = self.blend(views, sharpness)
         channels = views.shape[1]
         pixels = self.height * self.width
         # The canvas as each view alone saw it: (view, cell) -> its own sample, unseen cells marked.

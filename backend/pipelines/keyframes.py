@@ -22,7 +22,7 @@ from ..geometry.mesh import Mesh
 from ..models.caa_geometry import depth_geometry, released_depth_neighbours
 from ..validation import InputError, depth_map
 from .sampling import MultiViewSampler, ProgressCallback, SamplingSettings, to_uint8, view_prompts
-from .training_free import KnownContent, SyncRange, TrainingFree, check_mode, depth_training_free
+from .training_free import KnownContent, SyncSettings, TrainingFree, check_mode, depth_training_free
 
 INVALID_DEPTH_CHANNEL = -2.0
 
@@ -76,13 +76,13 @@ class KeyframePipeline:
     """
 
     def __init__(self, sampler: MultiViewSampler, neighbour_threshold: float = 0.3, mode: str = "trained",
-                 sync: SyncRange | None = None):
+                 sync: SyncSettings | None = None):
         if sampler.model.task != "depth":
             raise InputError("model", "the keyframe pipeline needs the depth-task multi-view UNet")
         self.sampler = sampler
         self.neighbour_threshold = neighbour_threshold
         self.mode = check_mode("mode", mode)
-        self.sync = sync or SyncRange()
+        self.sync = sync or SyncSettings()
 
     def __call__(
         self,

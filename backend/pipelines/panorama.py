@@ -19,7 +19,7 @@ from ..geometry.panorama import neighbour_views
 from ..models.caa_geometry import panorama_geometry, released_panorama_neighbours
 from ..validation import InputError
 from .sampling import MultiViewSampler, ProgressCallback, SamplingSettings, to_uint8, view_prompts
-from .training_free import SyncRange, check_mode, panorama_training_free
+from .training_free import SyncSettings, check_mode, panorama_training_free
 
 
 @dataclass
@@ -47,12 +47,12 @@ class PanoramaPipeline:
     the equirect, ``independent`` generates each view alone.
     """
 
-    def __init__(self, sampler: MultiViewSampler, mode: str = "trained", sync: SyncRange | None = None):
+    def __init__(self, sampler: MultiViewSampler, mode: str = "trained", sync: SyncSettings | None = None):
         if sampler.model.task != "panorama":
             raise InputError("model", "the panorama pipeline needs the panorama multi-view UNet")
         self.sampler = sampler
         self.mode = check_mode("mode", mode)
-        self.sync = sync or SyncRange()
+        self.sync = sync or SyncSettings()
 
     def __call__(
         self,

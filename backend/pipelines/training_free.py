@@ -33,7 +33,7 @@ from ..models.view_attention_geometry import (
     panorama_view_attention,
     unet_level_strides,
 )
-from ..sampling_options import DEFAULT_SYNC_START, DEFAULT_SYNC_STOP, MODES
+from ..sampling_options import DEFAULT_SYNC_SHARPNESS, DEFAULT_SYNC_START, DEFAULT_SYNC_STOP, MODES
 from ..validation import InputError, in_range
 
 
@@ -44,15 +44,19 @@ def check_mode(field: str, mode: str) -> str:
 
 
 @dataclass(frozen=True)
-class SyncRange:
-    """Steps (as shares of the run, ``start`` <= share < ``stop``) in which the canvas synchronises."""
+class SyncSettings:
+    """Steps (as shares of the run, ``start`` <= share < ``stop``) in which the canvas synchronises,
+    and ``sharpness``: the power the views' blend weights are raised to (higher: each canvas cell
+    follows the view that sees it best, keeping its detail, instead of averaging views)."""
 
     start: float = DEFAULT_SYNC_START
     stop: float = DEFAULT_SYNC_STOP
+    sharpness: float = DEFAULT_SYNC_SHARPNESS
 
     def __post_init__(self) -> None:
         in_range("sync_start", self.start, 0.0, 1.0)
         in_range("sync_stop", self.stop, 0.0, 1.0)
+        in_range("sync_sharpness", self.sharpness, 0.0, 64.0)
 
     def active(self, index: int, total: int) -> bool:
         share = index / max(total, 1)
@@ -73,7 +77,7 @@ class TrainingFree:
 
     attention: ViewAttention | None = None
     canvas: CanvasMap | None = None
-    sync: SyncRange = SyncRange()
+    sync: SyncSettings = SyncSettings()
     known: KnownContent | None = None
 
     def to(self, device: torch.device, dtype: torch.dtype) -> TrainingFree:
@@ -91,7 +95,7 @@ class TrainingFree:
             return noise
         clean = clean_estimate(scheduler, noise, t, scaled)
         if sync:
-            clean = self.canvas.synchronise(clean)
+            clean = self.canvas.synchronise(clean, self.sync.sharpness)
         if self.known is not None:
             mask = self.known.mask
             clean = clean * (1 - mask) + self.known.latents * mask
@@ -100,7 +104,7 @@ class TrainingFree:
 
 def depth_training_free(
     unet, cameras: Sequence[Camera], depths: Sequence[np.ndarray], overlap: np.ndarray | None, latent_factor: int,
-    mesh: Mesh | None = None, sync: SyncRange | None = None, known: KnownContent | None = None,
+    mesh: Mesh | None = None, sync: SyncSettings | None = None, known: KnownContent | None = None,
 ) -> TrainingFree:
     """Attention over the overlap graph and, with a UV-mapped ``mesh``, its atlas as the canvas."""
     cameras, depths = list(cameras), list(depths)
@@ -117,11 +121,11 @@ def depth_training_free(
         latent_depths = [latent_depth(d, latent_factor) for d in depths]
         size = canvas_size(latent_cameras, latent_depths, mesh)
         canvas = mesh_canvas(mesh, latent_cameras, latent_depths, size)
-    return TrainingFree(attention, canvas, sync or SyncRange(), known)
+    return TrainingFree(attention, canvas, sync or SyncSettings(), known)
 
 
 def panorama_training_free(unet, cameras: Sequence[Camera], neighbours: list[list[int]], latent_factor: int,
-                           sync: SyncRange | None = None) -> TrainingFree:
+                           sync: SyncSettings | None = None) -> TrainingFree:
     """Attention over rotation correspondences and the equirect, poles included, as the canvas."""
     cameras = list(cameras)
     if len(cameras) < 2:
@@ -129,4 +133,4 @@ def panorama_training_free(unet, cameras: Sequence[Camera], neighbours: list[lis
     strides = unet_level_strides(unet, cameras[0].width, cameras[0].height, latent_factor)
     attention = panorama_view_attention(cameras, neighbours, strides)
     canvas = equirect_canvas([c.scaled(1 / latent_factor) for c in cameras])
-    return TrainingFree(attention, canvas, sync or SyncRange())
+    return TrainingFree(attention, canvas, sync or SyncSettings())

@@ -81,7 +81,7 @@ def run_consistency_benchmark(
     from ..engine import ModelConfig, ModelSet
     from ..eval.consistency import depth_overlap_psnr, overlap_psnr_ratio
     from ..pipelines.sampling import SamplingSettings
-    from ..pipelines.training_free import SyncRange
+    from ..pipelines.training_free import SyncSettings
     from .checkpoint import TrainState
     from .synthetic import SyntheticDepthData
     from .trainer import Trainer
@@ -105,7 +105,7 @@ def run_consistency_benchmark(
         device = "cuda" if torch.cuda.is_available() and config.device in ("auto", "cuda") else "cpu"
         models = ModelSet(ModelConfig(root=str(run / "model"), device=device, dtype="float32", offline=True))
         sampler = models.sampler("depth")
-        sync = SyncRange(*sync_range) if sync_range is not None else SyncRange()
+        sync = SyncSettings(*sync_range) if sync_range is not None else SyncSettings()
         d = config.data
         count = trajectories or d.heldout
         heldout = SyntheticDepthData(count, d.views, d.width, d.height, d.seed, split="heldout",

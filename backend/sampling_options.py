@@ -92,8 +92,10 @@ MODE_NOTES = MappingProxyType({
 })
 
 DEFAULT_SYNC_START = 0.0
-DEFAULT_SYNC_STOP = 0.8
-"""Share of the denoising steps in which canvas synchronisation runs (training-free mode): from the
-first step, where layout and colour are decided, until the last fifth, left to each view's detail."""
-DEFAULT_SYNC_SHARPNESS = 1.0
-"""Power of the views' blend weights on the canvas (1: the bake's own weights)."""
+DEFAULT_SYNC_STOP = 1.0
+"""Share of the denoising steps in which canvas synchronisation runs (training-free mode): all of
+them. Stopping early leaves the last steps free to disagree again (docs/benchmarks.md)."""
+DEFAULT_SYNC_SHARPNESS = 32.0
+"""Power of the views' blend weights on the canvas, relative to each cell's best view. Plain
+weights (1) average the views and blur their detail away; at 32 each cell mostly follows the view
+that sees it best, which keeps detail and prompt colours (docs/benchmarks.md)."""

@@ -78,7 +78,11 @@ class CanvasMap:
         own = (flat[self.splat_taps] * weights[..., None]).sum(dim=1)  # (n, C)
         weight = self.splat_weight.to(flat.dtype)
         if sharpness != 1.0:
-            weight = weight.pow(sharpness)
+            # Relative to the cell's best view before the power, so the best keeps weight 1 and no
+            # cell's weights all underflow to 0.
+            best = torch.zeros(self.cells, dtype=flat.dtype, device=flat.device)
+            best.scatter_reduce_(0, self.splat_cell, weight, reduce="amax")
+            weight = (weight / best[self.splat_cell].clamp_min(torch.finfo(flat.dtype).tiny)).pow(sharpness)
         total = torch.zeros(self.cells, channels, dtype=flat.dtype, device=flat.device)
         total.index_add_(0, self.splat_cell, own * weight[:, None])
         weight_sum = torch.zeros(self.cells, dtype=flat.dtype, device=flat.device)

@@ -169,13 +169,14 @@ def _attend_correspondences(q, k, v, key_rows, value_rows, tokens: NeighbourToke
             n, t = stop - start, tokens.count
             token_keys = keys[sample].index_select(0, rows).view(n, t, heads, head_dim)
             token_values = values[sample].index_select(0, rows).view(n, t, heads, head_dim)
-            logits = torch.einsum("nhd,nthd->nht", qs[sample, start:stop], token_keys).float() * scale
-            logits = logits + bias[start:stop, None]
+            # A handful of tokens per query: products and sums over small axes beat batched matmuls.
+            logits = (token_keys * qs[sample, start:stop, None]).sum(dim=-1).float() * scale  # (n, t, heads)
+            logits = logits + bias[start:stop, :, None]
             part = has[start:stop, None]
             # Queries without a valid token score their (masked) row as all -inf: keep the exponent finite.
-            token_lse = torch.logsumexp(torch.where(part[..., None], logits, 0.0), dim=-1)
-            probs = torch.exp(logits - token_lse[..., None])
-            token_out = torch.einsum("nht,nthd->nhd", probs.to(token_values.dtype), token_values)
+            token_lse = torch.logsumexp(torch.where(part[..., None], logits, 0.0), dim=1)  # (n, heads)
+            probs = torch.exp(logits - token_lse[:, None])
+            token_out = (probs.to(token_values.dtype)[..., None] * token_values).sum(dim=1)  # (n, heads, d)
             token_lse = token_lse.masked_fill(~part, float("-inf"))
             own_part = lse[sample, start:stop]
             merged = torch.logaddexp(own_part, token_lse)

@@ -109,3 +109,21 @@ def spread(canvas, views):
     """How far the views' samples of the canvas lie from their blend (what synchronisation removes)."""
     blended, _, own = canvas.blend(views)
     return float((own - blended[canvas.splat_cell]).pow(2).sum(dim=1).mean())
+
+
+def test_frames_between_keyframes_know_what_the_keyframes_showed():
+    from backend.geometry.uv_atlas import ensure_uvs
+    from backend.pipelines.between_frames import known_from_keyframes
+
+    room = build_demo_room()
+    mesh = ensure_uvs(room.mesh, 256, 2).mesh
+    cameras = trajectory(72, width=128, height=64)[:3]
+    depths = [render_depth(room.mesh, camera) for camera in cameras]
+    keyframe_latents = torch.stack([torch.full((4, 8, 16), 2.0), torch.full((4, 8, 16), -1.0)])
+    known = known_from_keyframes(keyframe_latents, [0, 2], [1], cameras, depths, mesh, 8)
+    assert known.latents.shape == (1, 4, 8, 16) and known.mask.shape == (1, 1, 8, 16)
+    seen = known.mask[0, 0] > 0
+    assert seen.float().mean() > 0.5  # a frame between two close keyframes sees mostly known surface
+    values = known.latents[0][:, seen]
+    assert bool(((values >= -1.0 - 1e-5) & (values <= 2.0 + 1e-5)).all())  # blends of the keyframes' content
+    assert torch.equal(known.latents[0][:, ~seen], torch.zeros_like(known.latents[0][:, ~seen]))

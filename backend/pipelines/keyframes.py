@@ -102,7 +102,9 @@ class KeyframePipeline:
         known: KnownContent | None = None,
     ) -> KeyframeResult:
         """Views for ``cameras``; ``mesh`` (with UVs) is the training-free mode's canvas and
-        ``known`` (training-free mode) content some views must keep."""
+        ``known`` (training-free mode) content some views must keep. ``neighbours`` names the
+        trained blocks' key views; the training-free mode takes each view's most overlapping
+        views from ``overlap`` instead."""
         settings = (settings or SamplingSettings()).validated()
         width, height = self.sampler.check_views(cameras)
         views = len(cameras)

@@ -13,6 +13,8 @@ import platform
 import sys
 from collections.abc import Callable
 
+from .sampling_options import DEFAULT_SYNC_START, DEFAULT_SYNC_STOP
+
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], dict]] = {}
 DEFAULT_VIEW_SIZE = (256, 192)
 
@@ -65,6 +67,11 @@ def bench_bake(args: argparse.Namespace) -> dict:
     from .geometry.bake import BakeSettings
 
     views = args.views or 24
+    if args.mode not in (None, "blend", "best"):
+        from .validation import InputError
+
+        raise InputError("mode", f"bake blends with 'blend' or 'best', got {args.mode!r}")
+    args.mode = args.mode or "blend"
     run = bake_roundtrip(args.size, views, args.heldout, args.width, args.height, BakeSettings(mode=args.mode))
     return {
         "benchmark": "bake",
@@ -130,6 +137,13 @@ def bench_unet(args: argparse.Namespace) -> dict:
     dtype = torch_dtype(args.dtype)
     scaling = tuple(int(v) for v in args.scaling.split(",")) if args.scaling else ()
     size = (args.width, args.height) if args.size_given else None
+    if args.mode == "training_free":
+        from .models.training_free_bench import run_training_free_benchmark
+
+        result = run_training_free_benchmark(args.views or 8, channels, args.neighbours, args.repeats, args.device,
+                                             dtype, size)
+        result["machine"] = machine()
+        return result
     result = run_unet_benchmark(
         args.task, args.views or 8, channels, args.neighbours, args.repeats, args.device, dtype, scaling, size
     )
@@ -191,7 +205,7 @@ def bench_consistency(args: argparse.Namespace) -> dict:
     result = run_consistency_benchmark(
         config, args.run or args.out, train=not args.run, trajectories=args.heldout,
         steps=args.steps or DEFAULT_STEPS, guidance=TINY_GUIDANCE if args.guidance is None else args.guidance,
-        progress=not args.json,
+        progress=not args.json, sync_range=(args.sync_start, args.sync_stop), panorama=args.panoramas,
     )
     result["machine"] = machine()
     return result
@@ -209,7 +223,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="view width in pixels (default 256; unet: the task's released size, 512 or 256)")
     parser.add_argument("--height", type=int, default=None,
                         help="view height in pixels (default 192; unet: the task's released size, 512 or 192)")
-    parser.add_argument("--mode", choices=("blend", "best"), default="blend", help="bake blending (bake)")
+    parser.add_argument("--mode", choices=("blend", "best", "trained", "training_free"), default=None,
+                        help="bake blending: blend (default) or best (bake); trained (default) or training_free "
+                             "multi-view step (unet)")
     parser.add_argument("--channels", default="64,128,256,256", help="UNet block channels, or 'sd2' (unet)")
     parser.add_argument("--neighbours", type=int, default=4, help="CAA neighbours per view (unet, depth task)")
     parser.add_argument("--task", choices=("panorama", "depth"), default="panorama", help="CAA design (unet)")
@@ -226,6 +242,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="keep the run trained by the benchmark in this folder (consistency)")
     parser.add_argument("--subdivisions", type=int, default=6,
                         help="icosphere subdivisions (unwrap: 6 is 82k triangles, 8 is 1.3 M)")
+    parser.add_argument("--sync-start", type=float, default=DEFAULT_SYNC_START,
+                        help="share of the steps where canvas synchronisation starts (consistency, unet)")
+    parser.add_argument("--sync-stop", type=float, default=DEFAULT_SYNC_STOP,
+                        help="share of the steps where canvas synchronisation stops (consistency, unet)")
+    parser.add_argument("--panoramas", type=int, default=2, help="held-out panoramas of the panorama row (consistency)")
     parser.add_argument("--scaling", default="", help="view counts for the memory-scaling rows, e.g. 12,48,192")
 
 

@@ -12,7 +12,7 @@ import os
 import uuid
 from pathlib import Path
 
-from .sampling_options import DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, SCHEDULERS, scheduler_summary
+from .sampling_options import DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, MODES, SCHEDULERS, scheduler_summary
 from .validation import InputError
 
 
@@ -174,11 +174,21 @@ def add_scheduler_argument(parser: argparse.ArgumentParser, default: str | None)
                         help=f"{what}: {scheduler_summary()}")
 
 
+def add_mode_argument(parser: argparse.ArgumentParser) -> None:
+    """``--mode``: how views are tied together; without it the job's own, else the best available."""
+    parser.add_argument("--mode", choices=list(MODES),
+                        help="trained: the multi-view weights; training_free: the base model's own attention "
+                             "and canvas synchronisation; independent: every view alone "
+                             "(default: the job's own, else trained when multi-view weights are loaded, "
+                             "else training_free)")
+
+
 def add_texture_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("job", help="a texture job .npz (the wire format Blender writes)")
     parser.add_argument("--out", required=True, help="output folder")
     add_scheduler_argument(parser, None)
     parser.add_argument("--steps", type=int, help="denoising steps (default: the job's own)")
+    add_mode_argument(parser)
     add_model_arguments(parser)
 
 
@@ -193,8 +203,8 @@ def run_texture(args: argparse.Namespace) -> int:
     job = read_job(path.read_bytes())
     if job.kind != "texture":
         raise InputError("kind", f"{path} holds a {job.kind} job; use the panorama command for it")
-    overrides = {name: value for name, value in (("scheduler", args.scheduler), ("steps", args.steps))
-                 if value is not None}
+    given = (("scheduler", args.scheduler), ("steps", args.steps), ("mode", args.mode))
+    overrides = {name: value for name, value in given if value is not None}
     if overrides:
         job.settings = replace(job.settings, **overrides).validate()
     return _run_local(job, args)
@@ -213,6 +223,7 @@ def add_panorama_arguments(parser: argparse.ArgumentParser) -> None:
                         help="size of each generated view (default: the base model's native size, 512 or 1024)")
     parser.add_argument("--image", help="a photo or render the 360 environment is made around (its front view)")
     parser.add_argument("--out", required=True, help="output folder")
+    add_mode_argument(parser)
     add_model_arguments(parser)
 
 
@@ -220,7 +231,7 @@ def run_panorama(args: argparse.Namespace) -> int:
     from .protocol import GenerationSettings, PanoramaJob, read_job
 
     settings = GenerationSettings(args.prompt, args.negative_prompt, args.steps, args.guidance, args.seed,
-                                  args.scheduler)
+                                  args.scheduler, args.mode)
     image = None
     if args.image is not None:
         import imageio.v3 as iio

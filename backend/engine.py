@@ -32,6 +32,7 @@ from .models.tiny_bases import TINY_SHAPE_OF_KIND, tiny_controlnet_base
 from .models.weights import load_added_weights
 from .pipelines.sampling import MultiViewSampler
 from .protocol import NO_MULTIVIEW_WEIGHTS
+from .sampling_options import MODES
 from .validation import InputError
 
 NO_WEIGHTS = NO_MULTIVIEW_WEIGHTS  # describe(): the multi-view blocks stay at their identity initialisation
@@ -107,6 +108,26 @@ class ModelSet:
         if task == "depth" and controlnet is not None:
             described["controlnet"] = controlnet
         return described
+
+    def default_mode(self, task: str) -> str:
+        """The best way this backend ties a task's views together: ``trained`` where multi-view
+        weights are loaded (the tiny model's random blocks count), else ``training_free``."""
+        return "training_free" if self.describe(task)["multiview_weights"] == NO_WEIGHTS else "trained"
+
+    def resolve_mode(self, task: str, requested: str | None) -> str:
+        """The mode a job runs in: the one it asked for, or :meth:`default_mode`.
+
+        ``trained`` without multi-view weights is refused: it would run the blocks at their
+        identity, i.e. every view alone, under a name that promises more.
+        """
+        if requested is None:
+            return self.default_mode(task)
+        if requested not in MODES:
+            raise InputError("mode", f"must be one of {', '.join(MODES)}, got {requested!r}")
+        if requested == "trained" and self.default_mode(task) != "trained":
+            raise InputError("mode", "'trained' needs multi-view weights, and none are loaded; "
+                             "use 'training_free' or install the weights")
+        return requested
 
     def release(self) -> None:
         """Drop every model and give the memory back.

@@ -23,7 +23,7 @@ import numpy as np
 from .geometry.cameras import Camera
 from .geometry.mesh import Mesh
 from .npz import ArrayHeader, Source, load_arrays, read_headers
-from .sampling_options import DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, scheduler_name
+from .sampling_options import DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, MODES, scheduler_name
 from .validation import InputError, as_array, depth_map, in_range, positive_int, rgb_image
 
 API_VERSION = 1
@@ -151,7 +151,8 @@ class GenerationSettings:
     """What every generation job shares: prompts, guidance, seed, the scheduler and its steps.
 
     ``scheduler`` names an entry of ``backend.sampling_options.SCHEDULERS``; jobs that leave it
-    out get the default (DDIM), as before the field existed.
+    out get the default (DDIM), as before the field existed. ``mode`` is one of :data:`MODES`, or
+    None for the best the backend has.
     """
 
     prompts: list[str]
@@ -160,6 +161,7 @@ class GenerationSettings:
     guidance_scale: float = DEFAULT_GUIDANCE
     seed: int = 0
     scheduler: str = DEFAULT_SCHEDULER
+    mode: str | None = None
 
     def validate(self) -> GenerationSettings:
         if isinstance(self.prompts, str):
@@ -175,6 +177,8 @@ class GenerationSettings:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise InputError("seed", f"must be an integer in [0, 2^63), got {self.seed!r}")
         self.scheduler = scheduler_name("scheduler", self.scheduler)
+        if self.mode is not None and self.mode not in MODES:
+            raise InputError("mode", f"must be one of {', '.join(MODES)}, got {self.mode!r}")
         return self
 
 

@@ -77,3 +77,25 @@ def scheduler_description(name: str) -> str:
 def scheduler_summary() -> str:
     """Every scheduler with its note, on one line, for command-line help."""
     return "; ".join(f"{name} ({scheduler_note(name)})" for name in SCHEDULERS)
+
+
+MODES = ("trained", "training_free", "independent")
+"""How a job ties its views together: the trained multi-view blocks, the base model's own attention
+with canvas synchronisation (no multi-view weights needed), or not at all. A job that names none
+gets the best its backend has: ``trained`` where multi-view weights are loaded, else ``training_free``."""
+
+MODE_NOTES = MappingProxyType({
+    "trained": "the multi-view weights tie overlapping views together",
+    "training_free": "the base model's own attention across views, and every step fused on one shared "
+                     "texture or panorama canvas; needs no multi-view weights",
+    "independent": "every view generated alone, as one-view-at-a-time texturing does; views will not agree",
+})
+
+DEFAULT_SYNC_START = 0.0
+DEFAULT_SYNC_STOP = 1.0
+"""Share of the denoising steps in which canvas synchronisation runs (training-free mode): all of
+them. Stopping early leaves the last steps free to disagree again (docs/benchmarks.md)."""
+DEFAULT_SYNC_SHARPNESS = 32.0
+"""Power of the views' blend weights on the canvas, relative to each cell's best view. Plain
+weights (1) average the views and blur their detail away; at 32 each cell mostly follows the view
+that sees it best, which keeps detail and prompt colours (docs/benchmarks.md)."""

@@ -21,6 +21,7 @@ import numpy as np
 from ..backend.protocol import GenerationSettings, PanoramaJob, TextureJob, check_prompt_count
 from ..backend.validation import InputError
 from . import apply, cameras, export, render_depth, uv_overlap, world_image
+from .properties import AUTO_MODE
 
 UNSAVED_FOLDER_NAME = "MVDiffusion"
 """Results of an unsaved .blend go to this folder in the user's home directory, which outlives the
@@ -121,8 +122,9 @@ def generation_settings(settings, prompt: str, views: int, per_view=None) -> Gen
     if not any(p.strip() for p in prompts):
         raise JobError("Write a prompt first")
     try:
+        mode = None if settings.consistency_mode == AUTO_MODE else settings.consistency_mode
         return GenerationSettings(prompts, settings.negative_prompt, settings.steps, settings.guidance,
-                                  settings.seed, settings.scheduler).validate()
+                                  settings.seed, settings.scheduler, mode).validate()
     except InputError as err:
         raise JobError(f"{err.field}: {err.problem}") from None
 

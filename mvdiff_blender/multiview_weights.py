@@ -24,7 +24,7 @@ from .child_run import ChildRun, Slot, spawn
 TASK_CHECKPOINTS = {"depth": "depth_gen", "panorama": "pano"}
 """The released checkpoint each task's multi-view weights come from (the backend's catalog names)."""
 TASK_LABELS = {"depth": "Texturing", "panorama": "360 Worlds"}
-WARNING = "{label}: no multi-view weights, so views are generated independently and will not agree"
+WARNING = "{label}: no multi-view weights; views are tied together training-free, from the base model alone"
 
 CANCELLED = "Download cancelled; pressing Download again resumes it"
 

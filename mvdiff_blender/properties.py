@@ -22,6 +22,8 @@ from ..backend.sampling_options import (
     DEFAULT_GUIDANCE,
     DEFAULT_SCHEDULER,
     DEFAULT_STEPS,
+    MODE_NOTES,
+    MODES,
     SCHEDULERS,
     scheduler_description,
 )
@@ -44,6 +46,12 @@ UV_SOURCES = [
 TEXTURE_SIZES = [(str(s), f"{s} px", f"{s} x {s} texels") for s in (256, 512, 1024, 2048, 4096)]
 # The backend's scheduler names are the identifiers, so the job sends the choice as it is.
 SCHEDULER_ITEMS = [(name, choice.label, scheduler_description(name)) for name, choice in SCHEDULERS.items()]
+# The backend's mode names are the identifiers too; AUTO leaves the choice to the backend.
+AUTO_MODE = "AUTO"
+MODE_LABELS = {"trained": "Trained Multi-View", "training_free": "Training-Free", "independent": "Independent Views"}
+MODE_ITEMS = [(AUTO_MODE, "Best Available", "The trained multi-view weights where the backend has them loaded, "
+               "else training-free consistency from the base model alone")] + [
+    (name, MODE_LABELS[name], MODE_NOTES[name][0].upper() + MODE_NOTES[name][1:]) for name in MODES]
 
 
 def snap_view_size(value: int) -> int:
@@ -81,6 +89,10 @@ class MVDIFF_PG_scene(bpy.types.PropertyGroup):
         name="Scheduler", items=SCHEDULER_ITEMS, default=DEFAULT_SCHEDULER,
         description="How the views are denoised. DDIM is what MVDiffusion was released with; the multistep "
                     "solvers need fewer steps: set Steps to the count each option names",
+    )
+    consistency_mode: EnumProperty(
+        name="Consistency", items=MODE_ITEMS, default=AUTO_MODE,
+        description="How the views are made to agree where they overlap",
     )
     steps: IntProperty(name="Steps", description="Denoising steps per view", default=DEFAULT_STEPS, min=1, max=1000,
                        soft_max=100)

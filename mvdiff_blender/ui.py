@@ -55,6 +55,7 @@ class MVDIFF_PT_texture(_Panel, bpy.types.Panel):
         col.prop(settings, "height", text="Y")
 
         col = layout.column()
+        col.prop(settings, "consistency_mode")
         col.prop(settings, "scheduler")
         col.prop(settings, "steps")
         col.prop(settings, "guidance")
@@ -85,6 +86,7 @@ class MVDIFF_PT_environment(_Panel, bpy.types.Panel):
         col.prop(settings, "world_source")
         if settings.world_source == "IMAGE":
             col.template_ID(settings, "world_image", open="image.open")
+        col.prop(settings, "consistency_mode")
         col.prop(settings, "world_height")
         col.prop(settings, "world_view_size")
         col.prop(settings, "world_strength")

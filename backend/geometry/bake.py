@@ -243,6 +243,21 @@ def _sample_view(texels: torch.Tensor, chunks: TexelChunks, image, camera: Camer
     an occluder's pixels never bleed onto the surface behind it, yet texels right next to a
     depth edge still get their colour from the pixels that do see them.
     """
+    texels, taps, tap_weights, weight = view_taps(texels, chunks, camera, depth, settings)
+    colour = (image[taps] * tap_weights[..., None]).sum(dim=1)
+    return texels, colour, weight
+
+
+def view_taps(texels: torch.Tensor, chunks: TexelChunks, camera: Camera, depth: torch.Tensor,
+              settings: BakeSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """How the view's pixels reach the texels it sees: the bake's sampling as a linear map.
+
+    Returns the seen texels (n,), their four pixel taps (n, 4) into the view's flattened pixels,
+    the tap weights (n, 4; bilinear over the depth-agreeing pixels, summing to 1) and the texels'
+    blend weights (n,; ``cos ** power`` times the agreeing share of the footprint). ``depth`` is
+    the view's flattened planar depth. Depends only on geometry, so a caller that samples many
+    images through one camera (a denoising loop) computes it once.
+    """
     position = chunks.position.index_select(0, texels)
     world_to_cam = torch.from_numpy(camera.world_to_cam.astype(np.float32))
     p = position @ world_to_cam[:3, :3].T + world_to_cam[:3, 3]
@@ -264,25 +279,21 @@ def _sample_view(texels: torch.Tensor, chunks: TexelChunks, image, camera: Camer
     y0 = y.floor().clamp(max=height - 2).long()
     fx, fy = x - x0, y - y0
     base = y0 * width + x0
-    taps = (base, base + 1, base + width, base + width + 1)
-    tap_weights = ((1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy)
+    taps = torch.stack((base, base + 1, base + width, base + width + 1), dim=1)
+    bilinear = torch.stack(((1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy), dim=1)
     # The depth a surface of this slope changes over about one pixel, on top of the tolerance.
     tan = torch.sqrt((1 - cos.clamp(max=1) ** 2).clamp_min(0)) / cos.clamp_min(1e-3)
     slack = z * (settings.depth_tolerance + 1.5 * tan / float(min(K[0, 0], K[1, 1])))
-    colour = torch.zeros(len(z), 3)
-    agreement = torch.zeros(len(z))
-    for tap, tap_weight in zip(taps, tap_weights, strict=True):
-        seen_depth = depth.index_select(0, tap)
-        agrees = (seen_depth > 0) & ((z - seen_depth).abs() <= slack)
-        w = torch.where(agrees, tap_weight, torch.zeros_like(tap_weight))
-        colour.addcmul_(image.index_select(0, tap), w[:, None])
-        agreement += w
+    seen_depth = depth[taps]
+    agrees = (seen_depth > 0) & ((z[:, None] - seen_depth).abs() <= slack[:, None])
+    tap_weights = torch.where(agrees, bilinear, torch.zeros_like(bilinear))
+    agreement = tap_weights.sum(dim=1)
     # Most of the bilinear footprint must see this surface, else the texel sits behind an edge.
     keep = (agreement >= 0.5).nonzero().squeeze(1)
     agreement = agreement.index_select(0, keep)
-    colour = colour.index_select(0, keep) / agreement[:, None]
+    tap_weights = tap_weights.index_select(0, keep) / agreement[:, None]
     weight = cos.index_select(0, keep) ** settings.power * agreement
-    return texels.index_select(0, keep), colour, weight
+    return texels.index_select(0, keep), taps.index_select(0, keep), tap_weights, weight
 
 
 def _check_view(index: int, view: View) -> tuple[torch.Tensor, Camera, torch.Tensor]:

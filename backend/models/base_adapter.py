@@ -29,6 +29,7 @@ from diffusers import ControlNetModel, UNet2DConditionModel
 from torch import nn
 
 from .depth_control import depth_channel, depth_image
+from .view_attention import install_view_attention
 
 SD2_DEPTH, SD15_CONTROLNET, SDXL_CONTROLNET = "sd2_depth", "sd15_controlnet", "sdxl_controlnet"
 
@@ -177,6 +178,7 @@ class ControlNetAdapter(BaseModelAdapter):
         self.kind = SDXL_CONTROLNET if self.xl else SD15_CONTROLNET
         self.task = "panorama" if controlnet is None else "depth"
         self.unet, self.controlnet = unet, controlnet
+        install_view_attention(unet)  # training-free attention across views when a call passes its geometry
         self.text_encoders = nn.ModuleList(text_encoders)
         self.tokenizers = list(tokenizers)
         self.conditioning_scale = conditioning_scale

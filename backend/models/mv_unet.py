@@ -44,6 +44,7 @@ from .caa import CAABlock
 from .caa_tokens import LevelGeometry, ViewGroups
 from .condition import ConditionBranch
 from .unet_blocks import check_unet_blocks
+from .view_attention import install_view_attention
 
 Task = Literal["panorama", "depth"]
 
@@ -90,6 +91,7 @@ class MultiViewUNet(nn.Module):
         self._geometry: Mapping[tuple[int, int], LevelGeometry | ViewGroups] | None = None
         self._condition_features: torch.Tensor | None = None
         self._hooks = self._install_hooks()
+        install_view_attention(unet)  # plain attention until a call passes its geometry
         if self.condition is not None:
             self._hooks += self._install_condition_hooks()
 
@@ -195,11 +197,12 @@ class MultiViewUNet(nn.Module):
         condition: torch.Tensor | None = None,
         cross_attention_kwargs: dict | None = None,
     ) -> torch.Tensor:
-        """Noise prediction for every view; ``geometry`` None runs the plain UNet.
+        """Noise prediction for every view; ``geometry`` and ``attention`` None run the plain UNet.
 
         ``condition`` (V, 5, h, w): keyframe latents and mask for the interpolation module, one per
         view, shared by every guidance half of the batch. ``cross_attention_kwargs`` go to the
-        UNet's attention processors, as in diffusers.
+        UNet's attention processors, as in diffusers: training-free multi-view self-attention
+        (:mod:`~backend.models.view_attention`) takes its geometry there as a call argument.
         """
         if condition is not None and self.condition is None:
             raise ValueError("this model has no condition branch (build it with with_condition=True)")

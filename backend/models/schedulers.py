@@ -67,3 +67,26 @@ def clean_estimate(
     if kind == "sample":
         return model_output
     raise ValueError(f"no clean estimate for prediction_type {kind!r} (epsilon, v_prediction or sample)")
+
+
+def model_output_from_clean(
+    scheduler: SchedulerMixin, clean: torch.Tensor, timestep, sample: torch.Tensor
+) -> torch.Tensor:
+    """The model output that implies the clean latents ``clean`` for ``sample`` (x_t) at ``timestep``.
+
+    The inverse of :func:`clean_estimate`: the noise is what x_t holds besides ``clean``,
+    eps = (x_t - sqrt(a) x_0) / sqrt(1 - a), expressed in the scheduler's prediction type. A
+    scheduler stepped with it continues from ``clean`` as if the model had predicted it, whatever
+    the scheduler does with a model output (DDIM's step, DPM-Solver's multistep history).
+    """
+    alpha = scheduler.alphas_cumprod[int(round(float(timestep)))].to(sample.device)
+    beta = 1 - alpha
+    noise = (sample - alpha**0.5 * clean) / beta**0.5
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise.to(sample.dtype)
+    if kind == "v_prediction":
+        return (alpha**0.5 * noise - beta**0.5 * clean).to(sample.dtype)
+    if kind == "sample":
+        return clean
+    raise ValueError(f"no model output for prediction_type {kind!r} (epsilon, v_prediction or sample)")

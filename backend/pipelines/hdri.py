@@ -34,6 +34,7 @@ from .context import JobContext
 from .outpaint import PanoramaOutpaintPipeline
 from .panorama import PanoramaPipeline
 from .sampling import MultiViewSampler, SamplingSettings, StepInfo, preview, to_uint8
+from .training_free import job_mode
 
 RING_VIEWS = PANORAMA_RING_VIEWS
 FILES = ("panorama.exr", "panorama.hdr", "panorama_preview.png", "panorama_ldr.png")
@@ -51,21 +52,26 @@ class Panorama:
 
 
 def run_panorama_job(job: PanoramaJob, sampler: MultiViewSampler, ctx: JobContext,
-                     described: dict[str, str] | None = None) -> dict[str, Any]:
+                     described: dict[str, str] | None = None, mode: str | None = None) -> dict[str, Any]:
     """Run a panorama job into ``ctx.out_dir`` and return its report (also ``report.json``).
 
-    ``sampler``: the panorama task's; ``described``: what it is made of (``ModelSet.describe``).
+    ``sampler``: the panorama task's; ``described``: what it is made of (``ModelSet.describe``);
+    ``mode``: how views are tied together (``ModelSet.resolve_mode``; default: the job's, else
+    :func:`~backend.pipelines.training_free.job_mode`'s).
     """
-    panorama = make_panorama(job, sampler, ctx)
+    mode = job_mode(mode or job.settings.mode, sampler)
+    panorama = make_panorama(job, sampler, ctx, mode)
     with ctx.stage("write"):
         write_outputs(ctx.out_dir, panorama)
-    report = {**panorama_report(job, panorama, ctx.seconds), **(described or {})}
+    report = {**panorama_report(job, panorama, ctx.seconds), **(described or {}), "mode": mode}
     write_json(ctx.out_dir / "report.json", report)
     return report
 
 
-def make_panorama(job: PanoramaJob, sampler: MultiViewSampler, ctx: JobContext) -> Panorama:
-    """The views, stitched equirect and radiance of a job (stages views, stitch and hdr)."""
+def make_panorama(job: PanoramaJob, sampler: MultiViewSampler, ctx: JobContext, mode: str = "trained") -> Panorama:
+    """The views, stitched equirect and radiance of a job (stages views, stitch and hdr), their
+    views tied together as ``mode`` says (:data:`~backend.protocol.MODES`; a panorama from an
+    image keeps its front view and ties the others through the trained outpainting blocks)."""
     job.validate()  # a job built in code gets the checks a job read from the wire had
     settings, height = job.settings, job.equirect_height
     view_size = sampler.native_size if job.view_size is None else job.view_size
@@ -84,7 +90,7 @@ def make_panorama(job: PanoramaJob, sampler: MultiViewSampler, ctx: JobContext) 
 
     with ctx.stage("views", settings.steps):
         if job.image is None:
-            views = PanoramaPipeline(sampler)(
+            views = PanoramaPipeline(sampler, mode)(
                 prompts, cameras, sampling, progress=on_step, cancel=ctx.cancel, output_float=True
             ).images
         else:

@@ -19,9 +19,11 @@ import torch
 
 from ..geometry.cameras import Camera
 from ..geometry.correspondence import overlap_matrix
+from ..geometry.mesh import Mesh
 from ..models.caa_geometry import depth_geometry, released_depth_neighbours
 from ..validation import InputError, depth_map
 from .sampling import MultiViewSampler, ProgressCallback, SamplingSettings, to_uint8, view_prompts
+from .training_free import KnownContent, SyncSettings, TrainingFree, check_mode, depth_training_free
 
 
 @dataclass
@@ -46,13 +48,21 @@ def isolated_views(geometry: dict | None, views: int) -> list[int]:
 
 
 class KeyframePipeline:
-    """Generate views of a scene jointly from per-view prompts and depth maps."""
+    """Generate views of a scene jointly from per-view prompts and depth maps.
 
-    def __init__(self, sampler: MultiViewSampler, neighbour_threshold: float = 0.3):
+    ``mode`` (:data:`~backend.pipelines.training_free.MODES`): ``trained`` ties views through the
+    CAA blocks, ``training_free`` through the base model's own attention and, given the job's
+    UV-mapped mesh, canvas synchronisation on its atlas; ``independent`` generates each view alone.
+    """
+
+    def __init__(self, sampler: MultiViewSampler, neighbour_threshold: float = 0.3, mode: str = "trained",
+                 sync: SyncSettings | None = None):
         if sampler.model.task != "depth":
             raise InputError("model", "the keyframe pipeline needs the depth-task multi-view UNet")
         self.sampler = sampler
         self.neighbour_threshold = neighbour_threshold
+        self.mode = check_mode("mode", mode)
+        self.sync = sync or SyncSettings()
 
     def __call__(
         self,
@@ -68,7 +78,13 @@ class KeyframePipeline:
         cancel: threading.Event | None = None,
         output_float: bool = False,
         condition: torch.Tensor | None = None,
+        mesh: Mesh | None = None,
+        known: KnownContent | None = None,
     ) -> KeyframeResult:
+        """Views for ``cameras``; ``mesh`` (with UVs) is the training-free mode's canvas and
+        ``known`` (training-free mode) content some views must keep. ``neighbours`` names the
+        trained blocks' key views; the training-free mode takes each view's most overlapping
+        views from ``overlap`` instead."""
         settings = (settings or SamplingSettings()).validated()
         width, height = self.sampler.check_views(cameras)
         views = len(cameras)
@@ -77,6 +93,28 @@ class KeyframePipeline:
         depths = [depth_map(f"depths[{k}]", d, height, width) for k, d in enumerate(depths)]
         prompts = view_prompts(prompts, views)
 
+        control = self.sampler.adapter.depth_control(depths, height, width, self.sampler.latent_factor)
+        geometry, extras = None, None
+        if self.mode == "trained":
+            geometry = self._caa_geometry(cameras, depths, neighbours, overlap)
+        elif self.mode == "training_free":
+            if overlap is None and views > 1:
+                overlap = overlap_matrix(cameras, depths, stride=8)
+            extras = depth_training_free(self.sampler.model.unet, cameras, depths, overlap,
+                                         self.sampler.latent_factor, mesh, self.sync, known)
+        images, latents = self.sampler.generate(
+            prompts, (width, height), settings, geometry, latents=latents, control=control, condition=condition,
+            progress=progress, cancel=cancel, training_free=extras,
+        )
+        if self.mode == "training_free":
+            isolated = _unlinked(extras, views)
+        else:  # independent views are alone by request, not for want of overlap
+            isolated = isolated_views(geometry, views) if self.mode == "trained" else []
+        return KeyframeResult(images if output_float else to_uint8(images), latents, isolated)
+
+    def _caa_geometry(self, cameras, depths, neighbours, overlap) -> dict | None:
+        """The trained CAA blocks' geometry over the overlap graph (None: no view has a neighbour)."""
+        views = len(cameras)
         released = self.sampler.model.released
         trained = self.sampler.adapter.trained_multiview
         if not trained:
@@ -87,16 +125,9 @@ class KeyframePipeline:
             if overlap is None and views > 1:
                 overlap = overlap_matrix(cameras, depths, stride=8)
             neighbours = self._neighbours(overlap, views)
-        geometry = None
         if views > 1 and any(neighbours):
-            geometry = self.sampler.on_device(depth_geometry(cameras, depths, neighbours, released=released))
-        control = self.sampler.adapter.depth_control(depths, height, width, self.sampler.latent_factor)
-        images, latents = self.sampler.generate(
-            prompts, (width, height), settings, geometry, latents=latents, control=control, condition=condition,
-            progress=progress, cancel=cancel,
-        )
-        isolated = isolated_views(geometry, views) if trained else []
-        return KeyframeResult(images if output_float else to_uint8(images), latents, isolated)
+            return self.sampler.on_device(depth_geometry(cameras, depths, neighbours, released=released))
+        return None
 
     def _neighbours(self, overlap: np.ndarray | None, views: int) -> list[list[int]]:
         """Every view whose symmetric overlap passes the threshold (the released rule)."""
@@ -104,3 +135,15 @@ class KeyframePipeline:
             return [[] for _ in range(views)]
         overlap = np.minimum(overlap, np.asarray(overlap).T)
         return [[j for j in range(views) if j != i and overlap[i, j] > self.neighbour_threshold] for i in range(views)]
+
+
+def _unlinked(extras: TrainingFree, views: int) -> list[int]:
+    """Views the training-free tools tie to nothing: no neighbour to attend to, no shared canvas."""
+    if views < 2:
+        return []
+    linked = set()
+    if extras.attention is not None:
+        linked |= {i for i, row in enumerate(extras.attention.neighbours) if row}
+    if extras.canvas is not None:
+        linked |= {int(v) for v in torch.unique(extras.canvas.splat_view)}
+    return [v for v in range(views) if v not in linked]

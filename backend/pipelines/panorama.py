@@ -19,6 +19,7 @@ from ..geometry.panorama import neighbour_views
 from ..models.caa_geometry import panorama_geometry, released_panorama_neighbours
 from ..validation import InputError
 from .sampling import MultiViewSampler, ProgressCallback, SamplingSettings, to_uint8, view_prompts
+from .training_free import SyncSettings, check_mode, panorama_training_free
 
 
 @dataclass
@@ -39,12 +40,19 @@ def released_neighbours(cameras: list[Camera]) -> list[list[int]]:
 
 
 class PanoramaPipeline:
-    """Generate the views of a panorama layout jointly from one prompt or one per view."""
+    """Generate the views of a panorama layout jointly from one prompt or one per view.
 
-    def __init__(self, sampler: MultiViewSampler):
+    ``mode`` (:data:`~backend.pipelines.training_free.MODES`): ``trained`` ties views through the
+    CAA blocks, ``training_free`` through the base model's own attention and synchronisation on
+    the equirect, ``independent`` generates each view alone.
+    """
+
+    def __init__(self, sampler: MultiViewSampler, mode: str = "trained", sync: SyncSettings | None = None):
         if sampler.model.task != "panorama":
             raise InputError("model", "the panorama pipeline needs the panorama multi-view UNet")
         self.sampler = sampler
+        self.mode = check_mode("mode", mode)
+        self.sync = sync or SyncSettings()
 
     def __call__(
         self,
@@ -61,13 +69,18 @@ class PanoramaPipeline:
         settings = (settings or SamplingSettings()).validated()
         size = self.sampler.check_views(cameras)
         prompts = view_prompts(prompts, len(cameras))
-        geometry = None
-        if len(cameras) > 1 and self.sampler.adapter.trained_multiview:
+        geometry, extras = None, None
+        if len(cameras) > 1 and self.mode == "trained" and self.sampler.adapter.trained_multiview:
             released = self.sampler.model.released
             if neighbours is None:
                 neighbours = released_neighbours(cameras) if released else neighbour_views(cameras)
             geometry = self.sampler.on_device(panorama_geometry(cameras, neighbours, released=released))
+        elif len(cameras) > 1 and self.mode == "training_free":
+            neighbours = neighbour_views(cameras) if neighbours is None else neighbours
+            extras = panorama_training_free(self.sampler.model.unet, cameras, neighbours, self.sampler.latent_factor,
+                                            self.sync)
         images, latents = self.sampler.generate(
-            prompts, size, settings, geometry, latents=latents, progress=progress, cancel=cancel
+            prompts, size, settings, geometry, latents=latents, progress=progress, cancel=cancel,
+            training_free=extras,
         )
         return PanoramaResult(images if output_float else to_uint8(images), latents, cameras)

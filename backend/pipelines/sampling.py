@@ -30,6 +30,7 @@ from ..models.schedulers import build_scheduler, clean_estimate, step
 from ..protocol import check_prompt_count
 from ..sampling_options import DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, scheduler_name
 from ..validation import InputError, in_range, positive_int
+from .training_free import TrainingFree
 
 
 class Cancelled(RuntimeError):
@@ -174,19 +175,19 @@ class MultiViewSampler:
         condition: torch.Tensor | None = None,
         progress: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
-        attention_kwargs: dict | None = None,
+        training_free: TrainingFree | None = None,
     ) -> tuple[np.ndarray, torch.Tensor]:
         """Noise (from the seed unless given; unit variance) -> guided denoising -> float images (V, H, W, 3).
 
         ``control``: each view's control input for the base model (``BaseModelAdapter.depth_control``,
-        or an SD 2 UNet's extra input channels). ``attention_kwargs`` go to the UNet's attention
-        processors with every call (diffusers' ``cross_attention_kwargs``)."""
+        or an SD 2 UNet's extra input channels). ``training_free``: attention across views, canvas
+        synchronisation and known content (:mod:`~backend.pipelines.training_free`)."""
         width, height = size
         if latents is None:
             latents = self.initial_noise(len(prompts), height, width, settings.seed)
         text, negative = self.encode_text(prompts, settings, size)
         latents = self.denoise(latents, text, negative, settings, geometry, control, progress, cancel, condition,
-                               attention_kwargs)
+                               training_free)
         return self.decode(latents), latents
 
     def encode_text(
@@ -219,13 +220,15 @@ class MultiViewSampler:
         progress: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
         condition: torch.Tensor | None = None,
-        attention_kwargs: dict | None = None,
+        training_free: TrainingFree | None = None,
     ) -> torch.Tensor:
         """Run the guided loop from unit-variance ``latents``; ``control`` (one per view) goes with
         every model call, the same for both guidance halves.
 
         ``condition`` (V, 5, h, w) feeds the interpolation module's condition branch, the same for
         both guidance halves. The scheduler is ``settings.scheduler``, new for this run.
+        ``training_free``: attention across views, canvas synchronisation and known content
+        (:mod:`~backend.pipelines.training_free`), applied to the guided prediction of every step.
         """
         settings.validated()
         guided = settings.guidance_scale > 1.0
@@ -238,6 +241,10 @@ class MultiViewSampler:
         scheduler.set_timesteps(settings.steps, device=self.device)
         timesteps = scheduler.timesteps
         latents = latents * scheduler.init_noise_sigma
+        extras = training_free.to(self.device, self.dtype) if training_free is not None else None
+        attention = extras.attention if extras is not None else None
+        # The geometry of attention across views reaches the UNet's processors as a call argument.
+        attention_kwargs = attention.kwargs() if attention is not None else None
         for index, t in enumerate(timesteps):
             if cancel is not None and cancel.is_set():
                 raise Cancelled(f"cancelled before step {index + 1} of {len(timesteps)}")
@@ -256,6 +263,8 @@ class MultiViewSampler:
             if guided:
                 uncond, text = noise.chunk(2)
                 noise = uncond + settings.guidance_scale * (text - uncond)
+            if extras is not None:
+                noise = extras.adjust(scheduler, noise, t, scaled, index, len(timesteps))
             latents = step(scheduler, noise, t, latents)
             if progress is not None:
                 predicted = clean_estimate(scheduler, noise, t, scaled)

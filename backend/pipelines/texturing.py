@@ -36,11 +36,13 @@ from ..geometry.uv_atlas import Atlas, ensure_uvs
 from ..protocol import TextureJob
 from ..validation import InputError
 from . import texturing_outputs as outputs
+from .between_frames import fill_between
 from .context import JobContext
 from .interpolation import InterpolationPipeline
 from .keyframes import KeyframePipeline
 from .sampling import MultiViewSampler, SamplingSettings, StepInfo, preview
 from .texturing_checks import check_visibility
+from .training_free import job_mode
 
 STAGES = ("unwrap", "visibility", "keyframe_selection", "keyframes", "interpolation", "bake", "write")
 MAX_IN_BETWEEN = 10  # in-between frames per interpolation batch at memory level 0
@@ -60,16 +62,19 @@ class Generated:
 
 
 def run_texture_job(job: TextureJob, sampler: MultiViewSampler, ctx: JobContext,
-                    described: dict[str, str] | None = None) -> dict[str, Any]:
+                    described: dict[str, str] | None = None, mode: str | None = None) -> dict[str, Any]:
     """Generate the trajectory's frames, bake them into one texture and write everything to ``ctx.out_dir``.
 
     ``sampler``: the depth task's; ``described``: what it is made of (``ModelSet.describe``), for
-    the report. Returns the report that is also written as ``report.json``. Raises ``InputError``
+    the report; ``mode``: how views are tied together (``ModelSet.resolve_mode``; default: the
+    job's, else :func:`~backend.pipelines.training_free.job_mode`'s). Returns the report that is
+    also written as ``report.json``. Raises ``InputError``
     for a bad job (before any model runs) and ``Cancelled`` when ``ctx.cancel`` is set.
     """
     job.validate()  # a job built in code gets the checks a job read from the wire had
     sampler.check_views(job.cameras)  # sizes the UNet's levels can halve down to its innermost
-    return _run(job, sampler, ctx, described or {})
+    mode = job_mode(mode or job.settings.mode, sampler)
+    return _run(job, sampler, ctx, {**(described or {}), "mode": mode})
 
 
 def _run(job: TextureJob, sampler: MultiViewSampler, ctx: JobContext, described: dict[str, str]) -> dict[str, Any]:
@@ -79,14 +84,15 @@ def _run(job: TextureJob, sampler: MultiViewSampler, ctx: JobContext, described:
     settings = SamplingSettings.of(job.settings, split_guidance=ctx.memory_level >= 1)
     prompts = _prompts(job)
 
+    mode = described["mode"]
     with ctx.stage("unwrap"):
-        atlas = _atlas(job, ctx)
+        atlas = _atlas(job, ctx)  # also the canvas the training-free mode synchronises views on
     with ctx.stage("visibility", len(job.cameras)):
         visibility = check_visibility(job, atlas, ctx.check_cancel,
                                       lambda step, total: ctx.progress("visibility", step, total))
     with ctx.stage("keyframe_selection", len(job.cameras)):
         plan, overlap = _plan(job, ctx)
-    generated = _generate(job, sampler, ctx, plan, overlap, prompts, settings, max_in_between)
+    generated = _generate(job, sampler, ctx, plan, overlap, prompts, settings, max_in_between, mode, atlas)
 
     with ctx.stage("bake", len(job.cameras)):
         result, coverage = _bake(job, atlas, generated.frames, ctx)
@@ -127,10 +133,18 @@ def _generate(
     prompts: list[str],
     settings: SamplingSettings,
     max_in_between: int,
+    mode: str = "trained",
+    atlas: Atlas | None = None,
 ) -> Generated:
-    """The ``keyframes`` and ``interpolation`` stages: every frame of the trajectory, in order."""
+    """The ``keyframes`` and ``interpolation`` stages: every frame of the trajectory, in order.
+
+    ``mode`` ``training_free`` synchronises views on ``atlas`` and fills the frames between
+    keyframes from the keyframes' canvas instead of the interpolation module; ``independent``
+    generates every frame alone.
+    """
     keys = plan.keyframes
-    keyframe_pipeline = KeyframePipeline(sampler)
+    keyframe_pipeline = KeyframePipeline(sampler, mode=mode)
+    mesh = atlas.mesh if atlas is not None else None
     with ctx.stage("keyframes", settings.steps):
         def keyframe_progress(info: StepInfo) -> None:
             ctx.progress("keyframes", info.step, info.total)
@@ -139,7 +153,7 @@ def _generate(
 
         result = keyframe_pipeline(
             [prompts[k] for k in keys], [job.cameras[k] for k in keys], [job.depths[k] for k in keys], settings,
-            overlap=overlap[np.ix_(keys, keys)], progress=keyframe_progress, cancel=ctx.cancel,
+            overlap=overlap[np.ix_(keys, keys)], progress=keyframe_progress, cancel=ctx.cancel, mesh=mesh,
         )
     frames: dict[int, np.ndarray] = dict(zip(keys, result.images, strict=True))
 
@@ -150,7 +164,10 @@ def _generate(
             if ctx.wants_preview(info.step, info.total):
                 ctx.preview(preview(sampler, info, views=[1])[0])  # the batch's first in-between frame
 
-        if batches and sampler.model.condition is not None:
+        if batches and mode != "trained":
+            frames.update(fill_between(keyframe_pipeline, plan, result.latents, prompts, job.cameras, job.depths,
+                                       mesh, settings, max_in_between, progress=window_progress, cancel=ctx.cancel))
+        elif batches and sampler.model.condition is not None:
             interpolation = InterpolationPipeline(keyframe_pipeline, max_in_between)
             frames.update(interpolation(plan, frames, prompts, job.cameras, job.depths, settings,
                                         progress=window_progress, cancel=ctx.cancel).images)

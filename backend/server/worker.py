@@ -48,11 +48,13 @@ def run_job(job, models: ModelSet, ctx: JobContext) -> dict:
     if job.kind == "texture":
         from ..pipelines.texturing import run_texture_job
 
-        return run_texture_job(job, models.sampler("depth"), ctx, models.describe("depth"))
+        mode = models.resolve_mode("depth", job.settings.mode)
+        return run_texture_job(job, models.sampler("depth"), ctx, models.describe("depth"), mode)
     from ..pipelines.hdri import run_panorama_job
 
     task = "panorama" if job.image is None else "outpaint"  # from an image: the inpainting model outpaints it
-    return run_panorama_job(job, models.sampler(task), ctx, models.describe(task))
+    mode = models.resolve_mode(task, job.settings.mode)
+    return run_panorama_job(job, models.sampler(task), ctx, models.describe(task), mode)
 
 
 class StageClock:

@@ -27,6 +27,7 @@ import numpy as np
 
 from ..sampling_options import DEFAULT_SCHEDULER, DEFAULT_STEPS, scheduler_name
 from ..validation import InputError
+from . import modes_bench
 from .config import TrainConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "recipes" / "tiny_depth.json"
@@ -63,12 +64,17 @@ def run_consistency_benchmark(
     scheduler: str = DEFAULT_SCHEDULER,
     progress: bool = False,
     sheet: bool = True,
+    sync_range: tuple[float, float] | None = None,
+    panorama: int = 2,
 ) -> dict:
     """Train (``train``) or load the run in ``run_dir``, generate the held-out trajectories, score them.
 
     Without ``run_dir`` a temporary folder holds the run and is deleted afterwards. ``config``
     defaults to the tiny recipe when training and to the run's own ``config.json`` otherwise.
     ``scheduler`` names the sampler of ``backend.sampling_options.SCHEDULERS`` the views are made with.
+    Every mode of :mod:`~backend.train.modes_bench` is scored on the same trajectories
+    (``sync_range``: the synchronised share of the steps), and ``panorama`` held-out panoramas
+    make its panorama row (0: none).
     """
     scheduler_name("scheduler", scheduler)  # before a training run, not after it
     import torch
@@ -76,8 +82,8 @@ def run_consistency_benchmark(
     from ..engine import ModelSet
     from ..eval.consistency import depth_overlap_psnr, overlap_psnr_ratio
     from ..models.serving import ModelConfig
-    from ..pipelines.keyframes import KeyframePipeline
     from ..pipelines.sampling import SamplingSettings
+    from ..pipelines.training_free import SyncSettings
     from .checkpoint import TrainState
     from .synthetic import SyntheticDepthData
     from .trainer import Trainer
@@ -100,29 +106,39 @@ def run_consistency_benchmark(
 
         device = "cuda" if torch.cuda.is_available() and config.device in ("auto", "cuda") else "cpu"
         models = ModelSet(ModelConfig(root=str(run / "model"), device=device, dtype="float32", offline=True))
-        pipeline = KeyframePipeline(models.sampler("depth"))
+        sampler = models.sampler("depth")
+        sync = SyncSettings(*sync_range) if sync_range is not None else SyncSettings()
         d = config.data
         count = trajectories or d.heldout
         heldout = SyntheticDepthData(count, d.views, d.width, d.height, d.seed, split="heldout",
                                      step_deg=d.step_deg)
         generated = GeneratedSet()
-        truth_scores, caa_scores, plain_scores = [], [], []
+        modes = modes_bench.ModeImages()
+        scores: dict[str, list] = {row: [] for row in modes_bench.ROWS}
+        truth_scores, object_ids = [], []
         started = time.perf_counter()
         for k in range(count):
             sample = heldout[k]
             cameras, depths = sample.cameras, list(sample.depths)
             settings = SamplingSettings(steps=steps, guidance_scale=guidance, seed=seed + k, scheduler=scheduler)
-            joint = pipeline(sample.prompts, cameras, depths, settings)
-            alone = pipeline(sample.prompts, cameras, depths, settings, neighbours=[[] for _ in cameras])
+            rows = modes_bench.generate_rows(sampler, sample, heldout.scene_mesh(k), settings, sync)
             generated.truth.append(sample.images)
-            generated.caa.append(joint.images)
-            generated.plain.append(alone.images)
+            generated.caa.append(rows["caa"])
+            generated.plain.append(rows["independent"])
+            object_ids.append(sample.meta["object_ids"])
             truth_scores.append(depth_overlap_psnr(list(sample.images), cameras, depths))
-            caa_scores.append(depth_overlap_psnr(list(joint.images), cameras, depths))
-            plain_scores.append(depth_overlap_psnr(list(alone.images), cameras, depths))
+            for row, images in rows.items():
+                modes.images[row].append(images)
+                scores[row].append(depth_overlap_psnr(list(images), cameras, depths))
         generate_seconds = time.perf_counter() - started
-        truth, caa, plain = (pooled_score(s) for s in (truth_scores, caa_scores, plain_scores))
+        truth, caa, plain = (pooled_score(s) for s in (truth_scores, scores["caa"], scores["independent"]))
         with_caa, without = overlap_psnr_ratio(caa, truth), overlap_psnr_ratio(plain, truth)
+        pooled = {row: pooled_score(s) for row, s in scores.items()}
+        mode_results = modes_bench.row_results(truth, pooled, modes, generated.truth, object_ids)
+        panorama_results = {}
+        if panorama:
+            settings = SamplingSettings(steps=steps, guidance_scale=guidance, seed=seed, scheduler=scheduler)
+            panorama_results = modes_bench.panorama_row(sampler, panorama, settings, sync, view_size=d.width)
         if sheet:
             _write_sheet(run / "consistency_sheet.png", generated)
         stage_seconds = {name: round(value, 2) for name, value in state.seconds.items()}
@@ -131,6 +147,9 @@ def run_consistency_benchmark(
             "ratio_caa": round(with_caa["ratio_of_means"], 4),
             "ratio_no_caa": round(without["ratio_of_means"], 4),
             "ratio_gap": round(with_caa["ratio_of_means"] - without["ratio_of_means"], 4),
+            **mode_results,
+            "sync_range": [sync.start, sync.stop],
+            **panorama_results,
             "mean_of_ratios_caa": round(with_caa["mean_of_ratios"], 4),
             "mean_of_ratios_no_caa": round(without["mean_of_ratios"], 4),
             "psnr_caa_db": round(caa.mean, 3),
@@ -150,7 +169,7 @@ def run_consistency_benchmark(
             "device": device,
             "run": str(run) if run_dir is not None else None,
         }
-        del models, pipeline
+        del models, sampler
         return result
 
 

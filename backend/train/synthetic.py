@@ -191,6 +191,19 @@ class SyntheticDepthData:
         return _loop_cameras(self._streams(index)[0], self.views, self.width, self.height, self.split,
                              self.step_deg)[0]
 
+    def scene_mesh(self, index: int) -> Mesh:
+        """The UV-mapped mesh sample ``index`` shows, its furniture moved as in that sample."""
+        return self._mesh(_room_cache(self.texture_size), self._streams(index)[2])[0]
+
+    def _mesh(self, cache: _RoomCache, layout_rng: np.random.Generator) -> tuple[Mesh, np.ndarray]:
+        names = cache.object_names
+        offsets = _furniture_offsets(layout_rng, names) if self.layout_jitter else np.zeros((len(names), 3))
+        mesh = cache.mesh
+        if np.any(offsets):
+            mesh = Mesh(mesh.vertices + offsets[cache.vertex_object].astype(np.float32), mesh.triangles,
+                        mesh.uvs, mesh.object_ids)
+        return mesh, offsets
+
     def __getitem__(self, index: int) -> MultiViewSample:
         trajectory_rng, texture_rng, layout_rng = self._streams(index)
         cameras, trajectory = _loop_cameras(
@@ -199,11 +212,7 @@ class SyntheticDepthData:
         names = cache.object_names
         materials = {name: _draw_material(texture_rng, name) for name in names}
         texture = _paint_texture(cache, materials)
-        offsets = _furniture_offsets(layout_rng, names) if self.layout_jitter else np.zeros((len(names), 3))
-        mesh = cache.mesh
-        if np.any(offsets):
-            mesh = Mesh(mesh.vertices + offsets[cache.vertex_object].astype(np.float32), mesh.triangles,
-                        mesh.uvs, mesh.object_ids)
+        mesh, offsets = self._mesh(cache, layout_rng)
         images, depths, prompts, visible, object_maps = [], [], [], [], []
         for camera in cameras:
             view = render_textured(mesh, texture, camera)

@@ -48,19 +48,23 @@ def test_bad_arguments_give_a_clear_error_not_a_traceback():
 
 def test_panorama_command_writes_the_hdri(tmp_path):
     done = run(sys.executable, "-m", "backend", "panorama", "--prompt", "a sunny beach", "--steps", "1",
-               "--height", "64", "--view-size", "64", "--models", "tiny", "--out", str(tmp_path))
+               "--height", "64", "--view-size", "64", "--models", "tiny", "--mode", "training_free",
+               "--out", str(tmp_path))
     assert done.returncode == 0, done.stderr
     assert {"panorama.exr", "panorama.hdr", "panorama_preview.png", "report.json"} <= {
         p.name for p in tmp_path.iterdir()}
     assert "views" in done.stderr  # the progress bar of the views stage
+    assert json.loads((tmp_path / "report.json").read_text())["mode"] == "training_free"
 
 
 def test_texture_command_runs_a_job_file(tmp_path):
     job = tmp_path / "job.npz"
     job.write_bytes(texture_job(steps=1, frames=3, texture_size=64).to_bytes())
-    done = run(sys.executable, "-m", "backend", "texture", str(job), "--models", "tiny", "--out", str(tmp_path / "out"))
+    done = run(sys.executable, "-m", "backend", "texture", str(job), "--models", "tiny", "--out", str(tmp_path / "out"),
+               "--mode", "independent")
     assert done.returncode == 0, done.stderr
     assert iio.imread(tmp_path / "out" / "texture.png").shape == (64, 64, 3)
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["mode"] == "independent"
     missing = run(sys.executable, "-m", "backend", "texture", str(tmp_path / "nope.npz"), "--models", "tiny",
                   "--out", str(tmp_path / "out2"))
     assert missing.returncode == 2 and "job: no such file" in missing.stderr

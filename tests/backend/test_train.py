@@ -381,11 +381,15 @@ def test_train_command_names_a_bad_field(tmp_path, capsys):
 
 def test_consistency_bench_scores_a_saved_run(trained_run, capsys):
     code = main(["bench", "consistency", "--run", str(trained_run / "run"), "--json", "--steps", "2",
-                 "--heldout", "1"])
+                 "--heldout", "1", "--panoramas", "1"])
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("ratio_caa", "ratio_no_caa", "views", "train_seconds", "psnr_truth_db"):
         assert key in result
+    for row in ("independent", "caa", "attention", "sync"):  # every mode, scored three ways
+        assert 0 < result[f"ratio_{row}"] and result[f"detail_ratio_{row}"] > 0 and result[f"colour_error_{row}"] >= 0
+    assert result["detail_ratio_independent"] == 1.0 and result["ratio_independent"] == result["ratio_no_caa"]
+    assert result["panorama_views"] == 10 and result["panorama_ratio_training_free"] > 0
     assert result["views"] == 3 and result["trajectories"] == 1 and not result["trained_here"]
     # One trajectory whose pairs all score: each ratio is the quotient of the two mean PSNRs.
     truth = result["psnr_truth_db"]

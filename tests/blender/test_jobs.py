@@ -84,9 +84,9 @@ def test_texture_job_applies_material_image_and_uv_map(scene, prefs, tmp_path):
     assert len(jobs) == 1 and (jobs[0] / "job.npz").is_file()
 
 
-def test_a_job_without_multiview_weights_warns_that_views_are_independent(scene, prefs, addon, tmp_path):
-    """A tiny model folder without its trained blocks: report.json says so and the add-on warns, in the
-    job's message and in what the panels draw, and offers the download."""
+def test_a_job_without_multiview_weights_runs_training_free_and_says_so(scene, prefs, addon, tmp_path):
+    """A tiny model folder without its trained blocks: the job runs training-free, report.json says so,
+    and the add-on says it in the job's message and in what the panels draw, and offers the download."""
     import bpy
 
     from backend.models.tiny import CAA_WEIGHTS, write_tiny_models
@@ -100,8 +100,9 @@ def test_a_job_without_multiview_weights_warns_that_views_are_independent(scene,
         assert bpy.ops.mvdiff.texture() == {"FINISHED"}, bpy.context.window_manager.mvdiff.message
         report = json.loads(next((tmp_path / "mvdiff_jobs").rglob("report.json")).read_text())
         assert report["multiview_weights"] == "none"
+        assert report["mode"] == "training_free"  # the best a backend without multi-view weights has
         message = bpy.context.window_manager.mvdiff.message
-        assert "views are generated independently" in message, message
+        assert "training-free" in message, message
         assert addon.multiview_weights.independent("depth")
         assert "Texturing" in addon.multiview_weights.warning("depth")
         ok, _text, _fix = addon.preferences.check(bpy.context)
@@ -113,10 +114,12 @@ def test_a_job_without_multiview_weights_warns_that_views_are_independent(scene,
 
 
 def test_hdri_job_sets_the_world(scene, prefs, tmp_path):
+    """In training-free mode, chosen in the panel: the tiny models come with multi-view weights."""
     import bpy
 
     settings = bpy.context.scene.mvdiff
     settings.world_prompt, settings.steps = "a sunny meadow", 2
+    settings.consistency_mode = "training_free"
     settings.world_height, settings.world_view_size = 64, 64
     settings.output_dir = str(tmp_path)
     assert bpy.ops.mvdiff.make_world() == {"FINISHED"}, bpy.context.window_manager.mvdiff.message
@@ -128,6 +131,8 @@ def test_hdri_job_sets_the_world(scene, prefs, tmp_path):
     image.pixels.foreach_get(pixels)
     assert pixels.max() > 1.0, "the World image should be HDR"
     assert any(link.to_node.type == "OUTPUT_WORLD" for link in world.node_tree.links)
+    report = json.loads(next(tmp_path.rglob("report.json")).read_text())
+    assert report["mode"] == "training_free"
 
 
 def world_front_view(tmp_path) -> np.ndarray:

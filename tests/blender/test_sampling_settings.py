@@ -69,3 +69,33 @@ def test_both_jobs_send_the_chosen_scheduler(scene, addon, tmp_path):
     sent = read_job(prepared.data).settings
     assert (sent.scheduler, sent.steps) == ("unipc", 20)
     assert read_job((prepared.folder / "job.npz").read_bytes()).settings.scheduler == "unipc"
+
+
+def test_consistency_mode_defaults_to_the_best_available_and_both_jobs_send_the_choice(scene, addon, tmp_path):
+    import bpy
+
+    from backend.protocol import read_job
+    from backend.sampling_options import MODES
+
+    prop = type(scene.mvdiff).bl_rna.properties["consistency_mode"]
+    assert [item.identifier for item in prop.enum_items][1:] == list(MODES)
+    job = importlib.import_module(f"{addon.__name__}.job")
+    settings = scene.mvdiff
+    settings.output_dir = str(tmp_path)
+    settings.world_prompt, settings.world_height, settings.world_view_size = "a meadow", 64, 64
+    assert read_job(job.prepare_world_job(bpy.context).data).settings.mode is None  # the backend decides
+    settings.consistency_mode = "training_free"
+    assert read_job(job.prepare_world_job(bpy.context).data).settings.mode == "training_free"
+
+    bpy.ops.mesh.primitive_plane_add(size=4.0)
+    settings.prompt, settings.consistency_mode = "a stone floor", "independent"
+    settings.camera_source, settings.orbit_views, settings.orbit_rings = "ORBIT", 2, 1
+    settings.width = settings.height = 64
+    bpy.context.object.select_set(True)
+    assert read_job(job.prepare_texture_job(bpy.context).data).settings.mode == "independent"
+
+    ui = importlib.import_module(f"{addon.__name__}.ui")
+    for panel_class in (ui.MVDIFF_PT_texture, ui.MVDIFF_PT_environment):
+        props = []
+        panel_class.draw(type("Panel", (), {"layout": RecordingLayout(props)})(), bpy.context)
+        assert "consistency_mode" in props

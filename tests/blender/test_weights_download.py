@@ -48,7 +48,7 @@ def test_the_warning_follows_what_the_backend_says(weights):
     weights.remember({"depth": {"base_model": "x", "multiview_weights": "none"},
                       "panorama": {"base_model": "y", "multiview_weights": "/models/pano.ckpt"}})
     assert weights.independent("depth") and not weights.independent("panorama")
-    assert "views are generated independently" in weights.warning("depth")
+    assert "training-free" in weights.warning("depth")
     assert weights.warning("panorama") is None
     assert weights.summary("panorama") == "360 Worlds: y + pano.ckpt"
     assert weights.summary("depth") == "Texturing: x + no multi-view weights"

@@ -31,7 +31,7 @@ import torch
 from ..validation import InputError
 from .bake import BakeSettings, TexelChunks, view_taps
 from .cameras import Camera
-from .equirect import DEFAULT_FEATHER, _equirect_pixel, border_weight, equirect_directions, project_directions
+from .equirect import DEFAULT_FEATHER, border_weight, equirect_directions, equirect_pixel, project_directions
 from .mesh import Mesh
 from .raster import rasterize_uv, rasterize_view
 
@@ -273,7 +273,7 @@ def equirect_canvas(cameras: Sequence[Camera], height: int | None = None,
         keep = weight > 0
         splat.append(tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in (
             np.full(keep.sum(), k), cells[keep], taps[keep] + k * pixels, tap_weights[keep], weight[keep])))
-        x, y = _equirect_pixel(camera.ray_directions().reshape(-1, 3), height, 2 * height)
+        x, y = equirect_pixel(camera.ray_directions().reshape(-1, 3), height, 2 * height)
         taps, tap_weights = _grid_taps(x, y, 2 * height, height, True)
         gather.append((k * pixels + np.arange(pixels), taps, tap_weights))
     return _assemble(len(cameras), view_height, width, height * 2 * height, splat, gather)

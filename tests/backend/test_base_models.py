@@ -156,6 +156,7 @@ def test_attention_kwargs_reach_every_attention_processor_of_the_unet(kind):
     base = tiny_base(kind, "panorama")
     unet = base.adapter.unet if kind != SD2_DEPTH else base.adapter.model.unet
     unet.set_attn_processor(Recording())
-    settings = SamplingSettings(steps=1, guidance_scale=1.0)
-    sampler_of(base).generate(["a lake"], (64, 64), settings, None, attention_kwargs={"views": "geometry"})
+    adapter = base.adapter
+    text, _ = adapter.encode_prompts(["a lake"], None, (64, 64))
+    adapter(start_latents(1, 64, 64).to(adapter.dtype), 500, text, None, attention_kwargs={"views": "geometry"})
     assert len(seen) == len(unet.attn_processors) and set(seen) == {"geometry"}

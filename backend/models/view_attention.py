@@ -170,7 +170,9 @@ def _attend_correspondences(q, k, v, key_rows, value_rows, tokens: NeighbourToke
             token_keys = keys[sample].index_select(0, rows).view(n, t, heads, head_dim)
             token_values = values[sample].index_select(0, rows).view(n, t, heads, head_dim)
             # A handful of tokens per query: products and sums over small axes beat batched matmuls.
-            logits = (token_keys * qs[sample, start:stop, None]).sum(dim=-1).float() * scale  # (n, t, heads)
+            # The sums run in float32: in half precision a head's dot product of large features
+            # overflows or loses the softmax, as the fused kernel of the own tokens does not.
+            logits = (token_keys.float() * qs[sample, start:stop, None].float()).sum(dim=-1) * scale  # (n, t, heads)
             logits = logits + bias[start:stop, :, None]
             part = has[start:stop, None]
             # Queries without a valid token score their (masked) row as all -inf: keep the exponent finite.

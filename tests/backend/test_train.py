@@ -460,6 +460,19 @@ def test_train_runs_a_step_on_a_scannet_layout_folder(tmp_path, capsys, monkeypa
     assert "data.views: a panorama has 8 or 10 views" in capsys.readouterr().err
 
 
+def test_a_panorama_recipe_trains_on_synthetic_landscapes(tmp_path):
+    recipe = tiny_recipe(task="panorama", data={"train": 1, "heldout": 1, "views": 10},
+                         autoencoder={"steps": 0}, single_view={"steps": 1, "batch_size": 2},
+                         multi_view={"steps": 1, "batch_size": 1})
+    trainer = Trainer(TrainConfig.from_dict(recipe), tmp_path / "run")
+    data = trainer.data("multi_view")
+    assert data.views == 10 and data.depth_channels.shape[2] == 0  # ring and poles; latents alone
+    report = trainer.run()
+    assert report["finished"] and report["completed"] == ["autoencoder", "single_view", "multi_view"]
+    assert all(step.keyframes is None for step in (trainer.make_batch("multi_view", k) for k in range(8)))
+    assert (tmp_path / "run" / "model" / "base" / "caa.safetensors").is_file()
+
+
 def test_train_runs_a_panorama_step_on_a_matterport_skybox_folder(tmp_path, capsys):
     from safetensors.torch import load_file
     from test_train_data import _write_skybox

@@ -9,6 +9,11 @@ stages (mvdiffusion.md §10):
 * stage 2, ``multi_view``: the UNet frozen, only the CAA blocks (and, for the depth task, the
   interpolation module's condition branch) trained on whole trajectories.
 
+``task`` picks the model: ``"depth"`` (SD 2 depth, 5 input channels, CAA blocks with ResNets and
+the condition branch, trained on scene trajectories) or ``"panorama"`` (SD 2 base, 4 input
+channels, the 9 CAA blocks alone, trained on views around one centre with rotation-only
+correspondences, as the released panorama model).
+
 A stage with ``steps`` 0 is skipped. Unknown keys, wrong types and values out of range are
 refused with an :class:`~backend.validation.InputError` naming the field by its dotted path
 (``multi_view.lr``), so a typo in a recipe fails before any training starts.
@@ -30,6 +35,10 @@ from ..protocol import view_side
 from ..validation import InputError
 
 STAGES = ("autoencoder", "single_view", "multi_view")
+TASKS = ("depth", "panorama")
+PANORAMA_VIEWS = (8, 10)
+"""View counts of a panorama sample: the ring of :func:`~backend.geometry.panorama.panorama_layout`,
+alone or with its two pole views."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,10 @@ class DataConfig:
     has more CAA neighbours. ``multi_view_train``: trajectories for stage 2 drawn apart from stage
     1's (0: stage 2 reuses stage 1's). A small base model memorises its own training scenes, and
     on those CAA has little left to add; on fresh scenes it learns what it must do on new ones.
+
+    For the panorama task the synthetic data are procedural landscapes
+    (:mod:`backend.train.synthetic_panorama`): square views (``width`` = ``height``), ``views``
+    8 (the ring) or 10 (ring and poles); ``step_deg`` is unused.
     """
 
     train: int = 64
@@ -59,9 +72,10 @@ class DataConfig:
 class TrainModelConfig:
     """The model trained.
 
-    ``base``: ``"tiny"`` builds the project's tiny SD 2 depth UNet and text encoder in code
-    (random weights) with an autoencoder of ``vae_channels``/``vae_groups``; anything else is a
-    diffusers folder, hub id or checkpoint file of SD 2 depth (:func:`load_components`), whose
+    ``base``: ``"tiny"`` builds the project's tiny SD 2 UNet of the task (depth or base) and text
+    encoder in code (random weights) with an autoencoder of ``vae_channels``/``vae_groups``;
+    anything else is a diffusers folder, hub id or checkpoint file of SD 2 depth (the depth
+    task) or SD 2 base (the panorama task) (:func:`load_components`), whose
     own VAE is kept unless the ``autoencoder`` stage has steps. ``vae_init``: ``"box"`` starts
     the tiny VAE as the box codec (:func:`~backend.train.trainer.box_autoencoder`: exact 8x8 mean
     colours, 19.9 dB on the synthetic rooms before any training), ``"random"`` from random
@@ -116,7 +130,8 @@ class AutoencoderStage(StageConfig):
 class MultiViewStage(StageConfig):
     """Stage 2. ``interpolation_ratio``: share of steps that train the interpolation module
     (keyframes at both ends of a trajectory condition the frames between them); the others are
-    keyframe generation steps, which get no condition at all, as at inference."""
+    keyframe generation steps, which get no condition at all, as at inference. The panorama
+    model has no interpolation module: every step is a generation step."""
 
     interpolation_ratio: float = 0.5
 
@@ -168,8 +183,8 @@ class TrainConfig:
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
-        if self.task != "depth":
-            raise InputError("task", f"only 'depth' can be trained so far, got {self.task!r}")
+        if self.task not in TASKS:
+            raise InputError("task", f"must be one of {', '.join(TASKS)}, got {self.task!r}")
         d = self.data
         for name in ("train", "heldout", "views", "width", "height"):
             _at_least(f"data.{name}", getattr(d, name), 1)
@@ -178,6 +193,13 @@ class TrainConfig:
             raise InputError("data.views", f"multi-view training needs at least 2 views, got {d.views}")
         for name in ("width", "height"):
             view_side(f"data.{name}", getattr(d, name))
+        if self.task == "panorama":
+            if d.views not in PANORAMA_VIEWS:
+                raise InputError("data.views", f"a panorama has {' or '.join(map(str, PANORAMA_VIEWS))} views "
+                                 f"(the ring, or the ring and the poles), got {d.views}")
+            if d.width != d.height:
+                raise InputError("data.height", f"panorama views are square: must equal data.width ({d.width}), "
+                                 f"got {d.height}")
         if len(d.step_deg) != 2 or not 0 < d.step_deg[0] <= d.step_deg[1] <= 90:
             raise InputError("data.step_deg", f"must be [low, high] with 0 < low <= high <= 90, got {list(d.step_deg)}")
         m = self.model

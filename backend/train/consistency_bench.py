@@ -93,6 +93,8 @@ def run_consistency_benchmark(
         if config is None:
             saved = run / "config.json"
             config = TrainConfig.load(saved if (not train and saved.is_file()) else DEFAULT_CONFIG)
+        if config.task != "depth":
+            raise InputError("run", f"the bench scores depth trajectories; {run} trains the {config.task} model")
         if train:
             trainer = Trainer(config, run, progress=progress, log=print if progress else None)
             trainer.run()

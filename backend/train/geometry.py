@@ -1,5 +1,5 @@
-"""CAA geometry for training trajectories: the same neighbours and correspondences the keyframe
-pipeline builds at inference, and several trajectories stacked into one multi-view batch."""
+"""CAA geometry for training samples: the same neighbours and correspondences the keyframe and
+panorama pipelines build at inference, and several samples stacked into one multi-view batch."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from ..geometry.cameras import Camera
 from ..geometry.correspondence import overlap_matrix
-from ..models.caa_geometry import OUTSIDE, depth_geometry, grid_from_level_coords
+from ..geometry.panorama import neighbour_views
+from ..models.caa_geometry import OUTSIDE, depth_geometry, grid_from_level_coords, panorama_geometry
 from ..models.caa_tokens import LevelGeometry, ViewGroups
 
 NEIGHBOUR_THRESHOLD = 0.3  # KeyframePipeline's default overlap threshold
@@ -39,6 +40,22 @@ def trajectory_geometry(
     if not any(neighbours):
         return None
     return depth_geometry(list(cameras), list(depths), neighbours)
+
+
+def panorama_sample_geometry(cameras: Sequence[Camera]) -> dict[tuple[int, int], LevelGeometry]:
+    """The CAA geometry :class:`~backend.pipelines.panorama.PanoramaPipeline` builds for these views:
+    rotation-only correspondences between the views of :func:`neighbour_views`."""
+    cameras = list(cameras)
+    return panorama_geometry(cameras, neighbour_views(cameras))
+
+
+def sample_geometry(
+    task: str, cameras: Sequence[Camera], depths: Sequence[np.ndarray] | None
+) -> dict[tuple[int, int], LevelGeometry] | None:
+    """A training sample's CAA geometry, as the task's pipeline builds it at inference."""
+    if task == "panorama":
+        return panorama_sample_geometry(cameras)
+    return trajectory_geometry(cameras, list(depths))
 
 
 def stack_geometry(

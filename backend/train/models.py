@@ -1,5 +1,6 @@
 """The models a training run starts from and writes: the tiny base (with a box-codec VAE) or a
-real SD 2 depth checkpoint, the multi-view additions, and the export as a diffusers folder."""
+real SD 2 checkpoint of the task (depth, or base for panoramas), the multi-view additions, and
+the export as a diffusers folder."""
 
 from __future__ import annotations
 
@@ -13,12 +14,17 @@ import torch
 from torch import nn
 
 from ..models.mv_unet import MultiViewUNet
-from ..models.tiny import CAA_WEIGHTS, tiny_scheduler, tiny_text_encoder, tiny_tokenizer, tiny_unet
+from ..models.serving import TASKS
+from ..models.tiny import CAA_WEIGHTS, sd2_pipeline, tiny_scheduler, tiny_text_encoder, tiny_tokenizer, tiny_unet
 from ..models.weights import save_added_weights
 from ..validation import InputError
 from .config import TrainConfig
 
-KIND = "depth"
+
+def model_kind(task: str) -> str:
+    """The SD 2 kind a task's model is built on (``depth``, or ``base`` for panoramas): also its
+    folder name under ``RUN/model``, the layout ``ModelConfig(root=...)`` reads."""
+    return TASKS[task]
 
 
 @dataclass
@@ -141,10 +147,11 @@ def box_autoencoder(vae, carrier: float = BOX_CARRIER, offset: float = BOX_OFFSE
 
 
 def build_models(config: TrainConfig, device: torch.device | str = "cpu") -> TrainModels:
-    """The base model the recipe starts from, with zero-initialised CAA blocks and condition branch."""
-    m = config.model
+    """The base model of the recipe's task, with zero-initialised CAA blocks (and, for the depth
+    task, their ResNets and the condition branch)."""
+    m, kind = config.model, model_kind(config.task)
     if m.base == "tiny":
-        unet = tiny_unet(KIND, m.seed, m.unet_groups)
+        unet = tiny_unet(kind, m.seed, m.unet_groups)
         vae = tiny_autoencoder(m.vae_channels, m.vae_groups, m.seed + 1)
         if m.vae_init == "box":
             box_autoencoder(vae)
@@ -152,11 +159,11 @@ def build_models(config: TrainConfig, device: torch.device | str = "cpu") -> Tra
     else:
         from ..models.loading import load_components
 
-        parts = load_components(m.base, KIND)
+        parts = load_components(m.base, kind)
         unet, vae, text_encoder, tokenizer, scheduler = (
             parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.scheduler
         )
-    model = MultiViewUNet(unet, "depth", with_condition=True)
+    model = MultiViewUNet(unet, config.task, with_condition=config.task == "depth")
     for module in (model, vae, text_encoder):
         module.to(device).eval()
     text_encoder.requires_grad_(False).eval()
@@ -164,17 +171,16 @@ def build_models(config: TrainConfig, device: torch.device | str = "cpu") -> Tra
 
 
 def export_model(models: TrainModels, folder: str | os.PathLike) -> Path:
-    """Write the model as a diffusers SD 2 depth folder with ``caa.safetensors`` (what ModelSet loads)."""
-    from diffusers import StableDiffusionDepth2ImgPipeline
+    """Write the model as a diffusers folder of its SD 2 kind with ``caa.safetensors`` (what ModelSet loads)."""
     from diffusers.utils import logging as diffusers_logging
 
     folder = Path(folder)
-    pipeline = StableDiffusionDepth2ImgPipeline(
-        unet=models.unet, vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer,
-        scheduler=models.scheduler, depth_estimator=None, feature_extractor=None,
+    pipeline = sd2_pipeline(
+        model_kind(models.model.task), unet=models.unet, vae=models.vae, text_encoder=models.text_encoder,
+        tokenizer=models.tokenizer, scheduler=models.scheduler,
     )
     level = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()  # the absent depth estimator "cannot be saved": intended
+    diffusers_logging.set_verbosity_error()  # the absent optional components "cannot be saved": intended
     try:
         pipeline.save_pretrained(folder, safe_serialization=True)
     finally:

@@ -21,14 +21,15 @@ from .models import TrainModels
 class PreparedData:
     """Training trajectories as tensors, with what every step reads computed once.
 
-    ``images`` (N, V, 3, H, W) in [-1, 1]; ``depth_channels`` (N, V, 1, h, w) (the UNet's fifth
-    input); ``prompt_index`` (N, V) into ``embeddings`` (P, tokens, dim), whose row 0 is the empty
+    ``images`` (N, V, 3, H, W) in [-1, 1]; ``depth_channels`` (N, V, 1, h, w) (the depth UNet's
+    fifth input; (N, V, 0, h, w) for panoramas, whose UNet takes the latents alone);
+    ``prompt_index`` (N, V) into ``embeddings`` (P, tokens, dim), whose row 0 is the empty
     prompt; ``latents`` (N, V, 4, h, w) scaled VAE means, set once the autoencoder is final;
-    ``geometry`` per trajectory, built on first use.
+    ``geometry`` per sample, built on first use; ``depths`` None for panoramas.
     """
 
     cameras: list[list[Camera]]
-    depths: list[np.ndarray]
+    depths: list[np.ndarray | None]
     images: torch.Tensor
     depth_channels: torch.Tensor
     prompt_index: torch.Tensor
@@ -46,8 +47,8 @@ class PreparedData:
         return self.images.shape[1]
 
 
-def prepare_data(samples: Sequence, latent_factor: int = 8) -> PreparedData:
-    """Stack depth samples (:class:`~backend.train.samples.MultiViewSample`) of one view count and size."""
+def prepare_data(samples: Sequence, latent_factor: int = 8, task: str = "depth") -> PreparedData:
+    """Stack samples (:class:`~backend.train.samples.MultiViewSample`) of ``task``, one view count and size."""
     if not samples:
         raise InputError("data", "no training samples")
     first = samples[0]
@@ -56,17 +57,20 @@ def prepare_data(samples: Sequence, latent_factor: int = 8) -> PreparedData:
     images, channels, index, cameras, depths = [], [], [], [], []
     for k, sample in enumerate(samples):
         sample.validate()
-        if sample.task != "depth":
-            raise InputError(f"data[{k}]", f"is a {sample.task} sample; only depth samples can be trained")
+        if sample.task != task:
+            raise InputError(f"data[{k}]", f"is a {sample.task} sample; the recipe trains the {task} model")
         if sample.num_views != views or sample.size != (width, height):
             raise InputError(f"data[{k}]", f"has {sample.num_views} views of {sample.size}, the first "
                              f"{views} of {(width, height)}")
         images.append(torch.from_numpy(np.ascontiguousarray(sample.images)).permute(0, 3, 1, 2))
         size = (height // latent_factor, width // latent_factor)
-        channels.append(torch.stack([depth_channel(d, *size) for d in sample.depths]))
+        if task == "depth":
+            channels.append(torch.stack([depth_channel(d, *size) for d in sample.depths]))
+        else:
+            channels.append(torch.zeros(views, 0, *size))
         index.append([prompts.setdefault(p, len(prompts)) for p in sample.prompts])
         cameras.append(list(sample.cameras))
-        depths.append(np.asarray(sample.depths, np.float32))
+        depths.append(None if sample.depths is None else np.asarray(sample.depths, np.float32))
     stacked = torch.stack(images).float() / 127.5 - 1.0
     return PreparedData(cameras, depths, stacked, torch.stack(channels), torch.tensor(index), prompts=list(prompts))
 

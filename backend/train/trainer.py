@@ -22,9 +22,14 @@ the sampler's negative half uses) at ``prompt_dropout``, so classifier-free guid
 learned unconditional branch; and the condition branch never sees latents of views being
 generated (the released code fed every view's ground truth to it in generation samples).
 
+The panorama task (``task: "panorama"``) trains the same stages on an SD 2 base UNet (4 input
+channels: no depth channel): stage 2 trains only its CAA blocks, every step a generation step
+(the panorama model has no condition branch), on views around one centre whose correspondences
+are rotation-only (as the panorama pipeline builds them, :func:`sample_geometry`).
+
 Every stage: AdamW with cosine decay, gradient clipping, gradient checkpointing where diffusers
 supports it, bf16/fp16 autocast on a GPU. Correspondence geometry comes from the same functions
-the keyframe pipeline uses (:func:`trajectory_geometry`), computed once per trajectory; a batch
+the keyframe and panorama pipelines use (:func:`sample_geometry`), computed once per sample; a batch
 of trajectories is one block-diagonal geometry (:func:`stack_geometry`).
 
 Randomness (batch choice, timesteps, noise, dropout, step kind) is drawn from a generator seeded
@@ -38,6 +43,7 @@ Run folder::
     checkpoint-<stage>-<step>/   the stage's trainable weights, optimizer and scheduler state
     model/depth/         the trained model as a diffusers folder (+ caa.safetensors), which
                          ``ModelConfig(root=RUN/model)`` and ``--models RUN/model`` load
+                         (``model/base/`` for the panorama task)
     report.json          what the run measured (losses, VAE reconstruction PSNR, seconds)
 """
 
@@ -63,9 +69,9 @@ from ..models.tiny import CAA_WEIGHTS
 from ..models.weights import load_added_weights
 from ..validation import InputError
 from .checkpoint import TrainState, optimizer_from_files, optimizer_to_files
-from .config import STAGES, TrainConfig, check_same_recipe
-from .geometry import stack_geometry, trajectory_geometry
-from .models import KIND, build_models, caa_in_float32, export_model
+from .config import PANORAMA_VIEWS, STAGES, TrainConfig, check_same_recipe
+from .geometry import sample_geometry, stack_geometry
+from .models import build_models, caa_in_float32, export_model, model_kind
 from .prepared import (
     PreparedData,
     drop_prompts,
@@ -97,8 +103,8 @@ class Batch:
 class Trainer:
     """Runs the stages of a recipe in a run folder, resuming where the folder's state says.
 
-    ``train_data``: training samples (a sequence of depth ``MultiViewSample``); by default
-    ``SyntheticDepthData`` as the recipe's ``data`` describes it.
+    ``train_data``: training samples (a sequence of ``MultiViewSample`` of the recipe's task); by
+    default the synthetic rooms (depth) or landscapes (panorama) the recipe's ``data`` describes.
     """
 
     def __init__(
@@ -131,10 +137,7 @@ class Trainer:
         self._load_finished_stages()
         d = config.data
         if train_data is None or (multi_view_data is None and d.multi_view_train):
-            from .synthetic import SyntheticDepthData
-
-            rooms = SyntheticDepthData(d.train + d.multi_view_train, d.views, d.width, d.height, d.seed,
-                                       split="train", step_deg=d.step_deg)
+            rooms = synthetic_samples(config, d.train + d.multi_view_train, "train")
             if train_data is None:
                 train_data = SampleRange(rooms, 0, d.train)
             if multi_view_data is None and d.multi_view_train:
@@ -153,7 +156,7 @@ class Trainer:
 
     @property
     def model_dir(self) -> Path:
-        return self.run_dir / MODEL_FOLDER / KIND
+        return self.run_dir / MODEL_FOLDER / model_kind(self.config.task)
 
     def run(self, max_steps: int | None = None) -> dict:
         """Train the remaining stages (at most ``max_steps`` optimisation steps in this call); returns the report."""
@@ -195,7 +198,7 @@ class Trainer:
         if key not in self._data:
             started = time.perf_counter()
             samples = [self._samples[key][k] for k in range(len(self._samples[key]))]
-            data = prepare_data(samples)
+            data = prepare_data(samples, task=self.config.task)
             data.embeddings = encode_prompts(self.models, data.prompts)
             self._data[key] = data
             self._count_preparation(started)
@@ -213,7 +216,8 @@ class Trainer:
             noise = torch.randn(size * views, *self._latent_shape, generator=generator)
             dropped = drop_prompts(size, self.config.prompt_dropout, generator).repeat_interleave(views)
             keyframes = None
-            if torch.rand((), generator=generator) < self.config.multi_view.interpolation_ratio:
+            interpolation = self.config.task == "depth"  # the panorama model has no condition branch
+            if interpolation and torch.rand((), generator=generator) < self.config.multi_view.interpolation_ratio:
                 keyframes = torch.zeros(size, views, dtype=torch.bool)
                 keyframes[:, 0] = keyframes[:, -1] = True
                 keyframes = keyframes.flatten()
@@ -265,9 +269,10 @@ class Trainer:
         if stage != "autoencoder" and data.latents is None:
             data.latents = encode_latents(models.vae, data.images) * self.scaling_factor
         if stage == "multi_view" and data.geometry is None:
-            self.say("building correspondence geometry for the training trajectories")
+            self.say("building correspondence geometry for the training samples")
             started = time.perf_counter()
-            data.geometry = [trajectory_geometry(c, list(d)) for c, d in zip(data.cameras, data.depths, strict=True)]
+            data.geometry = [sample_geometry(self.config.task, c, d)
+                             for c, d in zip(data.cameras, data.depths, strict=True)]
             self._count_preparation(started)
         for module in (models.model, models.vae, models.text_encoder):
             module.requires_grad_(False)
@@ -510,10 +515,7 @@ class Trainer:
         d = self.config.data
         if self.config.model.base != "tiny" and d.heldout == 0:
             return None
-        from .synthetic import SyntheticDepthData
-
-        held = SyntheticDepthData(
-            min(d.heldout, 4), d.views, d.width, d.height, d.seed, split="heldout", step_deg=d.step_deg)
+        held = synthetic_samples(self.config, min(d.heldout, 4), "heldout")
         images = np.stack([held[k].images for k in range(len(held))])
         return torch.from_numpy(images).permute(0, 1, 4, 2, 3).float() / 127.5 - 1.0
 
@@ -532,6 +534,18 @@ _STAGE_LABELS = {
     "single_view": "stage 1b single-view UNet",
     "multi_view": "stage 2 CAA + condition",
 }
+
+
+def synthetic_samples(config: TrainConfig, count: int, split: str) -> Sequence:
+    """``count`` procedural samples of the recipe's task and ``data`` (rooms for depth, landscapes for panoramas)."""
+    d = config.data
+    if config.task == "panorama":
+        from .synthetic_panorama import SyntheticPanoramaData
+
+        return SyntheticPanoramaData(count, d.width, d.seed, split, pole_views=d.views > PANORAMA_VIEWS[0])
+    from .synthetic import SyntheticDepthData
+
+    return SyntheticDepthData(count, d.views, d.width, d.height, d.seed, split=split, step_deg=d.step_deg)
 
 
 def _seed_tensor(generator: torch.Generator) -> torch.Tensor:

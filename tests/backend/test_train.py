@@ -10,13 +10,17 @@ import torch
 
 from backend.__main__ import main
 from backend.engine import ModelConfig, ModelSet
+from backend.geometry.panorama import panorama_layout
 from backend.models.caa import CorrespondenceAttention
 from backend.models.caa_geometry import depth_geometry
 from backend.pipelines import keyframes as keyframes_module
+from backend.pipelines import panorama as panorama_module
 from backend.pipelines.keyframes import KeyframePipeline
+from backend.pipelines.panorama import PanoramaPipeline
 from backend.pipelines.sampling import SamplingSettings
 from backend.train.config import TrainConfig
-from backend.train.geometry import stack_geometry, trajectory_geometry, trajectory_neighbours
+from backend.train.geometry import sample_geometry, stack_geometry, trajectory_geometry, trajectory_neighbours
+from backend.train.models import build_models
 from backend.train.prepared import drop_prompts, interpolation_condition
 from backend.train.synthetic import SyntheticDepthData
 from backend.train.trainer import Batch, Trainer
@@ -81,7 +85,9 @@ def same(a: dict, b: dict) -> bool:
         ({"mixed_precision": "fp8"}, "mixed_precision", "bf16"),
         ({"multi_view": {"interpolation_ratio": 2}}, "multi_view.interpolation_ratio", "[0.0, 1.0]"),
         ({"data": [1, 2]}, "data", "JSON object"),
-        ({"task": "panorama"}, "task", "depth"),
+        ({"task": "sketch"}, "task", "depth, panorama"),
+        ({"task": "panorama"}, "data.views", "8 or 10 views"),
+        ({"task": "panorama", "data": {"views": 8, "height": 128}}, "data.height", "square"),
     ],
 )
 def test_config_errors_name_the_field(change, field, words):
@@ -131,6 +137,29 @@ def test_training_geometry_is_the_keyframe_pipelines(samples, monkeypatch):
         other = seen["geometry"][size]
         for name in ("source_view", "grid", "valid", "encoding_input"):
             assert torch.equal(getattr(level, name), getattr(other, name)), (size, name)
+
+
+def test_panorama_training_geometry_is_the_panorama_pipelines(monkeypatch):
+    """A panorama sample's geometry is what the panorama pipeline builds for its cameras: rotation-only."""
+    cameras = panorama_layout(64, pole_views=False)
+    seen = {}
+    real = panorama_module.panorama_geometry
+
+    def spy(cameras, neighbours, **kwargs):
+        seen["geometry"] = real(cameras, neighbours, **kwargs)
+        return seen["geometry"]
+
+    monkeypatch.setattr(panorama_module, "panorama_geometry", spy)
+    sampler = ModelSet(ModelConfig.tiny()).sampler("panorama")
+    PanoramaPipeline(sampler)("a beach", cameras, SamplingSettings(steps=1))
+    ours = sample_geometry("panorama", cameras, None)
+    assert ours.keys() == seen["geometry"].keys()
+    for size, level in ours.items():
+        other = seen["geometry"][size]
+        for name in ("source_view", "grid", "valid", "encoding_input"):
+            assert torch.equal(getattr(level, name), getattr(other, name)), (size, name)
+    # Each ring view reads its two ring neighbours.
+    assert sorted(ours[(8, 8)].source_view[0].tolist()) == [1, 7]
 
 
 def test_stacked_geometry_equals_one_geometry_of_all_views(samples):
@@ -426,6 +455,63 @@ def test_train_runs_a_step_on_a_scannet_layout_folder(tmp_path, capsys, monkeypa
     assert main([*argv, "--data", "scannet", str(tmp_path / "none")]) == 2
     assert "data: no such folder" in capsys.readouterr().err
     assert main([*argv, "--data", "kitti", str(root)]) == 2
-    assert "data: must be one of scannet" in capsys.readouterr().err
-    assert main([*argv, "--data", "mp3d", str(root)]) == 2
-    assert "the trainer trains the depth model only" in capsys.readouterr().err
+    assert "data: must be one of scannet, mp3d" in capsys.readouterr().err
+    assert main([*argv, "--data", "mp3d", str(root)]) == 2  # mp3d trains the panorama model: 8 views
+    assert "data.views: a panorama has 8 or 10 views" in capsys.readouterr().err
+
+
+def test_a_panorama_recipe_trains_on_synthetic_landscapes(tmp_path):
+    recipe = tiny_recipe(task="panorama", data={"train": 1, "heldout": 1, "views": 10},
+                         autoencoder={"steps": 0}, single_view={"steps": 1, "batch_size": 2},
+                         multi_view={"steps": 1, "batch_size": 1})
+    trainer = Trainer(TrainConfig.from_dict(recipe), tmp_path / "run")
+    data = trainer.data("multi_view")
+    assert data.views == 10 and data.depth_channels.shape[2] == 0  # ring and poles; latents alone
+    report = trainer.run()
+    assert report["finished"] and report["completed"] == ["autoencoder", "single_view", "multi_view"]
+    assert all(step.keyframes is None for step in (trainer.make_batch("multi_view", k) for k in range(8)))
+    assert (tmp_path / "run" / "model" / "base" / "caa.safetensors").is_file()
+
+
+def test_train_runs_a_panorama_step_on_a_matterport_skybox_folder(tmp_path, capsys):
+    from safetensors.torch import load_file
+    from test_train_data import _write_skybox
+
+    root = _write_skybox(tmp_path / "mp3d")
+    recipe = tmp_path / "recipe.json"
+    # A depth recipe whose views fit Matterport3D's ring (8 views, square): the data set makes it a panorama run.
+    recipe.write_text(json.dumps(tiny_recipe(data={"views": 8}, autoencoder={"steps": 0}, single_view={"steps": 0},
+                                             multi_view={"steps": 2, "batch_size": 1})))
+    run = tmp_path / "run"
+    argv = ["train", "--config", str(recipe), "--out", str(run), "--no-progress", "--data", "mp3d", str(root)]
+    assert main([*argv, "--max-steps", "1"]) == 0
+    assert "mp3d trains the panorama model" in capsys.readouterr().out
+    config = TrainConfig.from_dict(json.loads((run / "config.json").read_text()))
+    assert config.task == "panorama"
+    initial = build_models(config).model
+    assert initial.unet.config.in_channels == 4  # SD 2 base: latents only, no depth channel
+    assert set(initial.added_modules()) == {"caa_down", "caa_mid", "caa_up"}  # no condition branch
+    before = initial.added_state_dict()
+    trained = load_file(str(run / "checkpoint-multi_view-1" / "weights.safetensors"))
+    assert trained.keys() == before.keys()
+
+    def block(key):
+        return key.split(".")[0] if key.startswith("caa_mid.") else ".".join(key.split(".")[:2])
+
+    changed = {block(k) for k in before if not torch.equal(trained[k], before[k])}
+    assert len({block(k) for k in before}) == 9 and len(changed) == 9
+    zero = [k for k, v in before.items() if not v.any()]  # the zero-initialised outputs: moved by gradients only
+    assert zero and any(trained[k].any() for k in zero)
+    # The same command finishes the stage; the exported model serves the panorama task with the trained blocks.
+    assert main(argv) == 0
+    assert (run / "model" / "base" / "caa.safetensors").is_file()
+    sampler = ModelSet(ModelConfig(root=str(run / "model"), device="cpu", dtype="float32")).sampler("panorama")
+    served = sampler.model.added_state_dict()
+    final = load_file(str(run / "model" / "base" / "caa.safetensors"))
+    assert served.keys() == final.keys() and all(torch.equal(served[k], final[k]) for k in final)
+    assert any(served[k].any() for k in zero)
+    result = PanoramaPipeline(sampler)("a room", panorama_layout(64, pole_views=False), SamplingSettings(steps=1))
+    assert result.images.shape == (8, 64, 64, 3)
+    capsys.readouterr()
+    assert main([*argv[:-1], str(tmp_path)]) == 2
+    assert "holds no train.npy" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
@@ -169,7 +170,11 @@ def _direction_colour(dirs: np.ndarray) -> np.ndarray:
 
 @pytest.fixture
 def matterport(tmp_path):
-    root = tmp_path / "mp3d_skybox"
+    return _write_skybox(tmp_path / "mp3d_skybox")
+
+
+def _write_skybox(root: Path) -> Path:
+    """One panorama in the released Matterport3D skybox layout: faces coloured by direction, captions per 45 degrees."""
     faces_dir = root / "scene1" / "matterport_skybox_images"
     faces_dir.mkdir(parents=True)
     paths = []

@@ -70,6 +70,14 @@ def clip_embeds(tokenizer, text_encoder, prompts: list[str], device, dtype) -> t
     return text_encoder(ids)[0].to(dtype)
 
 
+def clip_conditioning(tokenizer, encoder, prompts, negative, device, dtype):
+    """One CLIP encoder's conditioning of the prompts, and of the negative prompts when guided (else None)."""
+    text = TextConditioning(clip_embeds(tokenizer, encoder, prompts, device, dtype))
+    if negative is None:
+        return text, None
+    return text, TextConditioning(clip_embeds(tokenizer, encoder, negative, device, dtype))
+
+
 class BaseModelAdapter(nn.Module):
     """What the denoising loop needs of a base model; subclasses say how their family does it.
 
@@ -130,11 +138,7 @@ class LatentChannelsAdapter(BaseModelAdapter):
 
     @torch.no_grad()
     def encode_prompts(self, prompts, negative, size):
-        device, dtype = self.device, self.dtype
-        text = TextConditioning(clip_embeds(self.tokenizer, self.text_encoder, prompts, device, dtype))
-        if negative is None:
-            return text, None
-        return text, TextConditioning(clip_embeds(self.tokenizer, self.text_encoder, negative, device, dtype))
+        return clip_conditioning(self.tokenizer, self.text_encoder, prompts, negative, self.device, self.dtype)
 
     def depth_control(self, depths, height, width, latent_factor):
         size = (height // latent_factor, width // latent_factor)
@@ -186,11 +190,8 @@ class ControlNetAdapter(BaseModelAdapter):
     @torch.no_grad()
     def encode_prompts(self, prompts, negative, size):
         if not self.xl:
-            encoder, tokenizer = self.text_encoders[0], self.tokenizers[0]
-            text = TextConditioning(clip_embeds(tokenizer, encoder, prompts, self.device, self.dtype))
-            if negative is None:
-                return text, None
-            return text, TextConditioning(clip_embeds(tokenizer, encoder, negative, self.device, self.dtype))
+            return clip_conditioning(self.tokenizers[0], self.text_encoders[0], prompts, negative, self.device,
+                                     self.dtype)
         return self._encode_xl(prompts, negative, size)
 
     def _encode_xl(self, prompts, negative, size):

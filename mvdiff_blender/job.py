@@ -65,6 +65,16 @@ class PreparedJob:
         (self.folder / RECORD_NAME).write_text(json.dumps(self.record(), indent=1), encoding="utf-8")
 
 
+def report_warnings(report_path: Path) -> list[str]:
+    """What a finished job's ``report.json`` warns about (cameras that saw nothing, low coverage), so the
+    user reads it in Blender and not only in a file; cameras are numbered in the job's order from 0."""
+    try:
+        warnings = json.loads(Path(report_path).read_text("utf-8")).get("warnings", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [w for w in warnings if isinstance(w, str)] if isinstance(warnings, list) else []
+
+
 def read_record(folder: str | Path) -> PreparedJob:
     """The job prepared in ``folder`` (a job folder, or its ``result`` folder), to apply its result again."""
     folder = Path(bpy.path.abspath(str(folder)))

@@ -24,6 +24,7 @@ from .job import (
     JobError,
     PreparedJob,
     Steps,
+    report_warnings,
     run_steps,
     texture_job_steps,
     textured_objects,
@@ -352,6 +353,11 @@ class _JobOperator:
                                      "MVDiffusion Backend panel")
         else:
             self.report({"INFO"}, summary)
+        warnings = report_warnings(snap.result_dir / "report.json")
+        for warning in warnings:
+            self.report({"WARNING"}, f"{self.kind_label.capitalize()} job: {warning}")
+        if warnings:
+            state.message = f"{state.message}. Warning: {'; '.join(warnings)}"
         return {"FINISHED"}
 
     def _log(self, line: str) -> None:

@@ -84,6 +84,27 @@ def test_texture_job_applies_material_image_and_uv_map(scene, prefs, tmp_path):
     assert len(jobs) == 1 and (jobs[0] / "job.npz").is_file()
 
 
+def test_the_backends_warnings_reach_the_jobs_message(scene, prefs, tmp_path):
+    """A camera looking at the empty sky adds nothing: the backend's report says so, and so does Blender."""
+    import math
+
+    import bpy
+
+    floor, cube = small_scene(bpy, tmp_path)
+    bpy.ops.object.camera_add(location=(0.0, 0.0, 6.0))  # looks down at the floor and the box
+    above = bpy.context.object
+    bpy.ops.object.camera_add(location=(0.0, 0.0, 6.0), rotation=(math.pi, 0.0, 0.0))  # looks up at nothing
+    sky = bpy.context.object
+    bpy.context.scene.mvdiff.camera_source = "SELECTED"
+    for obj in (floor, cube, above, sky):
+        obj.select_set(True)
+    assert bpy.ops.mvdiff.texture() == {"FINISHED"}, bpy.context.window_manager.mvdiff.message
+    report = json.loads(next((tmp_path / "mvdiff_jobs").rglob("report.json")).read_text())
+    assert report["empty_depth"][1] == 1.0 and report["warnings"], report
+    message = bpy.context.window_manager.mvdiff.message
+    assert "Warning" in message and "camera 1 hit no surface" in message, message
+
+
 def test_a_job_without_multiview_weights_runs_training_free_and_says_so(scene, prefs, addon, tmp_path):
     """A tiny model folder without its trained blocks: the job runs training-free, report.json says so,
     and the add-on says it in the job's message and in what the panels draw, and offers the download."""

@@ -18,7 +18,6 @@ and a ControlNet made for another family are refused with an ``InputError`` nami
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from .loading import (
     _scheduler,
     _single_file_model,
     locate,
+    quiet_hub_deprecations,
     read_checkpoint,
 )
 
@@ -81,8 +81,7 @@ def load_controlnet_base(
     if offline is None:
         offline = catalog.hub_offline()
     where, ref = locate("source", source)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated")
+    with quiet_hub_deprecations():
         if where == "file":
             parts = _from_single_file(Path(ref), kind, config, offline, dtype)
         else:

@@ -34,6 +34,7 @@ import pickle
 import re
 import warnings
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +80,15 @@ class Components:
     source: str
 
 
+
+@contextmanager
+def quiet_hub_deprecations():
+    """diffusers' config lookup for hub ids passes an argument huggingface_hub has deprecated: nothing
+    a user can act on, so its warning is not shown while a model loads."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated")
+        yield
+
 def load_components(
     source: str | os.PathLike,
     kind: str,
@@ -98,9 +108,7 @@ def load_components(
     if offline is None:
         offline = hub_offline()
     where, ref = locate("source", source)
-    with warnings.catch_warnings():
-        # diffusers' config lookup for hub ids passes an argument huggingface_hub has deprecated; nothing to act on.
-        warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated")
+    with quiet_hub_deprecations():
         if where == "file":
             parts = _from_single_file(Path(ref), kind, config, offline, dtype)
         else:

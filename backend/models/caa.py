@@ -29,7 +29,9 @@ activations use the working dtype.
 
 from __future__ import annotations
 
+import functools
 import math
+import platform
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +39,7 @@ from torch import nn
 
 from .caa_plan import AttentionPlan, plan_attention, resnet_channels_last
 from .caa_tokens import KeyTokens, LevelGeometry, ViewGroups
+from .winograd import WinogradConv3x3
 
 __all__ = [
     "HEAD_DIM",
@@ -94,19 +97,33 @@ class SinusoidalEncoding(Float32Buffers):
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``, run on a CPU in float32 as a oneDNN 1 x 1 convolution over the rows.
+    """``F.linear``, run on an AMD CPU in float32 as a oneDNN 1 x 1 convolution over the rows.
 
     ``F.linear`` calls MKL's sgemm there, which runs its AVX2 code on AMD processors: half the
     rate of oneDNN's AVX-512 kernels for the same product (150-210 against 260-470 GFLOP/s on
-    two EPYC cores at these blocks' shapes; no Intel processor was at hand to compare). The rows
-    (N, C) already are a channels-last image of N x 1 pixels, so nothing is copied either way.
+    two EPYC cores at these blocks' shapes). On Intel processors MKL runs AVX-512 and is the
+    faster of the two (feed-forward at 1280 channels: 247 against 191 GFLOP/s on two Xeon cores),
+    so ``F.linear`` stays. The rows (N, C) already are a channels-last image of N x 1 pixels, so
+    nothing is copied either way.
     """
-    if x.device.type != "cpu" or x.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+    if x.device.type != "cpu" or x.dtype != torch.float32 or not _mkl_runs_avx2_only():
         return F.linear(x, weight, bias)
     rows = x.reshape(-1, x.shape[-1])
     image = rows.view(1, rows.shape[0], 1, rows.shape[1]).permute(0, 3, 1, 2)
     out = F.conv2d(image, weight.view(*weight.shape, 1, 1), bias)
     return out.permute(0, 2, 3, 1).reshape(*x.shape[:-1], weight.shape[0])
+
+
+@functools.cache
+def _mkl_runs_avx2_only() -> bool:
+    """Whether this is an AMD processor with oneDNN at hand (MKL then keeps to its AVX2 code)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            return any(line.startswith("vendor_id") and "AuthenticAMD" in line for line in cpuinfo)
+    except OSError:
+        return platform.processor().startswith("AMD")
 
 
 class GEGLUFeedForward(nn.Module):
@@ -204,7 +221,7 @@ class CorrespondenceAttention(nn.Module):
         value_bias = projections[2]
         update = linear(attended, self.to_out.weight, self.to_out.bias + self.to_out.weight @ value_bias)
         if attends is not None:
-            update = update * attends.to(x.dtype)
+            update = update.mul_(attends.to(x.dtype))
         return x, update
 
     def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -229,7 +246,7 @@ class CorrespondenceAttention(nn.Module):
         table: torch.Tensor,
         keys: KeyTokens,
         sample_rows: int,
-        projections: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        projections: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
         """Attention of queries ``q`` (B, V', P, heads, d) over their key tokens ``keys``.
 
@@ -260,14 +277,16 @@ class CorrespondenceAttention(nn.Module):
                 attended[sample, start:stop] = attend(q[sample, start:stop], normalised, bias, projections, plan)
         return attended.view(batch, views, pixels, channels)
 
-    def _input_space_projections(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Key and value matrices with the LayerNorm gain folded in (C, C each) and the value bias.
+    def _input_space_projections(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Key and value matrices with the LayerNorm gain folded in (C, C each), the value bias, and
+        both matrices stacked (2C, C) for the per-token form.
 
         ``W diag(gamma)`` maps normalised keys straight to projected ones; ``W_v beta`` is what
         the LayerNorm's shift adds to every value. Computed once per block call, not per chunk.
         """
         gamma, beta = self.norm1.weight, self.norm1.bias
-        return self.to_k.weight * gamma, self.to_v.weight * gamma, self.to_v(beta)
+        stacked = torch.cat([self.to_k.weight, self.to_v.weight]) * gamma
+        return stacked[: self.dim], stacked[self.dim :], self.to_v(beta), stacked
 
 
 def _lookup(table: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
@@ -287,7 +306,8 @@ def _attend_input_space(q, normalised, bias, projections, plan: AttentionPlan) -
     """
     n, heads, _ = q.shape
     w_k, w_v = (w.view(heads, HEAD_DIM, -1) for w in projections[:2])
-    q_in = torch.einsum("nhd,hdc->nhc", q, w_k)  # (n, heads, C)
+    # Per-head products as batched products over the heads: one (n x d) by (d x C) product each.
+    q_in = torch.bmm(q.transpose(0, 1), w_k).transpose(0, 1)  # (n, heads, C)
     if plan.fused:
         mask = bias[:, None] if bias is not None else None
         mixed = F.scaled_dot_product_attention(
@@ -298,14 +318,14 @@ def _attend_input_space(q, normalised, bias, projections, plan: AttentionPlan) -
         if bias is not None:
             logits = logits.add_(bias)
         mixed = torch.bmm(logits.softmax(dim=-1), normalised)  # (n, heads, C): per-head averages
-    return torch.einsum("nhc,hdc->nhd", mixed, w_v).reshape(n, -1)
+    return torch.bmm(mixed.transpose(0, 1), w_v.transpose(1, 2)).transpose(0, 1).reshape(n, -1)
 
 
 def _attend_per_token(q, normalised, bias, projections, plan: AttentionPlan) -> torch.Tensor:
     """Every token projected to keys and values in one matrix product, then a fused attention."""
     n, heads, _ = q.shape
     tokens = normalised.shape[1]
-    kv = linear(normalised, torch.cat(projections[:2])).view(n, tokens, 2, heads, HEAD_DIM)
+    kv = linear(normalised, projections[3]).view(n, tokens, 2, heads, HEAD_DIM)
     keys, values = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # (n, heads, T, d)
     mask = bias[:, None] if bias is not None else None
     out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask, scale=1.0 / math.sqrt(HEAD_DIM))
@@ -319,16 +339,22 @@ class ZeroResNet(nn.Module):
     """GN -> ReLU -> conv3x3 -> GN -> ReLU -> conv3x3 (zero-initialised) plus identity.
 
     Follows each CAA block of the depth task; starts as the identity. ``groups`` follows the
-    UNet's own normalisation (SD 2: 32).
+    UNet's own normalisation (SD 2: 32). Its convolutions run in Winograd form for CPU inference
+    (:mod:`~backend.models.winograd`): they are half of the depth design's added arithmetic.
     """
 
     def __init__(self, dim: int, groups: int = 32):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, dim)
-        self.conv1 = nn.Conv2d(dim, dim, 3, padding=1, bias=False)
+        self.conv1 = WinogradConv3x3(dim, dim)
         self.norm2 = nn.GroupNorm(groups, dim)
-        self.conv2 = nn.Conv2d(dim, dim, 3, padding=1, bias=False)
+        self.conv2 = WinogradConv3x3(dim, dim)
         nn.init.zeros_(self.conv2.weight)
+
+    def prefers_channels_last(self, hidden: torch.Tensor) -> bool:
+        """Whether the ResNet runs faster on channels-last features (what the attention leaves behind)."""
+        height, width = hidden.shape[-2:]
+        return self.conv1.uses_winograd(hidden) or resnet_channels_last(height, width, hidden.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.relu(self.norm1(x)))
@@ -348,7 +374,7 @@ class CAABlock(nn.Module):
     def forward(self, hidden: torch.Tensor, geometry: Geometry) -> torch.Tensor:
         if self.resnet is None:
             return self.attention(hidden, geometry)
-        if resnet_channels_last(hidden.shape[-2], hidden.shape[-1], hidden.device):
+        if self.resnet.prefers_channels_last(hidden):
             return same_layout(self.resnet(self.attention.channels_last(hidden, geometry)), hidden)
         return self.resnet(self.attention(hidden, geometry))
 

@@ -157,7 +157,8 @@ def test_the_plan_follows_the_shapes():
     # MIN_CHUNK_QUERIES otherwise, and never exceed the queries there are.
     assert plan_attention(5, 9, 320, 10, torch.float32, "cpu").chunk == 5
     narrow = plan_attention(10**6, 9, 320, 10, torch.float32, "cpu")
-    assert caa_plan.MIN_CHUNK_QUERIES < narrow.chunk and narrow.chunk * 4 * 320 * (9 + 2 * 10) <= 4 * 2**20
+    budget = caa_plan.BALANCE[("cpu", False)].chunk_bytes
+    assert caa_plan.MIN_CHUNK_QUERIES < narrow.chunk and narrow.chunk * 4 * 320 * (9 + 2 * 10) <= budget
     assert plan_attention(10**6, 9, 1280, 40, torch.float32, "cpu").chunk == caa_plan.MIN_CHUNK_QUERIES
     assert plan_attention(10**6, 9, 1280, 40, torch.float16, "cuda").chunk > 1000
 

@@ -135,8 +135,13 @@ class GEGLUFeedForward(nn.Module):
         self.out = nn.Linear(mult * dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden, gate = linear(x, self.proj.weight, self.proj.bias).chunk(2, dim=-1)
-        return linear(hidden * F.gelu(gate), self.out.weight, self.out.bias)
+        # Two products rather than one split in halves: the halves of one product are strided
+        # views, on which a CPU's GELU and multiply run five and two times slower.
+        width = self.out.in_features
+        weight, bias = self.proj.weight, self.proj.bias
+        hidden = linear(x, weight[:width], bias[:width])
+        gate = F.gelu(linear(x, weight[width:], bias[width:]))
+        return linear(hidden.mul_(gate), self.out.weight, self.out.bias)
 
 
 Geometry = LevelGeometry | ViewGroups
@@ -357,8 +362,8 @@ class ZeroResNet(nn.Module):
         return self.conv1.uses_winograd(hidden) or resnet_channels_last(height, width, hidden.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.relu(self.norm1(x)))
-        return x + self.conv2(F.relu(self.norm2(h)))
+        h = self.conv1(F.relu(self.norm1(x), inplace=True))
+        return x + self.conv2(F.relu(self.norm2(h), inplace=True))
 
 
 class CAABlock(nn.Module):

@@ -11,8 +11,8 @@ gain folded in, and ``h`` heads of ``d`` channels over ``C`` channels and ``T`` 
   values twice. It wins with many tokens per query: panoramas (9 to 18 tokens).
 * ``per_token``: the released way, keys and values of every token projected (``4 T C^2``
   flops per query as one large matrix product), then a plain attention with head size ``d``.
-  It wins with few tokens on wide levels, where ``h x C`` per query outweighs ``T x C``: the
-  depth design (3 to 5 tokens) at 1280 channels, and on a GPU, whose large products are cheap.
+  It wins where large products are cheap against memory traffic and few tokens meet wide
+  levels (``h x C`` per query outweighs ``T x C``): the depth design (3 to 5 tokens) on a GPU.
 
 The cost of a form is its large-product flops over the device's dense rate, its small batched
 products over the batched rate, and its memory traffic over the bandwidth (:data:`BALANCE`);
@@ -53,13 +53,14 @@ class Balance:
 
 
 BALANCE: dict[tuple[str, bool], Balance] = {
-    # One core of the 2-core AMD EPYC (AVX-512) the CPU figures come from, fitted to both forms'
-    # kernels at SD 2's widths (docs/benchmarks.md, "CAA block"). Dense products run on oneDNN
-    # there (:func:`~backend.models.caa.linear`); the batched ones on MKL. Chunks of 16 MiB: on
-    # a 2-core Xeon the whole depth-design attention ran 10-20 % faster than with 4 MiB at every
-    # SD 2 level (fewer calls per query; the chunk still fits the last-level cache).
-    ("cpu", False): Balance(dense_flops=2.15e11, batched_flops=2.0e11, bandwidth=8.0e9, chunk_bytes=16 * 2**20),
-    ("cpu", True): Balance(dense_flops=2.0e11, batched_flops=0.8e11, bandwidth=8.0e9, chunk_bytes=16 * 2**20),
+    # One core of a 2-core server CPU (AVX-512), fitted to both forms' kernels at SD 2's widths
+    # (docs/benchmarks.md, "CAA block"): flop rates from an AMD EPYC, the bandwidth one core's
+    # share of a Xeon's measured copy rate (24 GB/s for two). With it the input-space form runs
+    # the depth design's 1280-channel levels too, where it measured 25 % faster on that Xeon.
+    # Chunks of 16 MiB: the whole depth-design attention ran 10-20 % faster than with 4 MiB at
+    # every SD 2 level (fewer calls per query; the chunk still fits the last-level cache).
+    ("cpu", False): Balance(dense_flops=2.15e11, batched_flops=2.0e11, bandwidth=1.2e10, chunk_bytes=16 * 2**20),
+    ("cpu", True): Balance(dense_flops=2.0e11, batched_flops=0.8e11, bandwidth=1.2e10, chunk_bytes=16 * 2**20),
     # An H100/H200-class GPU, from its data sheet (no GPU figure has been measured here yet):
     # float32 without TF32 and half on tensor cores, small batched products at a quarter of
     # that, HBM3; chunks bound the transient memory instead of fitting a cache.

@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["MIN_CHANNELS", "WinogradConv3x3", "winograd_conv3x3", "winograd_tile", "winograd_weights"]
@@ -105,12 +104,15 @@ def winograd_conv3x3(x: torch.Tensor, transformed: torch.Tensor, m: int) -> torc
     chunk = _samples_per_chunk(
         samples, a * a * tiles_per_sample * channels * x.element_size(), transformed.numel() * x.element_size()
     )
-    pixels = x.permute(0, 2, 3, 1)  # (N, H, W, C): a view for channels-last input, a copy below otherwise
-    out = torch.empty(samples, height, width, out_channels, dtype=x.dtype, device=x.device)
+    pixels = x.permute(0, 2, 3, 1)  # (N, H, W, C): a view for channels-last input
+    padded_height, padded_width = rows * m + 2, cols * m + 2
+    out = torch.empty(samples, rows * m, cols * m, out_channels, dtype=x.dtype, device=x.device)
     for start in range(0, samples, chunk):
         n = min(chunk, samples - start)
-        padded = F.pad(pixels[start:start + n], (0, 0, 1, 1 + cols * m - width, 1, 1 + rows * m - height))
-        padded = padded.contiguous()
+        padded = x.new_empty(n, padded_height, padded_width, channels)
+        for border in (padded[:, :1], padded[:, height + 1:], padded[:, :, :1], padded[:, :, width + 1:]):
+            border.zero_()
+        padded[:, 1:height + 1, 1:width + 1] = pixels[start:start + n]
         s_n, s_h, s_w, s_c = padded.stride()
         # Tile positions first, so both transforms are plain products over whole rows of memory.
         tiles = padded.as_strided((a, a, n, rows, cols, channels), (s_h, s_w, s_n, m * s_h, m * s_w, s_c))
@@ -120,8 +122,9 @@ def winograd_conv3x3(x: torch.Tensor, transformed: torch.Tensor, m: int) -> torc
         product = torch.bmm(v.view(a * a, n * tiles_per_sample, channels), transformed)
         y = torch.mm(a_t, product.view(a, -1)).view(m, a, -1)
         y = torch.matmul(a_t, y).view(m, m, n, rows, cols, out_channels)
-        image = y.permute(2, 3, 0, 4, 1, 5).reshape(n, rows * m, cols * m, out_channels)
-        out[start:start + n] = image[:, :height, :width]
+        out[start:start + n].view(n, rows, m, cols, m, out_channels).copy_(y.permute(2, 3, 0, 4, 1, 5))
+    if (rows * m, cols * m) != (height, width):
+        out = out[:, :height, :width]
     return out.permute(0, 3, 1, 2)
 
 

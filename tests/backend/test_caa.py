@@ -143,14 +143,21 @@ def test_fast_attention_matches_the_reference_at_sd2_widths(dim, encoding_inputs
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_the_plan_follows_the_shapes():
+def test_the_plan_follows_the_shapes(monkeypatch):
     """Many tokens per query favour input-space queries, few tokens on wide levels per-token keys."""
     panorama_cpu = plan_attention(8 * 4096, 9, 320, 10, torch.float32, "cpu")
     depth_gpu = plan_attention(12 * 768, 4, 320, 10, torch.float16, "cuda")
-    depth_wide_cpu = plan_attention(12 * 48, 4, 1280, 40, torch.float32, "cpu")
+    depth_wide_gpu = plan_attention(12 * 48, 4, 1280, 40, torch.float32, "cuda")
     assert (panorama_cpu.form, panorama_cpu.fused) == ("input_space", False)
     assert (depth_gpu.form, depth_gpu.fused) == ("per_token", True)
-    assert depth_wide_cpu.form == "per_token"
+    assert depth_wide_gpu.form == "per_token"
+    # The same level on a CPU takes the input-space form, and the per-token one again where
+    # memory is six times slower: the cost model weighs flops against traffic, not devices.
+    slower_memory = caa_plan.Balance(2.15e11, 2.0e11, 2.0e9, 2**24)
+    assert plan_attention(12 * 48, 4, 1280, 40, torch.float32, "cpu").form == "input_space"
+    monkeypatch.setitem(caa_plan.BALANCE, ("cpu", False), slower_memory)
+    assert plan_attention(12 * 48, 4, 1280, 40, torch.float32, "cpu").form == "per_token"
+    monkeypatch.undo()
     # Half precision always takes the fused kernel, which keeps the logits in float32.
     assert plan_attention(8 * 4096, 9, 320, 10, torch.bfloat16, "cpu").fused
     # Chunks fit the device's budget where that leaves enough queries per chunk, hold at least

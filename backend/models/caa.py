@@ -123,7 +123,7 @@ def _mkl_runs_avx2_only() -> bool:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
             return any(line.startswith("vendor_id") and "AuthenticAMD" in line for line in cpuinfo)
     except OSError:
-        return platform.processor().startswith("AMD")
+        return "AuthenticAMD" in platform.processor()  # Windows names the vendor there
 
 
 class GEGLUFeedForward(nn.Module):

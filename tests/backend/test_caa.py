@@ -222,3 +222,14 @@ def test_chunks_pair_the_released_depth_encoding_as_the_whole_level_does(tokens,
     with torch.no_grad():
         chunked = block(hidden, LevelGeometry(height, width, source, geometry.grid, valid, values))
     assert (chunked - whole).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("amd", [False, True])
+def test_dense_layers_give_f_linear_numbers_on_either_vendors_path(monkeypatch, amd):
+    monkeypatch.setattr(caa_module, "_mkl_runs_avx2_only", lambda: amd)
+    torch.manual_seed(6)
+    x, weight, bias = torch.randn(3, 70, 48), torch.randn(96, 48), torch.randn(96)
+    reference = x.double() @ weight.double().T + bias.double()
+    result = caa_module.linear(x, weight, bias)
+    assert result.shape == (3, 70, 96)
+    assert float((result.double() - reference).norm() / reference.norm()) < 1e-6

@@ -92,3 +92,4 @@ def test_training_and_half_precision_keep_the_direct_convolution():
     narrow = WinogradConv3x3(MIN_CHANNELS // 2, MIN_CHANNELS // 2)
     with torch.no_grad():
         assert not narrow.uses_winograd(torch.randn(1, MIN_CHANNELS // 2, 4, 4))
+

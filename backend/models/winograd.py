@@ -20,6 +20,7 @@ multiply inputs by up to 25 and lose bits a half type does not have).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -64,7 +65,9 @@ def winograd_tile(height: int, width: int) -> int:
     return 4 if height % 4 == 0 and width % 4 == 0 else 2
 
 
+@functools.cache
 def _matrices(m: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """B^T, G and A^T as tensors, made once per tile size, dtype and device (every call needs them)."""
     return tuple(torch.tensor(t, dtype=torch.float64).to(device, dtype) for t in _TRANSFORMS[m])
 
 
@@ -129,15 +132,16 @@ def winograd_conv3x3(x: torch.Tensor, transformed: torch.Tensor, m: int) -> torc
 
 
 class WinogradConv3x3(nn.Conv2d):
-    """A 3 x 3, stride 1, padding 1 convolution that runs in Winograd form where that is faster.
+    """A 3 x 3, stride 1, padding 1 convolution without bias that runs in Winograd form where that is faster.
 
-    Same parameters and state-dict keys as ``nn.Conv2d``. The transformed weights are kept
-    between calls (a layer of C channels keeps ``(m + 2)^2 C^2`` values: 105 MB at 1280 channels
-    with m = 2) and recomputed when the weights change (load, in-place update, dtype or device).
+    Same parameters and state-dict keys as ``nn.Conv2d(..., 3, padding=1, bias=False)``. The
+    transformed weights are kept between calls (a layer of C channels keeps ``(m + 2)^2 C^2``
+    values: 105 MB at 1280 channels with m = 2) and recomputed when the weights change (load,
+    in-place update, dtype or device).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, bias: bool = False):
-        super().__init__(in_channels, out_channels, 3, padding=1, bias=bias)
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels, 3, padding=1, bias=False)
         self._transformed: tuple[tuple, torch.Tensor] | None = None
 
     def uses_winograd(self, x: torch.Tensor) -> bool:
@@ -153,10 +157,7 @@ class WinogradConv3x3(nn.Conv2d):
         if not self.uses_winograd(x):
             return super().forward(x)
         m = winograd_tile(x.shape[-2], x.shape[-1])
-        out = winograd_conv3x3(x, self._weights_for(m), m)
-        if self.bias is not None:
-            out = out + self.bias.view(1, -1, 1, 1)
-        return out
+        return winograd_conv3x3(x, self._weights_for(m), m)
 
     def _weights_for(self, m: int) -> torch.Tensor:
         weight = self.weight

@@ -16,8 +16,10 @@ head's query into input space or projects every token, whichever the shapes make
 and the released zero-vector keys included.
 
 Work per query (the query projection, the output projection, the feed-forward) runs once for all
-views of a level in large matrix products; only the attention over key tokens runs per group of
-views (:class:`~backend.models.caa_tokens.ViewGroups`) and in chunks. Bilinear lookups are one
+views of a level in large matrix products; only the attention over key tokens runs per bucket of
+queries with the same token count (:func:`~backend.models.caa_tokens.token_buckets`) and in
+chunks. A query attends over its valid tokens only, so a query with none gets no update and one
+with a single token takes that token's value (its softmax weight is 1). Bilinear lookups are one
 ``embedding_bag`` over the features stored pixel-major, with taps worked out once per job: it
 writes each token's vector straight into (pixel, token, channel) order and reads whole rows.
 
@@ -32,13 +34,14 @@ from __future__ import annotations
 import functools
 import math
 import platform
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .caa_plan import AttentionPlan, plan_attention, resnet_channels_last
-from .caa_tokens import KeyTokens, LevelGeometry, ViewGroups
+from .caa_tokens import KeyTokens, LevelGeometry, TokenBucket, ViewGroups
 from .winograd import WinogradConv3x3
 
 __all__ = [
@@ -172,6 +175,7 @@ class CorrespondenceAttention(nn.Module):
         for layer in (self.to_out, self.ff.out):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        self._projections: tuple[tuple, Projections] | None = None
 
     def forward(self, hidden: torch.Tensor, geometry: Geometry) -> torch.Tensor:
         """``hidden`` (B * V, C, h, w), views of one sample consecutive -> the same shape and layout."""
@@ -180,14 +184,26 @@ class CorrespondenceAttention(nn.Module):
     def channels_last(self, hidden: torch.Tensor, geometry: Geometry) -> torch.Tensor:
         """The block's output as (B * V, C, h, w) with channels-last memory: how it is computed, uncopied."""
         total, channels, height, width = hidden.shape
-        x, update = self.attention_update(hidden, geometry)
-        x = self._feed_forward((x + update).view(-1, channels))
+        x, queries, update = self._attention(hidden, geometry)
+        x = self._feed_forward(x.index_add(1, queries, update).view(-1, channels))
         return x.view(total, height, width, channels).permute(0, 3, 1, 2)
 
     def attention_update(self, hidden: torch.Tensor, geometry: Geometry) -> tuple[torch.Tensor, torch.Tensor]:
         """The features pixel-major (B, V, P, C) and what the attention adds to them, before the feed-forward.
 
         Pixels without a valid correspondence get no update when invalid keys are masked.
+        """
+        x, queries, update = self._attention(hidden, geometry)
+        dense = torch.zeros_like(x).index_copy_(1, queries, update)
+        views = geometry.num_views
+        return x.view(x.shape[0], views, -1, self.dim), dense.view(x.shape[0], views, -1, self.dim)
+
+    def _attention(self, hidden: torch.Tensor, geometry: Geometry) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The features pixel-major (B, V * P, C), the queries that attend (N,) and their updates (B, N, C).
+
+        Queries are taken bucket by bucket (:func:`~backend.models.caa_tokens.token_buckets`); a
+        query with one token needs no query vector (its softmax is 1), so only the others are
+        projected.
         """
         total, channels, height, width = hidden.shape
         views = geometry.num_views
@@ -199,35 +215,24 @@ class CorrespondenceAttention(nn.Module):
         batch, pixels = total // views, height * width
         # Features pixel-major, one row per (sample, view, pixel): what the token lookups read.
         table = hidden.view(batch, views, channels, pixels).transpose(2, 3).reshape(-1, channels)
-        x = table.view(batch, views, pixels, channels)
-        groups = geometry.groups()
-        first = groups[0][1]
+        x = table.view(batch, views * pixels, channels)
+        buckets = geometry.buckets(drop_invalid=self.mask_invalid, dtype=x.dtype)
+        queries = torch.cat([b.queries for b in buckets]) if buckets else x.new_zeros(0, dtype=torch.long)
+        asking = torch.cat([b.queries for b in buckets if b.tokens > 1] or [queries[:0]])
+        first = geometry.groups()[0][1]
         query_encoding = self.encoding(first.encoding_input.new_zeros(first.encoding_input.shape[-1]))
-        q = linear(self.norm1(x + query_encoding.to(x.dtype)), self.to_q.weight)
-        q = q.view(batch, views, pixels, self.heads, HEAD_DIM)
-        attended = torch.empty_like(x) if len(groups) > 1 else None
-        attends = torch.ones(views, pixels, 1, dtype=torch.bool, device=x.device) if self.mask_invalid else None
-        projections = self._input_space_projections()
-        for owners, part in groups:
-            keys = part.key_tokens(drop_invalid=self.mask_invalid, dtype=x.dtype)
-            group_q = q if owners is None else q[:, owners]
-            result = self._attend_tokens(group_q, table, keys, views * pixels, projections)
-            if attended is None:
-                attended = result
-            else:
-                attended[:, owners] = result
-            if attends is not None:
-                has = keys.valid.any(dim=-1, keepdim=True)
-                if owners is None:
-                    attends = has
-                else:
-                    attends[owners] = has
+        q = linear(self.norm1(x[:, asking] + query_encoding.to(x.dtype)), self.to_q.weight)
+        q = q.view(batch, -1, self.heads, HEAD_DIM)
+        attended = x.new_empty(batch, len(queries), channels)
+        projections = self._token_projections()
+        done = asked = 0
+        for bucket in buckets:
+            count = len(bucket.queries)
+            bucket_q = q[:, asked:asked + count] if bucket.tokens > 1 else None
+            self._attend_bucket(bucket_q, table, bucket, views * pixels, projections, attended[:, done:done + count])
+            done, asked = done + count, asked + (count if bucket.tokens > 1 else 0)
         # The values' constant part goes through the output projection once, as part of its bias.
-        value_bias = projections[2]
-        update = linear(attended, self.to_out.weight, self.to_out.bias + self.to_out.weight @ value_bias)
-        if attends is not None:
-            update = update.mul_(attends.to(x.dtype))
-        return x, update
+        return x, queries, linear(attended, self.to_out.weight, projections.output_bias)
 
     def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x + FF(LN(x))`` for rows of ``x`` (Q, C), in blocks of rows.
@@ -242,56 +247,84 @@ class CorrespondenceAttention(nn.Module):
         out = torch.empty_like(x)
         for start in range(0, x.shape[0], rows):
             part = x[start:start + rows]
-            out[start:start + rows] = part + self.ff(self.norm2(part))
+            torch.add(part, self.ff(self.norm2(part)), out=out[start:start + rows])
         return out
 
-    def _attend_tokens(
+    def _attend_bucket(
         self,
-        q: torch.Tensor,
+        q: torch.Tensor | None,
         table: torch.Tensor,
-        keys: KeyTokens,
+        bucket: TokenBucket,
         sample_rows: int,
-        projections: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-    ) -> torch.Tensor:
-        """Attention of queries ``q`` (B, V', P, heads, d) over their key tokens ``keys``.
+        projections: Projections,
+        out: torch.Tensor,
+    ) -> None:
+        """Attention of queries ``q`` (B, N, heads, d) over the bucket's key tokens, written to ``out`` (B, N, C).
 
         ``table`` holds the level's features, one row per (sample, view, pixel), ``sample_rows``
-        rows per sample. Keys and values are the LayerNorm-ed samples plus encodings. Returns the
-        attended values (B, V', P, C) without their constant part ``W_v beta``.
+        rows per sample. Keys and values are the LayerNorm-ed samples plus encodings; ``out``
+        gets the attended values without their constant part ``W_v beta``.
         """
-        batch, views, pixels = q.shape[:3]
-        tokens, channels, queries = keys.count, self.dim, views * pixels
-        plan = plan_attention(queries, tokens, channels, self.heads, table.dtype, table.device)
-        # Queries flattened over (view, pixel): every chunk below is a contiguous slice of each
-        # per-query array, so nothing is copied to line chunks up.
-        rows, weights = keys.rows.view(queries, tokens, 4), keys.weights.view(queries, tokens, 4)
-        logit_bias = keys.logit_bias.view(queries, 1, tokens) if self.mask_invalid else None
-        encodings = keys.encoded(self.encoding)
-        q = q.reshape(batch, queries, self.heads, HEAD_DIM)
-        attended = torch.empty(batch, queries, channels, dtype=table.dtype, device=table.device)
+        batch, queries, channels = out.shape
+        plan = plan_attention(queries, bucket.tokens, channels, self.heads, table.dtype, table.device)
+        attend = _ATTEND[plan.form]
+        encodings = bucket.encoded(self.encoding)
+        # A unit gain and zero shift change no value, but put the CPU's LayerNorm on its vectorised path
+        # (twice as fast as without an affine part at these widths).
+        unit_gain, zero_shift = table.new_ones(channels), table.new_zeros(channels)
         for sample in range(batch):
             for start in range(0, queries, plan.chunk):
                 stop = min(start + plan.chunk, queries)
-                sampled = _lookup(table, rows[start:stop] + sample * sample_rows, weights[start:stop], plan)
-                encoding = encodings[start:stop] if encodings is not None else keys.encode(self.encoding, start, stop)
+                rows = bucket.rows[start:stop] + sample * sample_rows
+                sampled = _lookup(table, rows, bucket.weights[start:stop], plan)
+                encoding = encodings[start:stop] if encodings is not None else bucket.encode(self.encoding, start, stop)
                 # The keys' LayerNorm without its affine part (folded into the projections);
                 # its statistics are float32 whatever the working dtype.
-                normalised = F.layer_norm(sampled.add_(encoding), (channels,), eps=LAYER_NORM_EPS)
-                bias = logit_bias[start:stop] if logit_bias is not None else None
-                attend = _ATTEND[plan.form]
-                attended[sample, start:stop] = attend(q[sample, start:stop], normalised, bias, projections, plan)
-        return attended.view(batch, views, pixels, channels)
+                normalised = F.layer_norm(sampled.add_(encoding), (channels,), unit_gain, zero_shift, LAYER_NORM_EPS)
+                chunk_q = q[sample, start:stop] if q is not None else None
+                out[sample, start:stop] = attend(chunk_q, normalised, projections, plan)
 
-    def _input_space_projections(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Key and value matrices with the LayerNorm gain folded in (C, C each), the value bias, and
-        both matrices stacked (2C, C) for the per-token form.
+    def _token_projections(self) -> Projections:
+        """The projections as the attention over normalised tokens uses them, kept until the weights change.
 
         ``W diag(gamma)`` maps normalised keys straight to projected ones; ``W_v beta`` is what
-        the LayerNorm's shift adds to every value. Computed once per block call, not per chunk.
+        the LayerNorm's shift adds to every value, and it reaches the output through the output
+        projection's bias. The keys' matrix also carries the softmax scale ``1 / sqrt(d)``.
         """
+        sources = (self.to_k.weight, self.to_v.weight, self.norm1.weight, self.norm1.bias, self.to_out.weight,
+                   self.to_out.bias)
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
+        if self._projections is not None and self._projections[0] == key and not _records_grad(sources):
+            return self._projections[1]
         gamma, beta = self.norm1.weight, self.norm1.bias
-        stacked = torch.cat([self.to_k.weight, self.to_v.weight]) * gamma
-        return stacked[: self.dim], stacked[self.dim :], self.to_v(beta), stacked
+        stacked = torch.cat([self.to_k.weight * (1.0 / math.sqrt(HEAD_DIM)), self.to_v.weight]) * gamma
+        value_bias = self.to_v(beta)
+        projections = Projections(
+            stacked[: self.dim], stacked[self.dim :], stacked, self.to_out.bias + self.to_out.weight @ value_bias
+        )
+        if not _records_grad(sources):
+            self._projections = (key, projections)
+        return projections
+
+    def _apply(self, fn, recurse: bool = True):
+        self._projections = None
+        return super()._apply(fn, recurse)
+
+
+class Projections(NamedTuple):
+    """A block's key and value matrices over normalised tokens (C x C each, keys scaled for the
+    softmax), both stacked (2C x C) for the per-token form, and the output projection's bias with
+    the values' constant part added."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    stacked: torch.Tensor
+    output_bias: torch.Tensor
+
+
+def _records_grad(tensors: tuple[torch.Tensor, ...]) -> bool:
+    """Whether autograd is recording through these tensors (then nothing derived from them is kept)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _lookup(table: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
@@ -303,41 +336,44 @@ def _lookup(table: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, plan
     return torch.einsum("ntk,ntkc->ntc", weights, table[rows.long()])
 
 
-def _attend_input_space(q, normalised, bias, projections, plan: AttentionPlan) -> torch.Tensor:
+def _attend_one_token(q, normalised, projections: Projections, plan: AttentionPlan) -> torch.Tensor:
+    """One token per query: its softmax weight is 1, so every head's value is the token's, one dense product."""
+    return linear(normalised[:, 0], projections.values)
+
+
+def _attend_input_space(q, normalised, projections: Projections, plan: AttentionPlan) -> torch.Tensor:
     """Each head's query moved into input space and scored against the normalised tokens.
 
     The heads act as the query rows of one attention over the query's own tokens, so all heads
     share one read of the tokens; the heads' weighted token averages are then projected per head.
+    Logits are laid out token-major, (n, T, heads): a product with a few output columns and a
+    softmax over a last dimension of a few elements are both slow on a CPU, and this way the
+    product's columns are the heads and the softmax runs across rows, vectorised over heads.
     """
     n, heads, _ = q.shape
-    w_k, w_v = (w.view(heads, HEAD_DIM, -1) for w in projections[:2])
+    w_k, w_v = (w.view(heads, HEAD_DIM, -1) for w in (projections.keys, projections.values))
     # Per-head products as batched products over the heads: one (n x d) by (d x C) product each.
-    q_in = torch.bmm(q.transpose(0, 1), w_k).transpose(0, 1)  # (n, heads, C)
+    q_in = torch.bmm(q.transpose(0, 1), w_k)  # (heads, n, C), the softmax scale folded into w_k
     if plan.fused:
-        mask = bias[:, None] if bias is not None else None
-        mixed = F.scaled_dot_product_attention(
-            q_in[:, None], normalised[:, None], normalised[:, None], attn_mask=mask, scale=1.0 / math.sqrt(HEAD_DIM)
-        )[:, 0]
+        tokens = normalised[:, None]
+        mixed = F.scaled_dot_product_attention(q_in.transpose(0, 1)[:, None], tokens, tokens, scale=1.0)[:, 0]
     else:
-        logits = torch.bmm(q_in, normalised.transpose(1, 2)).mul_(1.0 / math.sqrt(HEAD_DIM))  # (n, heads, T)
-        if bias is not None:
-            logits = logits.add_(bias)
-        mixed = torch.bmm(logits.softmax(dim=-1), normalised)  # (n, heads, C): per-head averages
+        logits = torch.bmm(normalised, q_in.permute(1, 2, 0))  # (n, T, heads)
+        mixed = torch.bmm(logits.softmax(dim=1).transpose(1, 2), normalised)  # (n, heads, C): per-head averages
     return torch.bmm(mixed.transpose(0, 1), w_v.transpose(1, 2)).transpose(0, 1).reshape(n, -1)
 
 
-def _attend_per_token(q, normalised, bias, projections, plan: AttentionPlan) -> torch.Tensor:
+def _attend_per_token(q, normalised, projections: Projections, plan: AttentionPlan) -> torch.Tensor:
     """Every token projected to keys and values in one matrix product, then a fused attention."""
     n, heads, _ = q.shape
     tokens = normalised.shape[1]
-    kv = linear(normalised, projections[3]).view(n, tokens, 2, heads, HEAD_DIM)
+    kv = linear(normalised, projections.stacked).view(n, tokens, 2, heads, HEAD_DIM)
     keys, values = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # (n, heads, T, d)
-    mask = bias[:, None] if bias is not None else None
-    out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask, scale=1.0 / math.sqrt(HEAD_DIM))
+    out = F.scaled_dot_product_attention(q[:, :, None], keys, values, scale=1.0)  # the scale is in the keys
     return out.reshape(n, -1)
 
 
-_ATTEND = {"input_space": _attend_input_space, "per_token": _attend_per_token}
+_ATTEND = {"input_space": _attend_input_space, "per_token": _attend_per_token, "one_token": _attend_one_token}
 
 
 class ZeroResNet(nn.Module):

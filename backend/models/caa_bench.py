@@ -107,12 +107,11 @@ def _interleaved(calls: list[Callable[[], object]], repeats: int, device: torch.
 
 
 def _plan_label(block: CAABlock, level: LevelGeometry | ViewGroups, dtype: torch.dtype, device) -> str:
-    """The forms the cost model picks for the level's groups (queries per sample: the block's chunks run per sample)."""
+    """The forms the cost model picks for the level's buckets of queries (per sample, as the block chunks them)."""
     forms = set()
-    for _, part in level.groups():
-        tokens = part.key_tokens(drop_invalid=block.attention.mask_invalid).count
-        plan = plan_attention(part.num_views * part.height * part.width, tokens,
-                              block.attention.dim, block.attention.heads, dtype, device)
+    for bucket in level.buckets(drop_invalid=block.attention.mask_invalid, dtype=dtype):
+        plan = plan_attention(len(bucket.queries), bucket.tokens, block.attention.dim, block.attention.heads, dtype,
+                              device)
         forms.add(plan.form + ("/fused" if plan.fused else ""))
     return "+".join(sorted(forms))
 

@@ -1,6 +1,6 @@
 """How a CAA block computes its attention over key tokens, chosen from the shapes.
 
-Both forms are exact; they cost differently. With ``zhat_t`` a key token normalised by the
+The forms are exact; they cost differently. With ``zhat_t`` a key token normalised by the
 keys' LayerNorm (no affine), ``W_k`` and ``W_v`` the key and value matrices with the LayerNorm
 gain folded in, and ``h`` heads of ``d`` channels over ``C`` channels and ``T`` tokens:
 
@@ -14,6 +14,11 @@ gain folded in, and ``h`` heads of ``d`` channels over ``C`` channels and ``T`` 
   It wins where large products are cheap against memory traffic and few tokens meet wide
   levels (``h x C`` per query outweighs ``T x C``): the depth design (3 to 5 tokens) on a GPU.
 
+A query with one token (``one_token``) needs neither: its softmax weight is 1, so the attended
+value is the token's value, one dense product and no query vector. Masked attention groups
+queries by how many valid tokens they have (:func:`~backend.models.caa_tokens.token_buckets`),
+so on trajectories a fifth of the queries take this form.
+
 The cost of a form is its large-product flops over the device's dense rate, its small batched
 products over the batched rate, and its memory traffic over the bandwidth (:data:`BALANCE`);
 the cheaper one runs. The token lookup is the same for both: an ``embedding_bag`` over
@@ -21,7 +26,10 @@ pixel-major features (it reads the four taps of a token and writes one vector; `
 writes all four first, and is kept for devices whose ``embedding_bag`` lacks weights). Chunks
 of queries are sized so the working set fits the device's budget (a cache-sized block on a CPU,
 a bounded transient on a GPU), but hold at least :data:`MIN_CHUNK_QUERIES`: each chunk costs a
-dozen kernel calls, which at 1280 channels outweighs staying in cache.
+dozen kernel calls. On a CPU the budget also keeps each chunk's intermediates small enough for
+the allocator to hand back memory it already holds: larger ones come as fresh pages from the
+system every chunk (at 1280 channels, 64 queries per chunk took 170 ms a block against 75 ms
+with 48, the difference all page faults).
 
 Half precision: logits are accumulated and kept in float32 by the fused attention
 (``scaled_dot_product_attention``); a plain ``bmm`` would round them to the working dtype. So
@@ -37,7 +45,7 @@ from typing import Literal
 
 import torch
 
-Form = Literal["input_space", "per_token"]
+Form = Literal["input_space", "per_token", "one_token"]
 Lookup = Literal["embedding_bag", "gather"]
 
 
@@ -53,13 +61,13 @@ class Balance:
 
 
 BALANCE: dict[tuple[str, bool], Balance] = {
-    # One core of a 2-core server CPU (AVX-512), fitted to both forms' kernels at SD 2's widths
-    # (docs/benchmarks.md, "CAA block"): flop rates from an AMD EPYC, the bandwidth one core's
-    # share of a Xeon's measured copy rate (24 GB/s for two). With it the input-space form runs
-    # the depth design's 1280-channel levels too, where it measured 25 % faster on that Xeon.
-    # Chunks of 16 MiB: the whole depth-design attention ran 10-20 % faster than with 4 MiB at
-    # every SD 2 level (fewer calls per query; the chunk still fits the last-level cache).
-    ("cpu", False): Balance(dense_flops=2.15e11, batched_flops=2.0e11, bandwidth=1.2e10, chunk_bytes=16 * 2**20),
+    # One core of a 2-core server CPU (AVX-512): fitted to both forms' time per query at SD 2's
+    # widths with 2, 3, 4 and 9 tokens on an Intel Xeon (docs/benchmarks.md, "CAA block"; two
+    # threads, halved). The input-space form is bound by its per-head intermediates, so its
+    # traffic term carries most of its time. Chunks of 16 MiB: the whole depth-design attention
+    # ran 10-20 % faster than with 4 MiB at every SD 2 level (fewer calls per query; the chunk
+    # still fits the last-level cache).
+    ("cpu", False): Balance(dense_flops=1.26e11, batched_flops=1.4e11, bandwidth=1.29e10, chunk_bytes=16 * 2**20),
     ("cpu", True): Balance(dense_flops=2.0e11, batched_flops=0.8e11, bandwidth=1.2e10, chunk_bytes=16 * 2**20),
     # An H100/H200-class GPU, from its data sheet (no GPU figure has been measured here yet):
     # float32 without TF32 and half on tensor cores, small batched products at a quarter of
@@ -69,8 +77,9 @@ BALANCE: dict[tuple[str, bool], Balance] = {
 }
 """(device type, half precision) -> balance. Other devices use the CUDA figures."""
 
-MIN_CHUNK_QUERIES = 64
-"""Fewest queries per chunk (unless there are fewer): below this the calls per chunk dominate."""
+MIN_CHUNK_QUERIES = 32
+"""Fewest queries per chunk (unless there are fewer): below this the calls per chunk dominate
+(at 1280 channels: 76 ms a block with 32 queries per chunk, 88 ms with 16)."""
 
 WEIGHTED_BAG_DEVICES = ("cpu", "cuda")
 """Devices whose ``embedding_bag`` takes per-sample weights in every dtype; others gather the taps."""
@@ -107,7 +116,12 @@ def is_half(dtype: torch.dtype) -> bool:
 
 
 def form_costs(tokens: int, dim: int, heads: int, element_size: int) -> dict[Form, tuple[float, float, float]]:
-    """(dense flops, batched flops, bytes) per query of each form's token attention; the shared lookup is left out."""
+    """(dense flops, batched flops, bytes) per query of each form's token attention; the shared lookup is left out.
+
+    One token needs no attention: its value is the answer (``one_token``, one dense product).
+    """
+    if tokens == 1:
+        return {"one_token": (2.0 * dim * dim, 0.0, element_size * 2.0 * dim)}
     input_space = (0.0, 4.0 * dim * dim + 4.0 * heads * tokens * dim, element_size * (4.0 * heads + 3.0 * tokens) * dim)
     per_token = (4.0 * tokens * dim * dim, 4.0 * tokens * dim, element_size * 7.0 * tokens * dim)
     return {"input_space": input_space, "per_token": per_token}
@@ -115,7 +129,7 @@ def form_costs(tokens: int, dim: int, heads: int, element_size: int) -> dict[For
 
 def working_bytes(form: Form, tokens: int, dim: int, heads: int, element_size: int) -> int:
     """Bytes one query holds at once inside a chunk: its tokens plus the form's intermediates."""
-    extra = 2 * heads * dim if form == "input_space" else 2 * tokens * dim
+    extra = {"input_space": 2 * heads * dim, "per_token": 2 * tokens * dim, "one_token": dim}[form]
     return element_size * (tokens * dim + extra)
 
 
@@ -132,7 +146,7 @@ def plan_attention(
         for form, (dense, batched, traffic) in form_costs(tokens, dim, heads, element_size).items()
     }
     form: Form = min(seconds, key=seconds.get)
-    fused = form == "per_token" or half
+    fused = form == "per_token" or (half and form == "input_space")
     fitting = balance.chunk_bytes // working_bytes(form, tokens, dim, heads, element_size)
     chunk = max(1, min(queries, max(fitting, MIN_CHUNK_QUERIES)))
     lookup: Lookup = "embedding_bag" if device_type in WEIGHTED_BAG_DEVICES else "gather"

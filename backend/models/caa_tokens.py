@@ -8,7 +8,7 @@ the form the attention reads it in; :mod:`~backend.models.caa` holds the block t
 Precision. The geometry is kept in float32 (float64 for a float64 model) whatever the model's
 working dtype: a bfloat16 level coordinate on a 64-wide map is off by up to half a cell, and a
 bfloat16 displacement times the encoding's highest frequency is off by a tenth of a radian.
-Only what the attention multiplies with features (bilinear weights, logit masks, the finished
+Only what the attention multiplies with features (bilinear weights and the finished
 encodings) takes the working dtype, and the encodings are computed in float32 before the cast.
 """
 
@@ -50,13 +50,6 @@ class KeyTokens:
     def count(self) -> int:
         return self.valid.shape[2]
 
-    def __post_init__(self):
-        # -inf for invalid tokens; rows without any valid token stay all 0, so their softmax is
-        # finite (the block drops their attention update). Added to the logits of every step.
-        usable = self.valid | ~self.valid.any(dim=-1, keepdim=True)
-        bias = torch.zeros(self.valid.shape, dtype=self.weights.dtype, device=self.valid.device)
-        self.logit_bias = bias.masked_fill_(~usable, float("-inf"))
-
     def encoded(self, encoding: nn.Module) -> torch.Tensor | None:
         """The key encodings (V * P, T, C) for ``encoding``, computed once and kept, if small enough.
 
@@ -96,6 +89,95 @@ class KeyTokens:
 
 
 @dataclass
+class TokenBucket:
+    """Queries of one level that attend over the same number of key tokens, k, and those tokens.
+
+    ``queries`` (N,) long: the queries' positions in one sample's (view, pixel) order; ``rows`` and
+    ``weights`` (N, k, 4): their tokens' taps, as in :class:`KeyTokens`. ``pieces``: the parts'
+    tokens the queries come from, each with the queries' positions among that part's (view,
+    pixel) queries (``None``: all of them, in order), which is where their encodings come from.
+    """
+
+    queries: torch.Tensor
+    rows: torch.Tensor
+    weights: torch.Tensor
+    pieces: tuple[tuple[KeyTokens, torch.Tensor | None], ...]
+    _encodings: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def tokens(self) -> int:
+        return self.rows.shape[1]
+
+    def encoded(self, encoding: nn.Module) -> torch.Tensor | None:
+        """The bucket's key encodings (N, k, C), computed once and kept if small enough (else ``None``)."""
+        if len(self.pieces) == 1 and self.pieces[0][1] is None:
+            return self.pieces[0][0].encoded(encoding)
+        key = (encoding.key, self.weights.dtype, self.weights.device)
+        if key not in self._encodings:
+            small = self.rows[..., 0].numel() * encoding.dim <= ENCODING_CACHE_ELEMENTS
+            self._encodings[key] = self._gathered(encoding) if small else None
+        return self._encodings[key]
+
+    def encode(self, encoding: nn.Module, start: int, stop: int) -> torch.Tensor:
+        """Key encodings (n, k, C) of the bucket's queries ``start:stop``, not cached."""
+        if len(self.pieces) == 1 and self.pieces[0][1] is None:
+            return self.pieces[0][0].encode(encoding, start, stop)
+        if getattr(encoding, "pairs_scalars", False):  # needs each part's whole sequence
+            return self._gathered(encoding)[start:stop]
+        inputs = torch.cat([
+            keys.encoding_input.flatten(0, 1)[positions, : self.tokens] for keys, positions in self.pieces
+        ])
+        return encoding(inputs[start:stop]).to(self.weights.dtype)
+
+    def _gathered(self, encoding: nn.Module) -> torch.Tensor:
+        """The bucket's encodings taken from each part's whole encodings (which are not kept)."""
+        return torch.cat([keys.encode(encoding)[positions, : self.tokens] for keys, positions in self.pieces])
+
+
+def token_buckets(
+    groups: tuple[tuple[torch.Tensor | None, LevelGeometry], ...], drop_invalid: bool, dtype: torch.dtype
+) -> tuple[TokenBucket, ...]:
+    """The level's queries in buckets by token count, ascending; queries without a token are in none.
+
+    With ``drop_invalid`` a query attends over its valid tokens only, so queries are grouped by
+    how many they have: every token a bucket reads is valid, none of the work goes to tokens the
+    softmax would drop (on trajectories and panoramas about half of them), and a query without
+    any gets no attention at all. Otherwise (invalid tokens as zero vectors, the released
+    behaviour) each part's queries stay whole, in order, with all their tokens.
+    """
+    buckets: dict[int, list[tuple[KeyTokens, torch.Tensor | None, torch.Tensor]]] = {}
+    for owners, part in groups:
+        keys = part.key_tokens(drop_invalid, dtype)
+        views, pixels, count = keys.valid.shape
+        pixel = torch.arange(pixels, device=keys.valid.device)
+        views_of_sample = owners.to(pixel.device) if owners is not None else torch.arange(views, device=pixel.device)
+        queries = (views_of_sample[:, None] * pixels + pixel).reshape(-1)
+        if not drop_invalid:
+            buckets.setdefault(count, []).append((keys, None, queries))
+            continue
+        valid_counts = keys.valid.sum(dim=-1).reshape(-1)
+        for tokens in valid_counts.unique().tolist():
+            if tokens:
+                positions = (valid_counts == tokens).nonzero()[:, 0]
+                buckets.setdefault(tokens, []).append((keys, positions, queries[positions]))
+    out = []
+    for tokens, members in sorted(buckets.items()):
+        if not drop_invalid:
+            out.extend(
+                TokenBucket(queries, keys.rows.flatten(0, 1), keys.weights.flatten(0, 1), ((keys, None),))
+                for keys, _, queries in members
+            )
+            continue
+        out.append(TokenBucket(
+            torch.cat([queries for *_, queries in members]),
+            torch.cat([keys.rows.flatten(0, 1)[positions, :tokens] for keys, positions, _ in members]),
+            torch.cat([keys.weights.flatten(0, 1)[positions, :tokens] for keys, positions, _ in members]),
+            tuple((keys, positions) for keys, positions, _ in members),
+        ))
+    return tuple(out)
+
+
+@dataclass
 class LevelGeometry:
     """Where every query pixel of one UNet level finds its key tokens; computed once per job.
 
@@ -129,6 +211,13 @@ class LevelGeometry:
     def groups(self) -> tuple[tuple[torch.Tensor | None, LevelGeometry], ...]:
         """(query views, geometry) pairs: one, answering for every view."""
         return ((None, self),)
+
+    def buckets(self, drop_invalid: bool, dtype: torch.dtype) -> tuple[TokenBucket, ...]:
+        """:func:`token_buckets` of this level, worked out once per job and dtype, and kept."""
+        key = ("buckets", drop_invalid, self.grid.device, dtype)
+        if key not in self._tokens:
+            self._tokens[key] = token_buckets(self.groups(), drop_invalid, dtype)
+        return self._tokens[key]
 
     def key_tokens(self, drop_invalid: bool, dtype: torch.dtype | None = None) -> KeyTokens:
         """The key tokens in the form the attention reads, worked out once per job and dtype, and kept.
@@ -200,12 +289,14 @@ class ViewGroups:
     softmax as zero keys. So views are grouped by slot count: ``parts[k]`` holds the tokens of
     the views ``owners[k]`` (ascending), one row per owner, its slots naming views of the whole
     sample. A CAA block runs everything per query once for all views and only the attention
-    over key tokens per group, so grouping costs no repeated work.
+    over key tokens per bucket of queries (:func:`token_buckets`), so grouping costs no repeated
+    work.
     """
 
     views: int
     parts: tuple[LevelGeometry, ...]
     owners: tuple[torch.Tensor, ...]
+    _buckets: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.parts or len(self.parts) != len(self.owners):
@@ -235,6 +326,13 @@ class ViewGroups:
     def groups(self) -> tuple[tuple[torch.Tensor | None, LevelGeometry], ...]:
         """(query views, geometry) pairs, one per part."""
         return tuple(zip(self.owners, self.parts, strict=True))
+
+    def buckets(self, drop_invalid: bool, dtype: torch.dtype) -> tuple[TokenBucket, ...]:
+        """:func:`token_buckets` over all parts, worked out once per job and dtype, and kept."""
+        key = (drop_invalid, self.parts[0].grid.device, dtype)
+        if key not in self._buckets:
+            self._buckets[key] = token_buckets(self.groups(), drop_invalid, dtype)
+        return self._buckets[key]
 
     def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> ViewGroups:
         return ViewGroups(

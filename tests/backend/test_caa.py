@@ -1,3 +1,4 @@
+import dataclasses
 import math
 from functools import cache
 
@@ -106,7 +107,11 @@ def reference_case(encoding_inputs: int, mask_invalid: bool, valid_fraction: flo
 
 
 def force_plan(monkeypatch, plan: AttentionPlan) -> None:
-    monkeypatch.setattr(caa_module, "plan_attention", lambda *args, **kwargs: plan)
+    """Every query with several tokens attends in ``plan``'s form and chunks (one token has one form)."""
+    def forced(queries, tokens, *args):
+        return plan if tokens > 1 else dataclasses.replace(plan_attention(queries, tokens, *args), chunk=plan.chunk)
+
+    monkeypatch.setattr(caa_module, "plan_attention", forced)
 
 
 @pytest.mark.parametrize("encoding_inputs", [1, 2])
@@ -166,7 +171,7 @@ def test_the_plan_follows_the_shapes(monkeypatch):
     narrow = plan_attention(10**6, 9, 320, 10, torch.float32, "cpu")
     budget = caa_plan.BALANCE[("cpu", False)].chunk_bytes
     assert caa_plan.MIN_CHUNK_QUERIES < narrow.chunk and narrow.chunk * 4 * 320 * (9 + 2 * 10) <= budget
-    assert plan_attention(10**6, 9, 1280, 40, torch.float32, "cpu").chunk == caa_plan.MIN_CHUNK_QUERIES
+    assert plan_attention(10**6, 9, 2560, 80, torch.float32, "cpu").chunk == caa_plan.MIN_CHUNK_QUERIES
     assert plan_attention(10**6, 9, 1280, 40, torch.float16, "cuda").chunk > 1000
 
 
@@ -233,3 +238,58 @@ def test_dense_layers_give_f_linear_numbers_on_either_vendors_path(monkeypatch, 
     result = caa_module.linear(x, weight, bias)
     assert result.shape == (3, 70, 96)
     assert float((result.double() - reference).norm() / reference.norm()) < 1e-6
+
+
+def view_groups(seed: int, dim: int = DIM) -> caa_tokens.ViewGroups:
+    """Four views in two parts, with one and with three neighbour slots, and validity of every kind."""
+    rng = np.random.default_rng(seed)
+    pixels, parts, owners = HEIGHT * WIDTH, [], [torch.tensor([0, 2]), torch.tensor([1, 3])]
+    for slots, owned in zip((1, 3), owners, strict=True):
+        views = len(owned)
+        source = torch.from_numpy(np.array([[(int(v) + 1 + n) % 4 for n in range(slots)] for v in owned]))
+        coords = rng.uniform(-0.5, [WIDTH - 0.5, HEIGHT - 0.5], size=(views, slots, pixels, 1, 2))
+        valid = torch.from_numpy(rng.random((views, pixels, slots)) < 0.5)
+        values = torch.from_numpy(rng.uniform(0.0, 2.0, size=(views, pixels, slots, 1)))
+        parts.append(LevelGeometry(HEIGHT, WIDTH, source, grid_from_level_coords(coords, HEIGHT, WIDTH), valid, values))
+    return caa_tokens.ViewGroups(4, tuple(parts), tuple(owners))
+
+
+def test_masked_queries_are_bucketed_by_their_valid_token_count():
+    groups = view_groups(0)
+    buckets = groups.buckets(drop_invalid=True, dtype=torch.float64)
+    counts = torch.zeros(4, HEIGHT * WIDTH, dtype=torch.long)
+    for owners, part in groups.groups():
+        counts[owners] = part.valid.sum(dim=-1)
+    seen = torch.cat([b.queries for b in buckets])
+    # Every query with a valid token is in exactly one bucket, and no other query is.
+    assert sorted(seen.tolist()) == sorted(torch.nonzero(counts.view(-1) > 0)[:, 0].tolist())
+    assert [b.tokens for b in buckets] == sorted({b.tokens for b in buckets})
+    for bucket in buckets:
+        assert bool((counts.view(-1)[bucket.queries] == bucket.tokens).all())
+    # Both parts' queries with one valid token share a bucket.
+    assert len(buckets[0].pieces) == 2 and buckets[0].tokens == 1
+    # Without masking (released behaviour) every part stays whole, in order, with all its slots.
+    whole = groups.buckets(drop_invalid=False, dtype=torch.float64)
+    assert [b.tokens for b in whole] == [1, 3]
+    assert whole[1].queries.tolist() == [p + v * HEIGHT * WIDTH for v in (1, 3) for p in range(HEIGHT * WIDTH)]
+
+
+@pytest.mark.parametrize("cache_encodings", [True, False])
+def test_bucketed_masked_attention_matches_the_literal_block(cache_encodings, monkeypatch):
+    """Views with different neighbour counts, queries with none to three valid tokens: the literal block's numbers."""
+    from backend.models.caa import CAABlock
+    from backend.models.literal_caa import literal_block
+
+    torch.manual_seed(3)
+    block = CAABlock(DIM, 1, with_resnet=True, mask_invalid=True, groups=8).double()
+    with torch.no_grad():
+        for param in block.parameters():
+            param.copy_(torch.randn_like(param) * (0.3 * math.sqrt(DIM / param.shape[1]) if param.dim() > 1 else 0.3))
+    monkeypatch.setattr(caa_tokens, "ENCODING_CACHE_ELEMENTS", 2**30 if cache_encodings else 0)
+    force_plan(monkeypatch, AttentionPlan("input_space", "embedding_bag", False, 5))
+    groups = view_groups(1)
+    hidden = torch.randn(2 * 4, DIM, HEIGHT, WIDTH, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        got = block(hidden, groups)
+        expected = literal_block(block, hidden, groups)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)

@@ -93,14 +93,16 @@ class TokenBucket:
     """Queries of one level that attend over the same number of key tokens, k, and those tokens.
 
     ``queries`` (N,) long: the queries' positions in one sample's (view, pixel) order; ``rows`` and
-    ``weights`` (N, k, 4): their tokens' taps, as in :class:`KeyTokens`. ``pieces``: the parts'
-    tokens the queries come from, each with the queries' positions among that part's (view,
-    pixel) queries (``None``: all of them, in order), which is where their encodings come from.
+    ``weights`` (N, k, 4): their tokens' taps, and ``encoding_input`` (N, k, E) what their
+    encodings encode, as in :class:`KeyTokens`. ``pieces``: the parts' tokens the queries come
+    from, each with the queries' positions among that part's (view, pixel) queries (``None``: all
+    of them, in order), which is where encodings that pair scalars come from.
     """
 
     queries: torch.Tensor
     rows: torch.Tensor
     weights: torch.Tensor
+    encoding_input: torch.Tensor
     pieces: tuple[tuple[KeyTokens, torch.Tensor | None], ...]
     _encodings: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -114,24 +116,23 @@ class TokenBucket:
             return self.pieces[0][0].encoded(encoding)
         key = (encoding.key, self.weights.dtype, self.weights.device)
         if key not in self._encodings:
-            small = self.rows[..., 0].numel() * encoding.dim <= ENCODING_CACHE_ELEMENTS
-            self._encodings[key] = self._gathered(encoding) if small else None
+            if getattr(encoding, "pairs_scalars", False):
+                # Such an encoding pairs scalars along each part's whole sequence, so it is taken
+                # from the parts' encodings and kept whatever its size.
+                self._encodings[key] = torch.cat([
+                    keys.encode(encoding)[positions, : self.tokens] for keys, positions in self.pieces
+                ])
+            elif self.rows[..., 0].numel() * encoding.dim <= ENCODING_CACHE_ELEMENTS:
+                self._encodings[key] = self.encode(encoding, 0, len(self.queries))
+            else:
+                self._encodings[key] = None
         return self._encodings[key]
 
     def encode(self, encoding: nn.Module, start: int, stop: int) -> torch.Tensor:
         """Key encodings (n, k, C) of the bucket's queries ``start:stop``, not cached."""
         if len(self.pieces) == 1 and self.pieces[0][1] is None:
             return self.pieces[0][0].encode(encoding, start, stop)
-        if getattr(encoding, "pairs_scalars", False):  # needs each part's whole sequence
-            return self._gathered(encoding)[start:stop]
-        inputs = torch.cat([
-            keys.encoding_input.flatten(0, 1)[positions, : self.tokens] for keys, positions in self.pieces
-        ])
-        return encoding(inputs[start:stop]).to(self.weights.dtype)
-
-    def _gathered(self, encoding: nn.Module) -> torch.Tensor:
-        """The bucket's encodings taken from each part's whole encodings (which are not kept)."""
-        return torch.cat([keys.encode(encoding)[positions, : self.tokens] for keys, positions in self.pieces])
+        return encoding(self.encoding_input[start:stop]).to(self.weights.dtype)
 
 
 def token_buckets(
@@ -164,14 +165,17 @@ def token_buckets(
     for tokens, members in sorted(buckets.items()):
         if not drop_invalid:
             out.extend(
-                TokenBucket(queries, keys.rows.flatten(0, 1), keys.weights.flatten(0, 1), ((keys, None),))
+                TokenBucket(queries, *(t.flatten(0, 1) for t in (keys.rows, keys.weights, keys.encoding_input)),
+                            ((keys, None),))
                 for keys, _, queries in members
             )
             continue
+        rows, weights, inputs = (
+            torch.cat([getattr(keys, name).flatten(0, 1)[positions, :tokens] for keys, positions, _ in members])
+            for name in ("rows", "weights", "encoding_input")
+        )
         out.append(TokenBucket(
-            torch.cat([queries for *_, queries in members]),
-            torch.cat([keys.rows.flatten(0, 1)[positions, :tokens] for keys, positions, _ in members]),
-            torch.cat([keys.weights.flatten(0, 1)[positions, :tokens] for keys, positions, _ in members]),
+            torch.cat([queries for *_, queries in members]), rows, weights, inputs,
             tuple((keys, positions) for keys, positions, _ in members),
         ))
     return tuple(out)

@@ -15,9 +15,13 @@ gain folded in, and ``h`` heads of ``d`` channels over ``C`` channels and ``T`` 
   levels (``h x C`` per query outweighs ``T x C``): the depth design (3 to 5 tokens) on a GPU.
 
 A query with one token (``one_token``) needs neither: its softmax weight is 1, so the attended
-value is the token's value, one dense product and no query vector. Masked attention groups
-queries by how many valid tokens they have (:func:`~backend.models.caa_tokens.token_buckets`),
-so on trajectories a fifth of the queries take this form.
+value is the token's value, one dense product and no query vector. A query with two tokens
+(``two_token``) has a softmax that is the sigmoid of the logits' difference, and both keys and
+values enter only through their difference ``zhat_0 - zhat_1`` and the second token: ``6 C^2``
+flops in large products, a quarter less than ``per_token``, and no attention kernel. Masked
+attention groups queries by how many valid tokens they have
+(:func:`~backend.models.caa_tokens.token_buckets`); on trajectories a fifth of the queries have
+one token and two fifths two.
 
 The cost of a form is its large-product flops over the device's dense rate, its small batched
 products over the batched rate, and its memory traffic over the bandwidth (:data:`BALANCE`);
@@ -45,7 +49,7 @@ from typing import Literal
 
 import torch
 
-Form = Literal["input_space", "per_token", "one_token"]
+Form = Literal["input_space", "per_token", "one_token", "two_token"]
 Lookup = Literal["embedding_bag", "gather"]
 
 
@@ -124,12 +128,17 @@ def form_costs(tokens: int, dim: int, heads: int, element_size: int) -> dict[For
         return {"one_token": (2.0 * dim * dim, 0.0, element_size * 2.0 * dim)}
     input_space = (0.0, 4.0 * dim * dim + 4.0 * heads * tokens * dim, element_size * (4.0 * heads + 3.0 * tokens) * dim)
     per_token = (4.0 * tokens * dim * dim, 4.0 * tokens * dim, element_size * 7.0 * tokens * dim)
-    return {"input_space": input_space, "per_token": per_token}
+    costs: dict[Form, tuple[float, float, float]] = {"input_space": input_space, "per_token": per_token}
+    if tokens == 2:
+        costs["two_token"] = (6.0 * dim * dim, 0.0, element_size * 9.0 * dim)
+    return costs
 
 
 def working_bytes(form: Form, tokens: int, dim: int, heads: int, element_size: int) -> int:
     """Bytes one query holds at once inside a chunk: its tokens plus the form's intermediates."""
-    extra = {"input_space": 2 * heads * dim, "per_token": 2 * tokens * dim, "one_token": dim}[form]
+    extra = {
+        "input_space": 2 * heads * dim, "per_token": 2 * tokens * dim, "one_token": dim, "two_token": 4 * dim
+    }[form]
     return element_size * (tokens * dim + extra)
 
 

@@ -22,6 +22,8 @@ PLANS = [
     AttentionPlan("per_token", "embedding_bag", True, 7),
     AttentionPlan("input_space", "gather", False, 5),
     AttentionPlan("per_token", "gather", True, 5),
+    AttentionPlan("two_token", "embedding_bag", False, 7),
+    AttentionPlan("two_token", "gather", False, 5),
 ]
 """Every form, fused or not, both lookups; chunks of 7 and 5 queries split views and samples unevenly."""
 
@@ -107,9 +109,11 @@ def reference_case(encoding_inputs: int, mask_invalid: bool, valid_fraction: flo
 
 
 def force_plan(monkeypatch, plan: AttentionPlan) -> None:
-    """Every query with several tokens attends in ``plan``'s form and chunks (one token has one form)."""
+    """Every query with several tokens (two for ``two_token``) attends in ``plan``'s form and chunks;
+    the others keep their planned form in the same chunks."""
     def forced(queries, tokens, *args):
-        return plan if tokens > 1 else dataclasses.replace(plan_attention(queries, tokens, *args), chunk=plan.chunk)
+        applies = tokens == 2 if plan.form == "two_token" else tokens > 1
+        return plan if applies else dataclasses.replace(plan_attention(queries, tokens, *args), chunk=plan.chunk)
 
     monkeypatch.setattr(caa_module, "plan_attention", forced)
 

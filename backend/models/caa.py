@@ -19,8 +19,7 @@ Work per query (the query projection, the output projection, the feed-forward) r
 views of a level in large matrix products; only the attention over key tokens runs per bucket of
 queries with the same token count (:func:`~backend.models.caa_tokens.token_buckets`) and in
 chunks. A query attends over its valid tokens only, so a query with none gets no update, one
-with a single token takes that token's value (its softmax weight is 1), and one with two weighs
-them by the sigmoid of their logits' difference (:mod:`~backend.models.caa_plan`). Bilinear lookups are one
+with a single token takes that token's value (its softmax weight is 1). Bilinear lookups are one
 ``embedding_bag`` over the features stored pixel-major, with taps worked out once per job: it
 writes each token's vector straight into (pixel, token, channel) order and reads whole rows.
 
@@ -299,23 +298,30 @@ class CorrespondenceAttention(nn.Module):
         gets the attended values without their constant part ``W_v beta``.
         """
         batch, queries, channels = out.shape
-        plan = plan_attention(queries, bucket.tokens, channels, self.heads, table.dtype, table.device)
+        tokens = bucket.tokens
+        # A chunk takes the same queries of every sample: one lookup and one set of products for
+        # all of them (larger products, and on wide levels the weights read once per chunk).
+        plan = plan_attention(batch * queries, tokens, channels, self.heads, table.dtype, table.device)
+        step = max(1, plan.chunk // batch)
         attend = _ATTEND[plan.form]
         encodings = bucket.encoded(self.encoding)
+        offsets = torch.arange(batch, device=table.device, dtype=bucket.rows.dtype).mul_(sample_rows).view(-1, 1, 1, 1)
         # A unit gain and zero shift change no value, but put the CPU's LayerNorm on its vectorised path
         # (twice as fast as without an affine part at these widths).
         unit_gain, zero_shift = table.new_ones(channels), table.new_zeros(channels)
-        for sample in range(batch):
-            for start in range(0, queries, plan.chunk):
-                stop = min(start + plan.chunk, queries)
-                rows = bucket.rows[start:stop] + sample * sample_rows
-                sampled = _lookup(table, rows, bucket.weights[start:stop], plan)
-                encoding = encodings[start:stop] if encodings is not None else bucket.encode(self.encoding, start, stop)
-                # The keys' LayerNorm without its affine part (folded into the projections);
-                # its statistics are float32 whatever the working dtype.
-                normalised = F.layer_norm(sampled.add_(encoding), (channels,), unit_gain, zero_shift, LAYER_NORM_EPS)
-                chunk_q = q[sample, start:stop] if q is not None else None
-                out[sample, start:stop] = attend(chunk_q, normalised, projections, plan)
+        for start in range(0, queries, step):
+            stop = min(start + step, queries)
+            n = stop - start
+            rows = bucket.rows[start:stop] + offsets if batch > 1 else bucket.rows[start:stop]
+            weights = bucket.weights[start:stop].expand(batch, -1, -1, -1)
+            sampled = _lookup(table, rows.reshape(-1, tokens, 4), weights.reshape(-1, tokens, 4), plan)
+            encoding = encodings[start:stop] if encodings is not None else bucket.encode(self.encoding, start, stop)
+            sampled.view(batch, n, tokens, channels).add_(encoding)
+            # The keys' LayerNorm without its affine part (folded into the projections);
+            # its statistics are float32 whatever the working dtype.
+            normalised = F.layer_norm(sampled, (channels,), unit_gain, zero_shift, LAYER_NORM_EPS)
+            chunk_q = q[:, start:stop].reshape(batch * n, self.heads, HEAD_DIM) if q is not None else None
+            out[:, start:stop] = attend(chunk_q, normalised, projections, plan).view(batch, n, channels)
 
     def _token_projections(self) -> Projections:
         """The projections as the attention over normalised tokens uses them, kept until the weights change.
@@ -396,20 +402,32 @@ def _attend_input_space(q, normalised, projections: Projections, plan: Attention
     return torch.bmm(mixed.transpose(0, 1), w_v.transpose(1, 2)).transpose(0, 1).reshape(n, -1)
 
 
-def _attend_two_tokens(q, normalised, projections: Projections, plan: AttentionPlan) -> torch.Tensor:
-    """Two tokens per query: ``v_1 + sigmoid(q . (k_0 - k_1)) (v_0 - v_1)`` per head.
+def _attend_differences(q, normalised, projections: Projections, plan: AttentionPlan) -> torch.Tensor:
+    """Keys and values taken relative to the last token: ``v_last + sum_t p_t (v_t - v_last)``.
 
-    The key and value differences are the projections of ``zhat_0 - zhat_1``, so three C x C
-    products per query do what the per-token form does with four. The logit is summed in
-    float32 whatever the working dtype, as the fused kernel does.
+    The softmax does not change when every logit moves by ``q . k_last``, and the weights sum
+    to one, so only the differences ``zhat_t - zhat_last`` need keys and values, and the last
+    token a value: ``(4 T - 2) C^2`` flops per query in two large products against the
+    per-token form's ``4 T C^2``, and no attention kernel. With two tokens the softmax is the
+    sigmoid of the one logit. Logits, weights and the weighted sum are float32 whatever the
+    working dtype, as in the fused kernel.
     """
     n, heads, _ = q.shape
-    second = normalised[:, 1]
-    differences = linear(normalised[:, 0] - second, projections.stacked).view(n, 2, heads, HEAD_DIM)
-    logit = (differences[:, 0].float() * q.float()).sum(-1)  # (n, heads)
-    weight = logit.sigmoid_().to(q.dtype)[..., None]
-    values = linear(second, projections.values).view(n, heads, HEAD_DIM)
-    return values.addcmul_(differences[:, 1], weight).view(n, -1)
+    tokens = normalised.shape[1]
+    last = normalised[:, -1]
+    kv = linear(normalised[:, :-1] - last[:, None], projections.stacked).view(n, tokens - 1, 2, heads, HEAD_DIM)
+    logits = (kv[:, :, 0].float() * q[:, None].float()).sum(-1)  # (n, T - 1, heads); the last token's is 0
+    if tokens == 2:
+        weights = logits.sigmoid_()
+    else:
+        top = logits.amax(dim=1, keepdim=True).clamp_min_(0.0)
+        weights = logits.sub_(top).exp_()
+        weights = weights.div_(weights.sum(dim=1, keepdim=True).add_(top.neg_().exp_()))
+    # The weighted sum is float32 too (a no-op in float32): in half precision it would round
+    # once per token where the fused kernel rounds once.
+    values = linear(last, projections.values).view(n, heads, HEAD_DIM).float()
+    weighted = kv[:, :, 1].float() * weights[..., None]
+    return values.add_(weighted.sum(dim=1) if tokens > 2 else weighted[:, 0]).to(q.dtype).view(n, -1)
 
 
 def _attend_per_token(q, normalised, projections: Projections, plan: AttentionPlan) -> torch.Tensor:
@@ -426,7 +444,7 @@ _ATTEND = {
     "input_space": _attend_input_space,
     "per_token": _attend_per_token,
     "one_token": _attend_one_token,
-    "two_token": _attend_two_tokens,
+    "differences": _attend_differences,
 }
 
 

@@ -11,21 +11,27 @@ gain folded in, and ``h`` heads of ``d`` channels over ``C`` channels and ``T`` 
   values twice. It wins with many tokens per query: panoramas (9 to 18 tokens).
 * ``per_token``: the released way, keys and values of every token projected (``4 T C^2``
   flops per query as one large matrix product), then a plain attention with head size ``d``.
-  It wins where large products are cheap against memory traffic and few tokens meet wide
-  levels (``h x C`` per query outweighs ``T x C``): the depth design (3 to 5 tokens) on a GPU.
+  The ``differences`` form below does the same with fewer products and less traffic, so the
+  cost model never prefers it; it stays as the released computation, in the fast layout.
 
-A query with one token (``one_token``) needs neither: its softmax weight is 1, so the attended
-value is the token's value, one dense product and no query vector. A query with two tokens
-(``two_token``) has a softmax that is the sigmoid of the logits' difference, and both keys and
-values enter only through their difference ``zhat_0 - zhat_1`` and the second token: ``6 C^2``
-flops in large products, a quarter less than ``per_token``, and no attention kernel. Masked
-attention groups queries by how many valid tokens they have
-(:func:`~backend.models.caa_tokens.token_buckets`); on trajectories a fifth of the queries have
-one token and two fifths two.
+* ``differences``: tokens taken relative to the last one. A softmax does not change when all
+  logits move together, and its weights sum to one, so the attended value is
+  ``v_last + sum_t p_t (v_t - v_last)`` with logits ``q . (k_t - k_last)``: keys and values of
+  the ``T - 1`` differences and a value of the last token, ``(4 T - 2) C^2`` flops per query in
+  two large products and a few passes over ``T x C`` values per query, no attention kernel.
+  With two tokens the softmax is a sigmoid and the form does three quarters of ``per_token``'s
+  products. It wins where large products are cheap against memory traffic and few tokens meet
+  wide levels (``h x C`` per query outweighs ``T x C``): two tokens on a CPU, the depth
+  design's 2 to 5 on a GPU.
+
+A query with one token (``one_token``) needs none of them: its softmax weight is 1, so the
+attended value is the token's value, one dense product and no query vector.
+Masked attention groups queries by how many valid tokens they have
+(:func:`~backend.models.caa_tokens.token_buckets`); on trajectories a fifth of the queries have one.
 
 The cost of a form is its large-product flops over the device's dense rate, its small batched
 products over the batched rate, and its memory traffic over the bandwidth (:data:`BALANCE`);
-the cheaper one runs. The token lookup is the same for both: an ``embedding_bag`` over
+the cheapest one runs. The token lookup is the same for all: an ``embedding_bag`` over
 pixel-major features (it reads the four taps of a token and writes one vector; ``gather``
 writes all four first, and is kept for devices whose ``embedding_bag`` lacks weights). Chunks
 of queries are sized so the working set fits the device's budget (a cache-sized block on a CPU,
@@ -39,7 +45,8 @@ Half precision: logits are accumulated and kept in float32 by the fused attentio
 (``scaled_dot_product_attention``); a plain ``bmm`` would round them to the working dtype. So
 the fused kernel always runs the ``per_token`` form, and the ``input_space`` form uses it in
 float16 and bfloat16; in float32 two batched matrix products are faster on a CPU for its
-shapes (heads as the query rows, a few tokens) and as accurate.
+shapes (heads as the query rows, a few tokens) and as accurate. The ``differences`` form sums
+its logits in float32 itself.
 """
 
 from __future__ import annotations
@@ -49,7 +56,7 @@ from typing import Literal
 
 import torch
 
-Form = Literal["input_space", "per_token", "one_token", "two_token"]
+Form = Literal["input_space", "per_token", "differences", "one_token"]
 Lookup = Literal["embedding_bag", "gather"]
 
 
@@ -65,13 +72,14 @@ class Balance:
 
 
 BALANCE: dict[tuple[str, bool], Balance] = {
-    # One core of a 2-core server CPU (AVX-512): fitted to both forms' time per query at SD 2's
-    # widths with 2, 3, 4 and 9 tokens on an Intel Xeon (docs/benchmarks.md, "CAA block"; two
-    # threads, halved). The input-space form is bound by its per-head intermediates, so its
-    # traffic term carries most of its time. Chunks of 16 MiB: the whole depth-design attention
-    # ran 10-20 % faster than with 4 MiB at every SD 2 level (fewer calls per query; the chunk
-    # still fits the last-level cache).
-    ("cpu", False): Balance(dense_flops=1.26e11, batched_flops=1.4e11, bandwidth=1.29e10, chunk_bytes=16 * 2**20),
+    # One core of a 2-core server CPU (AVX-512): fitted to the three forms' time per query at
+    # SD 2's widths with 2, 3, 4 and 9 tokens on an Intel Xeon (the depth trajectory's own token
+    # buckets; two threads, halved). The fit picks the fastest form in all 12 cases: the
+    # differences with two tokens, the input-space queries with more. The input-space form is
+    # bound by its per-head intermediates, so its traffic term carries most of its time. Chunks
+    # of 16 MiB: the whole depth-design attention ran 10-20 % faster than with 4 MiB at every
+    # SD 2 level (fewer calls per query; the chunk still fits the last-level cache).
+    ("cpu", False): Balance(dense_flops=0.94e11, batched_flops=1.4e11, bandwidth=0.76e10, chunk_bytes=16 * 2**20),
     ("cpu", True): Balance(dense_flops=2.0e11, batched_flops=0.8e11, bandwidth=1.2e10, chunk_bytes=16 * 2**20),
     # An H100/H200-class GPU, from its data sheet (no GPU figure has been measured here yet):
     # float32 without TF32 and half on tensor cores, small batched products at a quarter of
@@ -128,16 +136,17 @@ def form_costs(tokens: int, dim: int, heads: int, element_size: int) -> dict[For
         return {"one_token": (2.0 * dim * dim, 0.0, element_size * 2.0 * dim)}
     input_space = (0.0, 4.0 * dim * dim + 4.0 * heads * tokens * dim, element_size * (4.0 * heads + 3.0 * tokens) * dim)
     per_token = (4.0 * tokens * dim * dim, 4.0 * tokens * dim, element_size * 7.0 * tokens * dim)
-    costs: dict[Form, tuple[float, float, float]] = {"input_space": input_space, "per_token": per_token}
-    if tokens == 2:
-        costs["two_token"] = (6.0 * dim * dim, 0.0, element_size * 9.0 * dim)
-    return costs
+    differences = ((4.0 * tokens - 2.0) * dim * dim, 0.0, element_size * (6.0 * tokens - 4.0) * dim)
+    return {"input_space": input_space, "per_token": per_token, "differences": differences}
 
 
 def working_bytes(form: Form, tokens: int, dim: int, heads: int, element_size: int) -> int:
     """Bytes one query holds at once inside a chunk: its tokens plus the form's intermediates."""
     extra = {
-        "input_space": 2 * heads * dim, "per_token": 2 * tokens * dim, "one_token": dim, "two_token": 4 * dim
+        "input_space": 2 * heads * dim,
+        "per_token": 2 * tokens * dim,
+        "differences": (4 * tokens - 3) * dim,
+        "one_token": dim,
     }[form]
     return element_size * (tokens * dim + extra)
 

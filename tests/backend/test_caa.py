@@ -22,8 +22,8 @@ PLANS = [
     AttentionPlan("per_token", "embedding_bag", True, 7),
     AttentionPlan("input_space", "gather", False, 5),
     AttentionPlan("per_token", "gather", True, 5),
-    AttentionPlan("two_token", "embedding_bag", False, 7),
-    AttentionPlan("two_token", "gather", False, 5),
+    AttentionPlan("differences", "embedding_bag", False, 7),
+    AttentionPlan("differences", "gather", False, 5),
 ]
 """Every form, fused or not, both lookups; chunks of 7 and 5 queries split views and samples unevenly."""
 
@@ -109,11 +109,9 @@ def reference_case(encoding_inputs: int, mask_invalid: bool, valid_fraction: flo
 
 
 def force_plan(monkeypatch, plan: AttentionPlan) -> None:
-    """Every query with several tokens (two for ``two_token``) attends in ``plan``'s form and chunks;
-    the others keep their planned form in the same chunks."""
+    """Every query with several tokens attends in ``plan``'s form and chunks (one token has one form)."""
     def forced(queries, tokens, *args):
-        applies = tokens == 2 if plan.form == "two_token" else tokens > 1
-        return plan if applies else dataclasses.replace(plan_attention(queries, tokens, *args), chunk=plan.chunk)
+        return plan if tokens > 1 else dataclasses.replace(plan_attention(queries, tokens, *args), chunk=plan.chunk)
 
     monkeypatch.setattr(caa_module, "plan_attention", forced)
 
@@ -153,19 +151,23 @@ def test_fast_attention_matches_the_reference_at_sd2_widths(dim, encoding_inputs
 
 
 def test_the_plan_follows_the_shapes(monkeypatch):
-    """Many tokens per query favour input-space queries, few tokens on wide levels per-token keys."""
+    """Many tokens per query favour input-space queries, few tokens where large products are cheap the differences."""
     panorama_cpu = plan_attention(8 * 4096, 9, 320, 10, torch.float32, "cpu")
     depth_gpu = plan_attention(12 * 768, 4, 320, 10, torch.float16, "cuda")
     depth_wide_gpu = plan_attention(12 * 48, 4, 1280, 40, torch.float32, "cuda")
     assert (panorama_cpu.form, panorama_cpu.fused) == ("input_space", False)
-    assert (depth_gpu.form, depth_gpu.fused) == ("per_token", True)
-    assert depth_wide_gpu.form == "per_token"
-    # The same level on a CPU takes the input-space form, and the per-token one again where
-    # memory is six times slower: the cost model weighs flops against traffic, not devices.
+    assert (depth_gpu.form, depth_gpu.fused) == ("differences", False)
+    assert depth_wide_gpu.form == "differences"
+    # On a CPU two tokens take the differences at every width, more tokens the input-space
+    # form; the differences again where memory is six times slower: the cost model weighs
+    # flops against traffic, not devices.
+    for dim in (320, 640, 1280):
+        assert plan_attention(1000, 2, dim, dim // 32, torch.float32, "cpu").form == "differences"
+        assert plan_attention(1000, 3, dim, dim // 32, torch.float32, "cpu").form == "input_space"
     slower_memory = caa_plan.Balance(2.15e11, 2.0e11, 2.0e9, 2**24)
     assert plan_attention(12 * 48, 4, 1280, 40, torch.float32, "cpu").form == "input_space"
     monkeypatch.setitem(caa_plan.BALANCE, ("cpu", False), slower_memory)
-    assert plan_attention(12 * 48, 4, 1280, 40, torch.float32, "cpu").form == "per_token"
+    assert plan_attention(12 * 48, 4, 1280, 40, torch.float32, "cpu").form == "differences"
     monkeypatch.undo()
     # Half precision always takes the fused kernel, which keeps the logits in float32.
     assert plan_attention(8 * 4096, 9, 320, 10, torch.bfloat16, "cpu").fused

@@ -208,7 +208,14 @@ class CorrespondenceAttention(nn.Module):
         """The block's output as (B * V, C, h, w) with channels-last memory: how it is computed, uncopied."""
         total, channels, height, width = hidden.shape
         x, queries, update = self._attention(hidden, geometry)
-        x = self._feed_forward(x.index_add(1, queries, update).view(-1, channels))
+        # The pixel-major features are a copy of ``hidden`` unless it came channels-last; a copy
+        # takes the update in place when autograd does not need it.
+        private = x.untyped_storage().data_ptr() != hidden.untyped_storage().data_ptr()
+        if private and not _records_grad((x, update)):
+            x = x.index_add_(1, queries, update)
+        else:
+            x = x.index_add(1, queries, update)
+        x = self._feed_forward(x.view(-1, channels))
         return x.view(total, height, width, channels).permute(0, 3, 1, 2)
 
     def attention_update(self, hidden: torch.Tensor, geometry: Geometry) -> tuple[torch.Tensor, torch.Tensor]:
@@ -471,7 +478,7 @@ class ZeroResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.relu(self.norm1(x), inplace=True))
-        return x + self.conv2(F.relu(self.norm2(h), inplace=True))
+        return self.conv2(F.relu(self.norm2(h), inplace=True), residual=x)
 
 
 class CAABlock(nn.Module):

@@ -93,10 +93,14 @@ def _samples_per_chunk(samples: int, tile_bytes: int, weight_bytes: int) -> int:
     return min(range(1, samples + 1), key=lambda count: (cost(count), -count))
 
 
-def winograd_conv3x3(x: torch.Tensor, transformed: torch.Tensor, m: int) -> torch.Tensor:
-    """``conv2d(x, weight, padding=1)`` for ``x`` (N, C, H, W) from the transformed weights.
+def winograd_conv3x3(
+    x: torch.Tensor, transformed: torch.Tensor, m: int, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``conv2d(x, weight, padding=1)`` (plus ``residual``, (N, K, H, W)) for ``x`` (N, C, H, W)
+    from the transformed weights.
 
-    Returns (N, K, H, W) in channels-last memory, the layout the products leave behind.
+    Returns (N, K, H, W) in channels-last memory, the layout the products leave behind. The
+    residual is added as the tiles are written out, which saves a pass over the output.
     """
     samples, channels, height, width = x.shape
     b_t, _, a_t = _matrices(m, x.dtype, x.device)
@@ -109,6 +113,7 @@ def winograd_conv3x3(x: torch.Tensor, transformed: torch.Tensor, m: int) -> torc
     )
     pixels = x.permute(0, 2, 3, 1)  # (N, H, W, C): a view for channels-last input
     padded_height, padded_width = rows * m + 2, cols * m + 2
+    exact = (rows * m, cols * m) == (height, width)
     out = torch.empty(samples, rows * m, cols * m, out_channels, dtype=x.dtype, device=x.device)
     for start in range(0, samples, chunk):
         n = min(chunk, samples - start)
@@ -124,10 +129,16 @@ def winograd_conv3x3(x: torch.Tensor, transformed: torch.Tensor, m: int) -> torc
         v = torch.matmul(b_t, v)  # columns transformed: (a, b, ...)
         product = torch.bmm(v.view(a * a, n * tiles_per_sample, channels), transformed)
         y = torch.mm(a_t, product.view(a, -1)).view(m, a, -1)
-        y = torch.matmul(a_t, y).view(m, m, n, rows, cols, out_channels)
-        out[start:start + n].view(n, rows, m, cols, m, out_channels).copy_(y.permute(2, 3, 0, 4, 1, 5))
-    if (rows * m, cols * m) != (height, width):
+        y = torch.matmul(a_t, y).view(m, m, n, rows, cols, out_channels).permute(2, 3, 0, 4, 1, 5)
+        tiles_out = out[start:start + n].view(n, rows, m, cols, m, out_channels)
+        if residual is not None and exact:
+            torch.add(residual.permute(0, 2, 3, 1)[start:start + n].view(tiles_out.shape), y, out=tiles_out)
+        else:
+            tiles_out.copy_(y)
+    if not exact:
         out = out[:, :height, :width]
+        if residual is not None:
+            out = out + residual.permute(0, 2, 3, 1)
     return out.permute(0, 3, 1, 2)
 
 
@@ -153,11 +164,13 @@ class WinogradConv3x3(nn.Conv2d):
             and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The convolution of ``x``, plus ``residual`` (same shape as the output) if given."""
         if not self.uses_winograd(x):
-            return super().forward(x)
+            out = super().forward(x)
+            return out if residual is None else residual + out
         m = winograd_tile(x.shape[-2], x.shape[-1])
-        return winograd_conv3x3(x, self._weights_for(m), m)
+        return winograd_conv3x3(x, self._weights_for(m), m, residual)
 
     def _weights_for(self, m: int) -> torch.Tensor:
         weight = self.weight

@@ -299,3 +299,16 @@ def test_bucketed_masked_attention_matches_the_literal_block(cache_encodings, mo
         got = block(hidden, groups)
         expected = literal_block(block, hidden, groups)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_the_block_leaves_its_input_untouched_in_either_memory_layout():
+    """The update goes in place into the block's own pixel-major copy, never into the caller's features."""
+    geometry, _ = random_tokens(4, 2)
+    block = randomised_block(2, True).float()
+    hidden = torch.randn(VIEWS, DIM, HEIGHT, WIDTH)
+    with torch.no_grad():
+        expected = block(hidden.clone(), geometry)
+        for features in (hidden.clone(), hidden.clone().to(memory_format=torch.channels_last)):
+            before = features.clone()
+            torch.testing.assert_close(block(features, geometry), expected, atol=1e-5, rtol=1e-5)
+            assert torch.equal(features, before)

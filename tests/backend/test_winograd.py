@@ -28,6 +28,19 @@ def test_winograd_matches_a_float64_convolution_at_every_size(m, size):
     assert relative_error(result, reference) < (3e-6 if m == 2 else 2e-5)
 
 
+@pytest.mark.parametrize("size", [(8, 8), (5, 7)])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_a_residual_is_added_as_the_tiles_are_written(size, layout, monkeypatch):
+    """The same numbers as adding it afterwards, where the map tiles exactly and where it is cropped."""
+    torch.manual_seed(4)
+    x = torch.randn(3, 16, *size)
+    residual = torch.randn(3, 16, *size).to(memory_format=layout)
+    transformed = winograd_weights(torch.randn(16, 16, 3, 3), 4)
+    monkeypatch.setattr(winograd, "_samples_per_chunk", lambda *args: 2)
+    expected = residual + winograd_conv3x3(x, transformed, 4)
+    assert torch.equal(winograd_conv3x3(x, transformed, 4, residual), expected)
+
+
 def test_channels_last_and_channels_first_inputs_agree_bitwise():
     torch.manual_seed(1)
     x = torch.randn(2, 16, 8, 12)

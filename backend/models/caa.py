@@ -207,14 +207,13 @@ class CorrespondenceAttention(nn.Module):
     def channels_last(self, hidden: torch.Tensor, geometry: Geometry) -> torch.Tensor:
         """The block's output as (B * V, C, h, w) with channels-last memory: how it is computed, uncopied."""
         total, channels, height, width = hidden.shape
-        x, queries, update = self._attention(hidden, geometry)
+        x, updates = self._attention(hidden, geometry)
         # The pixel-major features are a copy of ``hidden`` unless it came channels-last; a copy
-        # takes the update in place when autograd does not need it.
+        # takes the updates in place when autograd does not need it.
         private = x.untyped_storage().data_ptr() != hidden.untyped_storage().data_ptr()
-        if private and not _records_grad((x, update)):
-            x = x.index_add_(1, queries, update)
-        else:
-            x = x.index_add(1, queries, update)
+        in_place = private and not _records_grad((x, *(rows for _, rows in updates)))
+        for queries, rows in updates:
+            x = x.index_add_(1, queries, rows) if in_place else x.index_add(1, queries, rows)
         x = self._feed_forward(x.view(-1, channels))
         return x.view(total, height, width, channels).permute(0, 3, 1, 2)
 
@@ -223,17 +222,23 @@ class CorrespondenceAttention(nn.Module):
 
         Pixels without a valid correspondence get no update when invalid keys are masked.
         """
-        x, queries, update = self._attention(hidden, geometry)
-        dense = torch.zeros_like(x).index_copy_(1, queries, update)
+        x, updates = self._attention(hidden, geometry)
+        dense = torch.zeros_like(x)
+        for queries, rows in updates:
+            dense.index_copy_(1, queries, rows)
         views = geometry.num_views
         return x.view(x.shape[0], views, -1, self.dim), dense.view(x.shape[0], views, -1, self.dim)
 
-    def _attention(self, hidden: torch.Tensor, geometry: Geometry) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The features pixel-major (B, V * P, C), the queries that attend (N,) and their updates (B, N, C).
+    def _attention(
+        self, hidden: torch.Tensor, geometry: Geometry
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The features pixel-major (B, V * P, C) and the attention's updates: pairs of queries (N,)
+        and their rows (B, N, C); a query without valid tokens is in none.
 
-        Queries are taken bucket by bucket (:func:`~backend.models.caa_tokens.token_buckets`); a
-        query with one token needs no query vector (its softmax is 1), so only the others are
-        projected.
+        Queries are taken bucket by bucket (:func:`~backend.models.caa_tokens.token_buckets`). A
+        query with one token needs no query vector (its softmax is 1) and its update is a single
+        product with the output and value projections folded together; the others' attended
+        values go through the output projection together.
         """
         total, channels, height, width = hidden.shape
         views = geometry.num_views
@@ -247,22 +252,30 @@ class CorrespondenceAttention(nn.Module):
         table = hidden.view(batch, views, channels, pixels).transpose(2, 3).reshape(-1, channels)
         x = table.view(batch, views * pixels, channels)
         buckets = geometry.buckets(drop_invalid=self.mask_invalid, dtype=x.dtype)
-        queries = torch.cat([b.queries for b in buckets]) if buckets else x.new_zeros(0, dtype=torch.long)
-        asking = torch.cat([b.queries for b in buckets if b.tokens > 1] or [queries[:0]])
-        first = geometry.groups()[0][1]
-        query_encoding = self.encoding(first.encoding_input.new_zeros(first.encoding_input.shape[-1]))
-        q = linear(self.norm1(x[:, asking] + query_encoding.to(x.dtype)), self.to_q.weight)
-        q = q.view(batch, -1, self.heads, HEAD_DIM)
-        attended = x.new_empty(batch, len(queries), channels)
         projections = self._token_projections()
-        done = asked = 0
+        updates = []
         for bucket in buckets:
-            count = len(bucket.queries)
-            bucket_q = q[:, asked:asked + count] if bucket.tokens > 1 else None
-            self._attend_bucket(bucket_q, table, bucket, views * pixels, projections, attended[:, done:done + count])
-            done, asked = done + count, asked + (count if bucket.tokens > 1 else 0)
-        # The values' constant part goes through the output projection once, as part of its bias.
-        return x, queries, linear(attended, self.to_out.weight, projections.output_bias)
+            if bucket.tokens == 1:
+                rows = x.new_empty(batch, len(bucket.queries), channels)
+                self._attend_bucket(None, table, bucket, views * pixels, projections, rows)
+                updates.append((bucket.queries, rows))
+        attending = [bucket for bucket in buckets if bucket.tokens > 1]
+        if attending:
+            asking = torch.cat([bucket.queries for bucket in attending])
+            first = geometry.groups()[0][1]
+            query_encoding = self.encoding(first.encoding_input.new_zeros(first.encoding_input.shape[-1]))
+            q = linear(self.norm1(x[:, asking] + query_encoding.to(x.dtype)), self.to_q.weight)
+            q = q.view(batch, -1, self.heads, HEAD_DIM)
+            attended = x.new_empty(batch, len(asking), channels)
+            done = 0
+            for bucket in attending:
+                count = len(bucket.queries)
+                bucket_q, bucket_out = q[:, done:done + count], attended[:, done:done + count]
+                self._attend_bucket(bucket_q, table, bucket, views * pixels, projections, bucket_out)
+                done += count
+            # The values' constant part goes through the output projection once, as part of its bias.
+            updates.append((asking, linear(attended, self.to_out.weight, projections.output_bias)))
+        return x, updates
 
     def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x + FF(LN(x))`` for rows of ``x`` (Q, C), in blocks of rows; ``x`` may be overwritten.
@@ -302,7 +315,8 @@ class CorrespondenceAttention(nn.Module):
 
         ``table`` holds the level's features, one row per (sample, view, pixel), ``sample_rows``
         rows per sample. Keys and values are the LayerNorm-ed samples plus encodings; ``out``
-        gets the attended values without their constant part ``W_v beta``.
+        gets the attended values without their constant part ``W_v beta``, except for a bucket
+        of one token, which gets the update itself (output projection and bias included).
         """
         batch, queries, channels = out.shape
         tokens = bucket.tokens
@@ -345,8 +359,11 @@ class CorrespondenceAttention(nn.Module):
         gamma, beta = self.norm1.weight, self.norm1.bias
         stacked = torch.cat([self.to_k.weight * (1.0 / math.sqrt(HEAD_DIM)), self.to_v.weight]) * gamma
         value_bias = self.to_v(beta)
+        values = stacked[self.dim :]
+        exact = torch.promote_types(values.dtype, torch.float32)  # half types multiply in float32
+        output_values = (self.to_out.weight.to(exact) @ values.to(exact)).to(values.dtype)
         projections = Projections(
-            stacked[: self.dim], stacked[self.dim :], stacked, self.to_out.bias + self.to_out.weight @ value_bias
+            stacked[: self.dim], values, stacked, self.to_out.bias + self.to_out.weight @ value_bias, output_values
         )
         if not _records_grad(sources):
             self._projections = (key, projections)
@@ -359,13 +376,15 @@ class CorrespondenceAttention(nn.Module):
 
 class Projections(NamedTuple):
     """A block's key and value matrices over normalised tokens (C x C each, keys scaled for the
-    softmax), both stacked (2C x C) for the per-token form, and the output projection's bias with
-    the values' constant part added."""
+    softmax), both stacked (2C x C), the output projection's bias with the values' constant part
+    added, and the output projection times the values' matrix (a one-token query's whole update,
+    products taken in float32)."""
 
     keys: torch.Tensor
     values: torch.Tensor
     stacked: torch.Tensor
     output_bias: torch.Tensor
+    output_values: torch.Tensor
 
 
 def _records_grad(tensors: tuple[torch.Tensor, ...]) -> bool:
@@ -383,8 +402,9 @@ def _lookup(table: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, plan
 
 
 def _attend_one_token(q, normalised, projections: Projections, plan: AttentionPlan) -> torch.Tensor:
-    """One token per query: its softmax weight is 1, so every head's value is the token's, one dense product."""
-    return linear(normalised[:, 0], projections.values)
+    """One token per query: its softmax weight is 1, so every head's value is the token's, and the
+    update is ``W_o W_v zhat + b``: one dense product, the output projection included."""
+    return linear(normalised[:, 0], projections.output_values, projections.output_bias)
 
 
 def _attend_input_space(q, normalised, projections: Projections, plan: AttentionPlan) -> torch.Tensor:
@@ -423,17 +443,18 @@ def _attend_differences(q, normalised, projections: Projections, plan: Attention
     tokens = normalised.shape[1]
     last = normalised[:, -1]
     kv = linear(normalised[:, :-1] - last[:, None], projections.stacked).view(n, tokens - 1, 2, heads, HEAD_DIM)
-    logits = (kv[:, :, 0].float() * q[:, None].float()).sum(-1)  # (n, T - 1, heads); the last token's is 0
+    exact = torch.promote_types(q.dtype, torch.float32)
+    logits = (kv[:, :, 0].to(exact) * q[:, None].to(exact)).sum(-1)  # (n, T - 1, heads); the last token's is 0
     if tokens == 2:
         weights = logits.sigmoid_()
     else:
         top = logits.amax(dim=1, keepdim=True).clamp_min_(0.0)
         weights = logits.sub_(top).exp_()
         weights = weights.div_(weights.sum(dim=1, keepdim=True).add_(top.neg_().exp_()))
-    # The weighted sum is float32 too (a no-op in float32): in half precision it would round
-    # once per token where the fused kernel rounds once.
-    values = linear(last, projections.values).view(n, heads, HEAD_DIM).float()
-    weighted = kv[:, :, 1].float() * weights[..., None]
+    # The weighted sum is float32 too (at least: a no-op in float32 and float64); in half
+    # precision it would round once per token where the fused kernel rounds once.
+    values = linear(last, projections.values).view(n, heads, HEAD_DIM).to(exact)
+    weighted = kv[:, :, 1].to(exact) * weights[..., None]
     return values.add_(weighted.sum(dim=1) if tokens > 2 else weighted[:, 0]).to(q.dtype).view(n, -1)
 
 

@@ -280,8 +280,9 @@ def test_masked_queries_are_bucketed_by_their_valid_token_count():
     assert whole[1].queries.tolist() == [p + v * HEIGHT * WIDTH for v in (1, 3) for p in range(HEIGHT * WIDTH)]
 
 
+@pytest.mark.parametrize("form", ["input_space", "differences"])
 @pytest.mark.parametrize("cache_encodings", [True, False])
-def test_bucketed_masked_attention_matches_the_literal_block(cache_encodings, monkeypatch):
+def test_bucketed_masked_attention_matches_the_literal_block(cache_encodings, form, monkeypatch):
     """Views with different neighbour counts, queries with none to three valid tokens: the literal block's numbers."""
     from backend.models.caa import CAABlock
     from backend.models.literal_caa import literal_block
@@ -292,7 +293,7 @@ def test_bucketed_masked_attention_matches_the_literal_block(cache_encodings, mo
         for param in block.parameters():
             param.copy_(torch.randn_like(param) * (0.3 * math.sqrt(DIM / param.shape[1]) if param.dim() > 1 else 0.3))
     monkeypatch.setattr(caa_tokens, "ENCODING_CACHE_ELEMENTS", 2**30 if cache_encodings else 0)
-    force_plan(monkeypatch, AttentionPlan("input_space", "embedding_bag", False, 5))
+    force_plan(monkeypatch, AttentionPlan(form, "embedding_bag", False, 5))
     groups = view_groups(1)
     hidden = torch.randn(2 * 4, DIM, HEIGHT, WIDTH, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():

@@ -18,7 +18,7 @@ and the released zero-vector keys included.
 Work per query (the query projection, the output projection, the feed-forward) runs once for all
 views of a level in large matrix products; only the attention over key tokens runs per bucket of
 queries with the same token count (:func:`~backend.models.caa_tokens.token_buckets`) and in
-chunks. A query attends over its valid tokens only, so a query with none gets no update, one
+chunks. A query attends over its valid tokens only, so a query with none gets no update and one
 with a single token takes that token's value (its softmax weight is 1). Bilinear lookups are one
 ``embedding_bag`` over the features stored pixel-major, with taps worked out once per job: it
 writes each token's vector straight into (pixel, token, channel) order and reads whole rows.

@@ -11,8 +11,8 @@ gain folded in, and ``h`` heads of ``d`` channels over ``C`` channels and ``T`` 
   values twice. It wins with many tokens per query: panoramas (9 to 18 tokens).
 * ``per_token``: the released way, keys and values of every token projected (``4 T C^2``
   flops per query as one large matrix product), then a plain attention with head size ``d``.
-  The ``differences`` form below does the same with fewer products and less traffic, so the
-  cost model never prefers it; it stays as the released computation, in the fast layout.
+  The ``differences`` form below does the same with fewer products and less traffic, so in
+  float32 the cost model never prefers it; in half precision it is the fused kernel's form.
 
 * ``differences``: tokens taken relative to the last one. A softmax does not change when all
   logits move together, and its weights sum to one, so the attended value is
@@ -22,7 +22,9 @@ gain folded in, and ``h`` heads of ``d`` channels over ``C`` channels and ``T`` 
   With two tokens the softmax is a sigmoid and the form does three quarters of ``per_token``'s
   products. It wins where large products are cheap against memory traffic and few tokens meet
   wide levels (``h x C`` per query outweighs ``T x C``): two tokens on a CPU, the depth
-  design's 2 to 5 on a GPU.
+  design's 2 to 5 on a GPU. Not in half precision: there the differences are rounded to the
+  working dtype, and the depth layout's update came out 1.27 x as far from float64 as a plain
+  attention's (the fused per-token form: 1.13 x), so half types keep ``per_token``.
 
 A query with one token (``one_token``) needs none of them: its softmax weight is 1, so the
 attended value is the token's value, one dense product and no query vector.
@@ -46,7 +48,7 @@ Half precision: logits are accumulated and kept in float32 by the fused attentio
 the fused kernel always runs the ``per_token`` form, and the ``input_space`` form uses it in
 float16 and bfloat16; in float32 two batched matrix products are faster on a CPU for its
 shapes (heads as the query rows, a few tokens) and as accurate. The ``differences`` form sums
-its logits in float32 itself.
+its logits in float32 itself, but runs in float32 and float64 only (above).
 """
 
 from __future__ import annotations
@@ -136,8 +138,10 @@ def form_costs(tokens: int, dim: int, heads: int, element_size: int) -> dict[For
         return {"one_token": (2.0 * dim * dim, 0.0, element_size * 2.0 * dim)}
     input_space = (0.0, 4.0 * dim * dim + 4.0 * heads * tokens * dim, element_size * (4.0 * heads + 3.0 * tokens) * dim)
     per_token = (4.0 * tokens * dim * dim, 4.0 * tokens * dim, element_size * 7.0 * tokens * dim)
-    differences = ((4.0 * tokens - 2.0) * dim * dim, 0.0, element_size * (6.0 * tokens - 4.0) * dim)
-    return {"input_space": input_space, "per_token": per_token, "differences": differences}
+    costs: dict[Form, tuple[float, float, float]] = {"input_space": input_space, "per_token": per_token}
+    if element_size > 2:  # in half precision the rounded differences cost accuracy (module docstring)
+        costs["differences"] = ((4.0 * tokens - 2.0) * dim * dim, 0.0, element_size * (6.0 * tokens - 4.0) * dim)
+    return costs
 
 
 def working_bytes(form: Form, tokens: int, dim: int, heads: int, element_size: int) -> int:

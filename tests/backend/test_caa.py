@@ -156,7 +156,7 @@ def test_the_plan_follows_the_shapes(monkeypatch):
     depth_gpu = plan_attention(12 * 768, 4, 320, 10, torch.float16, "cuda")
     depth_wide_gpu = plan_attention(12 * 48, 4, 1280, 40, torch.float32, "cuda")
     assert (panorama_cpu.form, panorama_cpu.fused) == ("input_space", False)
-    assert (depth_gpu.form, depth_gpu.fused) == ("differences", False)
+    assert (depth_gpu.form, depth_gpu.fused) == ("per_token", True)  # half precision: no rounded differences
     assert depth_wide_gpu.form == "differences"
     # On a CPU two tokens take the differences at every width, more tokens the input-space
     # form; the differences again where memory is six times slower: the cost model weighs
@@ -171,6 +171,7 @@ def test_the_plan_follows_the_shapes(monkeypatch):
     monkeypatch.undo()
     # Half precision always takes the fused kernel, which keeps the logits in float32.
     assert plan_attention(8 * 4096, 9, 320, 10, torch.bfloat16, "cpu").fused
+    assert plan_attention(1000, 2, 320, 10, torch.float16, "cpu").fused
     # Chunks fit the device's budget where that leaves enough queries per chunk, hold at least
     # MIN_CHUNK_QUERIES otherwise, and never exceed the queries there are.
     assert plan_attention(5, 9, 320, 10, torch.float32, "cpu").chunk == 5

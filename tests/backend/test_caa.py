@@ -314,3 +314,23 @@ def test_the_block_leaves_its_input_untouched_in_either_memory_layout():
             before = features.clone()
             torch.testing.assert_close(block(features, geometry), expected, atol=1e-5, rtol=1e-5)
             assert torch.equal(features, before)
+
+
+def test_the_feed_forward_in_scratch_gives_the_plain_forms_numbers(monkeypatch):
+    """Rows far larger than the feed-forward's change (RMS 50): the output is the plain form's,
+    within one unit in the last place (summing the last product onto the residual inside the
+    matrix product would round it against the residual's magnitude once per partial sum)."""
+    torch.manual_seed(5)
+    block = CorrespondenceAttention(320, 1)
+    monkeypatch.setattr(caa_module, "FEED_FORWARD_ROWS", 1000)
+    monkeypatch.setattr(caa_module, "FEED_FORWARD_ELEMENTS", 0)
+    with torch.no_grad():
+        for param in block.parameters():
+            param.copy_(torch.randn_like(param) * 0.05)
+        x = torch.randn(2500, 320) * 50  # three blocks of rows, the last one short
+        if not block.ff.accumulates(x):
+            pytest.skip("this CPU's products go through oneDNN, as in the plain form")
+        plain = torch.cat([part + block.ff(block.norm2(part)) for part in x.split(1000)])
+        got = block._feed_forward(x.clone())
+    ulp = torch.nextafter(plain.abs(), torch.tensor(math.inf)) - plain.abs()
+    assert bool(((got - plain).abs() <= ulp).all())

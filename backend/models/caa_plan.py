@@ -13,7 +13,6 @@ gain folded in, and ``h`` heads of ``d`` channels over ``C`` channels and ``T`` 
   flops per query as one large matrix product), then a plain attention with head size ``d``.
   The ``differences`` form below does the same with fewer products and less traffic, so in
   float32 the cost model never prefers it; in half precision it is the fused kernel's form.
-
 * ``differences``: tokens taken relative to the last one. A softmax does not change when all
   logits move together, and its weights sum to one, so the attended value is
   ``v_last + sum_t p_t (v_t - v_last)`` with logits ``q . (k_t - k_last)``: keys and values of
@@ -23,12 +22,12 @@ gain folded in, and ``h`` heads of ``d`` channels over ``C`` channels and ``T`` 
   products. It wins where large products are cheap against memory traffic and few tokens meet
   wide levels (``h x C`` per query outweighs ``T x C``): two tokens on a CPU, the depth
   design's 2 to 5 on a GPU. Not in half precision: there the differences are rounded to the
-  working dtype, and the depth layout's update came out 1.27 x as far from float64 as a plain
-  attention's (the fused per-token form: 1.13 x), so half types keep ``per_token``.
+  working dtype, and the depth layout's update came out 1.27-1.28 x as far from float64 as a
+  plain attention's (the fused per-token form: 1.13-1.14 x), so half types keep ``per_token``.
 
 A query with one token (``one_token``) needs none of them: its softmax weight is 1, so the
-attended value is the token's value, one dense product and no query vector.
-Masked attention groups queries by how many valid tokens they have
+attended value is the token's value, and its update one dense product with the output
+projection folded in, no query vector. Masked attention groups queries by how many valid tokens they have
 (:func:`~backend.models.caa_tokens.token_buckets`); on trajectories a fifth of the queries have one.
 
 The cost of a form is its large-product flops over the device's dense rate, its small batched

@@ -138,13 +138,7 @@ class GEGLUFeedForward(nn.Module):
         self.out = nn.Linear(mult * dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Two products rather than one split in halves: the halves of one product are strided
-        # views, on which a CPU's GELU and multiply run five and two times slower.
-        width = self.out.in_features
-        weight, bias = self.proj.weight, self.proj.bias
-        hidden = linear(x, weight[:width], bias[:width])
-        gate = F.gelu(linear(x, weight[width:], bias[width:]))
-        return linear(hidden.mul_(gate), self.out.weight, self.out.bias)
+        return linear(self._gated(x), self.out.weight, self.out.bias)
 
     def residual_into(
         self, x: torch.Tensor, residual: torch.Tensor, out: torch.Tensor, hidden: torch.Tensor, gate: torch.Tensor
@@ -158,20 +152,30 @@ class GEGLUFeedForward(nn.Module):
         several times, and rounding them against the residual's magnitude put the change 2-4 x
         further from float64. Not for autograd (``out=`` products).
         """
-        (n, dim), width = x.shape, self.out.in_features
-        weight, bias = self.proj.weight, self.proj.bias
-        torch.addmm(bias[:width], x, weight[:width].t(), out=hidden)
-        torch.ops.aten.gelu_(torch.addmm(bias[width:], x, weight[width:].t(), out=gate))
-        hidden = hidden.mul_(gate)
+        n, dim = x.shape
+        gated = self._gated(x, hidden, gate)
         change = gate.view(-1)[: n * dim].view(n, dim)  # the gate's memory, free again
-        torch.add(residual, torch.addmm(self.out.bias, hidden, self.out.weight.t(), out=change), out=out)
+        torch.add(residual, torch.addmm(self.out.bias, gated, self.out.weight.t(), out=change), out=out)
 
-    def accumulates(self, x: torch.Tensor) -> bool:
+    def takes_scratch(self, x: torch.Tensor) -> bool:
         """Whether :meth:`residual_into` serves ``x``: no autograd recording, and not float32 on a CPU
         whose MKL keeps to AVX2 (there :func:`linear` routes the products through oneDNN)."""
         if _records_grad((x, self.proj.weight, self.out.weight)):
             return False
         return not (x.device.type == "cpu" and x.dtype == torch.float32 and _mkl_runs_avx2_only())
+
+    def _gated(self, x: torch.Tensor, hidden: torch.Tensor | None = None, gate: torch.Tensor | None = None):
+        """The hidden layer times the GELU of the gate, written into ``hidden`` and ``gate`` when given.
+
+        Two products rather than one split in halves: the halves of one product are strided
+        views, on which a CPU's GELU and multiply run five and two times slower.
+        """
+        width = self.out.in_features
+        weight, bias = self.proj.weight, self.proj.bias
+        if hidden is None or gate is None:
+            return linear(x, weight[:width], bias[:width]).mul_(F.gelu(linear(x, weight[width:], bias[width:])))
+        torch.addmm(bias[:width], x, weight[:width].t(), out=hidden)
+        return hidden.mul_(torch.ops.aten.gelu_(torch.addmm(bias[width:], x, weight[width:].t(), out=gate)))
 
 
 Geometry = LevelGeometry | ViewGroups
@@ -289,7 +293,7 @@ class CorrespondenceAttention(nn.Module):
         a CPU at the widest level).
         """
         rows = max(FEED_FORWARD_ROWS, FEED_FORWARD_ELEMENTS // (8 * self.dim))
-        if not self.ff.accumulates(x):
+        if not self.ff.takes_scratch(x):
             if x.shape[0] <= rows:
                 return x + self.ff(self.norm2(x))
             out = torch.empty_like(x)
@@ -337,7 +341,7 @@ class CorrespondenceAttention(nn.Module):
         for start in range(0, queries, step):
             stop = min(start + step, queries)
             n = stop - start
-            rows = bucket.rows[start:stop] + offsets if batch > 1 else bucket.rows[start:stop]
+            rows = bucket.rows[start:stop] + offsets
             weights = bucket.weights[start:stop].expand(batch, -1, -1, -1)
             sampled = _lookup(table, rows.reshape(-1, tokens, 4), weights.reshape(-1, tokens, 4), plan)
             encoding = encodings[start:stop] if encodings is not None else bucket.encode(self.encoding, start, stop)

@@ -328,7 +328,7 @@ def test_the_feed_forward_in_scratch_gives_the_plain_forms_numbers(monkeypatch):
         for param in block.parameters():
             param.copy_(torch.randn_like(param) * 0.05)
         x = torch.randn(2500, 320) * 50  # three blocks of rows, the last one short
-        if not block.ff.accumulates(x):
+        if not block.ff.takes_scratch(x):
             pytest.skip("this CPU's products go through oneDNN, as in the plain form")
         plain = torch.cat([part + block.ff(block.norm2(part)) for part in x.split(1000)])
         got = block._feed_forward(x.clone())

@@ -143,19 +143,26 @@ class GEGLUFeedForward(nn.Module):
     def residual_into(
         self, x: torch.Tensor, residual: torch.Tensor, out: torch.Tensor, hidden: torch.Tensor, gate: torch.Tensor
     ) -> None:
-        """``out = residual + FF(x)`` for rows ``x`` (n, C), with ``hidden`` and ``gate`` (n, 4 C) as scratch.
+        """``out = residual + FF(x)`` for rows ``x`` (n, C), with ``hidden`` and ``gate`` (4 C, n) as scratch.
 
         The products write into memory the caller keeps across blocks of rows (a fresh hidden
         layer per block costs an allocation and, on a CPU, page faults) and the GELU runs in
-        place: at 320 channels the feed-forward ran 10 % faster so. The last product is not
+        place: at 320 channels the feed-forward ran 10 % faster so. The hidden layer is laid out
+        transposed, one row per hidden unit: the first products then stream the weights once
+        over all rows, which on a CPU is up to a fifth faster with few rows (192 rows at 1280
+        channels: 33 against 40 ms) and the same with many. The last product is not
         accumulated onto the residual: a CPU's sgemm adds its partial sums into the output
         several times, and rounding them against the residual's magnitude put the change 2-4 x
         further from float64. Not for autograd (``out=`` products).
         """
         n, dim = x.shape
-        gated = self._gated(x, hidden, gate)
+        width = self.out.in_features
+        weight, bias = self.proj.weight, self.proj.bias
+        torch.addmm(bias[:width, None], weight[:width], x.t(), out=hidden)
+        torch.addmm(bias[width:, None], weight[width:], x.t(), out=gate)
+        gated = hidden.mul_(torch.ops.aten.gelu_(gate))
         change = gate.view(-1)[: n * dim].view(n, dim)  # the gate's memory, free again
-        torch.add(residual, torch.addmm(self.out.bias, gated, self.out.weight.t(), out=change), out=out)
+        torch.add(residual, torch.addmm(self.out.bias, gated.t(), self.out.weight.t(), out=change), out=out)
 
     def takes_scratch(self, x: torch.Tensor) -> bool:
         """Whether :meth:`residual_into` serves ``x``: no autograd recording, and not float32 on a CPU
@@ -164,18 +171,15 @@ class GEGLUFeedForward(nn.Module):
             return False
         return not (x.device.type == "cpu" and x.dtype == torch.float32 and _mkl_runs_avx2_only())
 
-    def _gated(self, x: torch.Tensor, hidden: torch.Tensor | None = None, gate: torch.Tensor | None = None):
-        """The hidden layer times the GELU of the gate, written into ``hidden`` and ``gate`` when given.
+    def _gated(self, x: torch.Tensor) -> torch.Tensor:
+        """The hidden layer times the GELU of the gate.
 
         Two products rather than one split in halves: the halves of one product are strided
         views, on which a CPU's GELU and multiply run five and two times slower.
         """
         width = self.out.in_features
         weight, bias = self.proj.weight, self.proj.bias
-        if hidden is None or gate is None:
-            return linear(x, weight[:width], bias[:width]).mul_(F.gelu(linear(x, weight[width:], bias[width:])))
-        torch.addmm(bias[:width], x, weight[:width].t(), out=hidden)
-        return hidden.mul_(torch.ops.aten.gelu_(torch.addmm(bias[width:], x, weight[width:].t(), out=gate)))
+        return linear(x, weight[:width], bias[:width]).mul_(F.gelu(linear(x, weight[width:], bias[width:])))
 
 
 Geometry = LevelGeometry | ViewGroups
@@ -303,11 +307,12 @@ class CorrespondenceAttention(nn.Module):
             return out
         # Without autograd the result overwrites ``x`` block by block (each block's LayerNorm is
         # taken before its rows are overwritten).
-        scratch = x.new_empty(2, min(rows, x.shape[0]), self.ff.out.in_features)
+        width = self.ff.out.in_features
+        scratch = x.new_empty(2, width * min(rows, x.shape[0]))
         for start in range(0, x.shape[0], rows):
             part = x[start:start + rows]
-            n = part.shape[0]
-            self.ff.residual_into(self.norm2(part), part, part, scratch[0, :n], scratch[1, :n])
+            hidden, gate = (buffer[: width * part.shape[0]].view(width, -1) for buffer in scratch)
+            self.ff.residual_into(self.norm2(part), part, part, hidden, gate)
         return x
 
     def _attend_bucket(

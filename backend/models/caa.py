@@ -467,8 +467,11 @@ def _attend_differences(q, normalised, projections: Projections, plan: Attention
     # The weighted sum is float32 too (at least: a no-op in float32 and float64); in half
     # precision it would round once per token where the fused kernel rounds once.
     values = linear(last, projections.values).view(n, heads, HEAD_DIM).to(exact)
-    weighted = kv[:, :, 1].to(exact) * weights[..., None]
-    return values.add_(weighted.sum(dim=1) if tokens > 2 else weighted[:, 0]).to(q.dtype).view(n, -1)
+    if tokens == 2:
+        values.addcmul_(kv[:, 0, 1].to(exact), weights[:, 0, :, None])
+    else:
+        values.add_((kv[:, :, 1].to(exact) * weights[..., None]).sum(dim=1))
+    return values.to(q.dtype).view(n, -1)
 
 
 def _attend_per_token(q, normalised, projections: Projections, plan: AttentionPlan) -> torch.Tensor:

@@ -60,6 +60,11 @@ HEAD_DIM = 32
 LAYER_NORM_EPS = 1e-5
 FEED_FORWARD_ROWS = 1024  # fewest query rows per feed-forward block
 FEED_FORWARD_ELEMENTS = 2**20  # hidden-layer elements per feed-forward block: 4 MB in float32 stays in cache
+FEED_FORWARD_TRANSPOSED_ROWS = 512
+"""Most rows per feed-forward block that get the hidden layer transposed. Measured on two Xeon
+cores, alternating in one process: at SD 2's 3 x 4 level (192 rows at 1280 channels) three blocks
+took 263 against 281 ms, at the panorama's 8 x 8 (512 rows) 390-403 against 406; with 768 rows
+and more it was no faster (at 1024 rows and 320 channels up to 1 % slower)."""
 
 
 class Float32Buffers(nn.Module):
@@ -141,16 +146,22 @@ class GEGLUFeedForward(nn.Module):
         return linear(self._gated(x), self.out.weight, self.out.bias)
 
     def residual_into(
-        self, x: torch.Tensor, residual: torch.Tensor, out: torch.Tensor, hidden: torch.Tensor, gate: torch.Tensor
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor,
+        out: torch.Tensor,
+        hidden: torch.Tensor,
+        gate: torch.Tensor,
+        transposed: bool = False,
     ) -> None:
-        """``out = residual + FF(x)`` for rows ``x`` (n, C), with ``hidden`` and ``gate`` (4 C, n) as scratch.
+        """``out = residual + FF(x)`` for rows ``x`` (n, C), with ``hidden`` and ``gate`` (n, 4 C) as
+        scratch, or (4 C, n) with ``transposed``: the hidden layer laid out one row per unit.
 
         The products write into memory the caller keeps across blocks of rows (a fresh hidden
         layer per block costs an allocation and, on a CPU, page faults) and the GELU runs in
-        place: at 320 channels the feed-forward ran 10 % faster so. The hidden layer is laid out
-        transposed, one row per hidden unit: the first products then stream the weights once
-        over all rows, which on a CPU is up to a fifth faster with few rows (192 rows at 1280
-        channels: 33 against 40 ms) and the same with many. The last product is not
+        place: at 320 channels the feed-forward ran 10 % faster so. The transposed layout takes
+        the weights as the products' left operand, which streams them once over all rows: with
+        few rows it is faster on a CPU (:data:`FEED_FORWARD_TRANSPOSED_ROWS`). The last product is not
         accumulated onto the residual: a CPU's sgemm adds its partial sums into the output
         several times, and rounding them against the residual's magnitude put the change 2-4 x
         further from float64. Not for autograd (``out=`` products).
@@ -158,11 +169,16 @@ class GEGLUFeedForward(nn.Module):
         n, dim = x.shape
         width = self.out.in_features
         weight, bias = self.proj.weight, self.proj.bias
-        torch.addmm(bias[:width, None], weight[:width], x.t(), out=hidden)
-        torch.addmm(bias[width:, None], weight[width:], x.t(), out=gate)
+        if transposed:
+            torch.addmm(bias[:width, None], weight[:width], x.t(), out=hidden)
+            torch.addmm(bias[width:, None], weight[width:], x.t(), out=gate)
+        else:
+            torch.addmm(bias[:width], x, weight[:width].t(), out=hidden)
+            torch.addmm(bias[width:], x, weight[width:].t(), out=gate)
         gated = hidden.mul_(torch.ops.aten.gelu_(gate))
         change = gate.view(-1)[: n * dim].view(n, dim)  # the gate's memory, free again
-        torch.add(residual, torch.addmm(self.out.bias, gated.t(), self.out.weight.t(), out=change), out=out)
+        torch.add(residual, torch.addmm(self.out.bias, gated.t() if transposed else gated, self.out.weight.t(),
+                                        out=change), out=out)
 
     def takes_scratch(self, x: torch.Tensor) -> bool:
         """Whether :meth:`residual_into` serves ``x``: no autograd recording, and not float32 on a CPU
@@ -309,10 +325,12 @@ class CorrespondenceAttention(nn.Module):
         # taken before its rows are overwritten).
         width = self.ff.out.in_features
         scratch = x.new_empty(2, width * min(rows, x.shape[0]))
+        transposed = min(rows, x.shape[0]) <= FEED_FORWARD_TRANSPOSED_ROWS
         for start in range(0, x.shape[0], rows):
             part = x[start:start + rows]
-            hidden, gate = (buffer[: width * part.shape[0]].view(width, -1) for buffer in scratch)
-            self.ff.residual_into(self.norm2(part), part, part, hidden, gate)
+            shape = (width, part.shape[0]) if transposed else (part.shape[0], width)
+            hidden, gate = (buffer[: width * part.shape[0]].view(shape) for buffer in scratch)
+            self.ff.residual_into(self.norm2(part), part, part, hidden, gate, transposed)
         return x
 
     def _attend_bucket(

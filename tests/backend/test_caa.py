@@ -316,14 +316,17 @@ def test_the_block_leaves_its_input_untouched_in_either_memory_layout():
             assert torch.equal(features, before)
 
 
-def test_the_feed_forward_in_scratch_gives_the_plain_forms_numbers(monkeypatch):
+@pytest.mark.parametrize("transposed_rows", [0, 1000], ids=["row-major", "transposed"])
+def test_the_feed_forward_in_scratch_gives_the_plain_forms_numbers(monkeypatch, transposed_rows):
     """Rows far larger than the feed-forward's change (RMS 50): the output is the plain form's,
-    within one unit in the last place (summing the last product onto the residual inside the
-    matrix product would round it against the residual's magnitude once per partial sum)."""
+    within one unit in the last place, with the hidden layer in either layout (summing the last
+    product onto the residual inside the matrix product would round it against the residual's
+    magnitude once per partial sum)."""
     torch.manual_seed(5)
     block = CorrespondenceAttention(320, 1)
     monkeypatch.setattr(caa_module, "FEED_FORWARD_ROWS", 1000)
     monkeypatch.setattr(caa_module, "FEED_FORWARD_ELEMENTS", 0)
+    monkeypatch.setattr(caa_module, "FEED_FORWARD_TRANSPOSED_ROWS", transposed_rows)
     with torch.no_grad():
         for param in block.parameters():
             param.copy_(torch.randn_like(param) * 0.05)

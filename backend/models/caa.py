@@ -168,14 +168,14 @@ class GEGLUFeedForward(nn.Module):
         """
         n, dim = x.shape
         width = self.out.in_features
-        weight, bias = self.proj.weight, self.proj.bias
-        if transposed:
-            torch.addmm(bias[:width, None], weight[:width], x.t(), out=hidden)
-            torch.addmm(bias[width:, None], weight[width:], x.t(), out=gate)
-        else:
-            torch.addmm(bias[:width], x, weight[:width].t(), out=hidden)
-            torch.addmm(bias[width:], x, weight[width:].t(), out=gate)
-        gated = hidden.mul_(torch.ops.aten.gelu_(gate))
+
+        def project(units: slice, into: torch.Tensor) -> torch.Tensor:
+            weight, bias = self.proj.weight[units], self.proj.bias[units]
+            if transposed:
+                return torch.addmm(bias[:, None], weight, x.t(), out=into)
+            return torch.addmm(bias, x, weight.t(), out=into)
+
+        gated = project(slice(0, width), hidden).mul_(torch.ops.aten.gelu_(project(slice(width, None), gate)))
         change = gate.view(-1)[: n * dim].view(n, dim)  # the gate's memory, free again
         torch.add(residual, torch.addmm(self.out.bias, gated.t() if transposed else gated, self.out.weight.t(),
                                         out=change), out=out)
@@ -323,9 +323,9 @@ class CorrespondenceAttention(nn.Module):
             return out
         # Without autograd the result overwrites ``x`` block by block (each block's LayerNorm is
         # taken before its rows are overwritten).
-        width = self.ff.out.in_features
-        scratch = x.new_empty(2, width * min(rows, x.shape[0]))
-        transposed = min(rows, x.shape[0]) <= FEED_FORWARD_TRANSPOSED_ROWS
+        width, block = self.ff.out.in_features, min(rows, x.shape[0])
+        scratch = x.new_empty(2, width * block)
+        transposed = block <= FEED_FORWARD_TRANSPOSED_ROWS
         for start in range(0, x.shape[0], rows):
             part = x[start:start + rows]
             shape = (width, part.shape[0]) if transposed else (part.shape[0], width)
